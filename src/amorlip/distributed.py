@@ -1,0 +1,131 @@
+"""torchrun initialisation and the collective helpers every objective uses.
+
+All collectives an objective issues go through the helpers below, which count them
+(`COLLECTIVES`), so tests and `amorlip bench` can verify communication claims such as
+"AmorLIP gathers only on amortization steps".
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+
+COLLECTIVES: Counter = Counter()
+"""Number of collective calls issued through this module, by kind (reset with `.clear()`)."""
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(pref: str = "auto", local_rank: int = 0) -> torch.device:
+    """`auto` picks the local CUDA device when there is one, else the CPU."""
+    if pref == "auto":
+        pref = "cuda" if torch.cuda.is_available() else "cpu"
+    if pref == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("train.device=cuda was asked for but no CUDA device is visible; use --train.device cpu")
+        return torch.device("cuda", local_rank)
+    return torch.device(pref)
+
+
+def init_distributed(device_pref: str = "auto") -> DistInfo:
+    """Initialise the process group when launched by torchrun (env RANK/WORLD_SIZE), else a single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_pref, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def current() -> DistInfo:
+    """The DistInfo of an already-initialised process (or the single-process default)."""
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size())
+    return DistInfo()
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from all ranks along dim 0, keeping the autograd graph.
+
+    Backward sums the incoming gradients over ranks and returns each rank its own slice,
+    so with DDP's gradient averaging the result equals the 1-process gradient of the
+    concatenated batch (open_clip's `gather_with_grad`).
+    """
+    if world_size() == 1:
+        return x
+    COLLECTIVES["all_gather_grad"] += 1
+    return torch.cat(dist_fn.all_gather(x), dim=0)
+
+
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate detached `x` from all ranks along dim 0 (no gradient flows back)."""
+    if world_size() == 1:
+        return x.detach()
+    COLLECTIVES["all_gather"] += 1
+    out = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(out, x.detach().contiguous())
+    return torch.cat(out, dim=0)
+
+
+def all_reduce_mean_(x: torch.Tensor) -> torch.Tensor:
+    """In-place mean over ranks (no-op in one process)."""
+    if world_size() > 1:
+        COLLECTIVES["all_reduce"] += 1
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        x.div_(world_size())
+    return x
+
+
+def all_reduce_sum_(x: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (no-op in one process)."""
+    if world_size() > 1:
+        COLLECTIVES["all_reduce"] += 1
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def broadcast_(x: torch.Tensor, src: int = 0) -> torch.Tensor:
+    if world_size() > 1:
+        COLLECTIVES["broadcast"] += 1
+        dist.broadcast(x, src=src)
+    return x
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
