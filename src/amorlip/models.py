@@ -1,7 +1,6 @@
 """open_clip model construction (any config name, plus tiny CPU configs) and parameter groups."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -107,5 +106,3 @@ def unwrap(model: nn.Module) -> nn.Module:
             return m
 
 
-def export_config_json(name: str, path: Path) -> None:
-    path.write_text(json.dumps(model_config(name), indent=2))

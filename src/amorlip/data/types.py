@@ -7,6 +7,10 @@ from typing import Any, Callable, Iterator, Protocol
 import torch
 from torch.utils.data import Dataset
 
+class DataError(ValueError):
+    """A data source that cannot be used as configured; the message names the problem and the fix."""
+
+
 Batch = dict[str, torch.Tensor]
 """{'image': float (B,3,H,W), 'text': int64 (B,L) tokens, 'index': int64 (B,) stable sample ids}."""
 

@@ -90,8 +90,13 @@ class Objective(nn.Module):
     def estimate_log_normalizers(
         self, image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor, indices: torch.Tensor
     ) -> dict[str, torch.Tensor] | None:
-        """The objective's own estimate of log Z per sample (keys `image`, `text`), if it keeps one.
+        """The objective's own estimate of each sample's log partition function, if it keeps one.
 
+        Returns {"image": (B,), "text": (B,)} in ONE convention shared by all objectives:
+        `log Z_img[i] ~= log( (1/N) sum_j exp(s x_i.y_j) )` over the N samples of the dataset (positive
+        j = i included, no logit bias), and symmetrically `log Z_txt[j] ~= log((1/N) sum_i exp(s x_i.y_j))`.
+        Objectives that track another quantity (e.g. SogCLR's u over negatives, shifted by the positive)
+        convert to this convention here. `indices` are the samples' dataset indices (for per-sample buffers).
         Used by the normalizer diagnostics; None when the objective keeps no estimate (CLIP, SigLIP).
         """
         return None

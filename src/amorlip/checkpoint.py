@@ -1,0 +1,158 @@
+"""Step-level checkpoints (atomic), resume, and export to a plain open_clip checkpoint."""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+LATEST = "latest.txt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message says why and what to do."""
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+
+    A crash or a full disk leaves either the old file or the new one, never a truncated file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise CheckpointError(f"could not write checkpoint {path}: {e} (free disk space or change --train.output-dir)") from e
+        raise
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write `step_XXXXXXXX.pt` atomically, then point `latest.txt` at it, then prune old ones."""
+    ckdir = checkpoint_dir(run_dir)
+    path = ckdir / f"step_{step:08d}.pt"
+    atomic_save(state, path)
+    atomic_write_text(path.name + "\n", ckdir / LATEST)
+    if keep > 0:
+        for old in sorted(ckdir.glob("step_*.pt"))[:-keep]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint `latest.txt` names (falling back to the newest complete step file)."""
+    ckdir = checkpoint_dir(run_dir)
+    pointer = ckdir / LATEST
+    if pointer.is_file():
+        candidate = ckdir / pointer.read_text().strip()
+        if candidate.is_file():
+            return candidate
+    files = sorted(ckdir.glob("step_*.pt"))
+    return files[-1] if files else None
+
+
+def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise CheckpointError(f"checkpoint {path} could not be read ({e}); pick an earlier one in {path.parent}") from e
+
+
+def resolve_checkpoint(path_or_run: str | Path) -> Path:
+    """A checkpoint file, or a run folder (its latest checkpoint)."""
+    p = Path(path_or_run)
+    if p.is_dir():
+        found = latest_checkpoint(p)
+        if found is None:
+            raise CheckpointError(f"run folder {p} has no checkpoint yet (looked in {checkpoint_dir(p)})")
+        return found
+    if p.is_file():
+        return p
+    raise CheckpointError(f"{p} is neither a checkpoint file nor a run folder")
+
+
+def export_open_clip(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path]:
+    """Write a plain open_clip checkpoint (`{'epoch', 'state_dict'}`) and the model's config JSON beside it.
+
+    Load with `open_clip.add_model_config(<json>)` (custom configs) then
+    `open_clip.create_model_and_transforms(name, pretrained=<out>)`.
+    """
+    import json
+
+    from amorlip.models import model_config
+
+    ck = load_checkpoint(resolve_checkpoint(checkpoint))
+    name = ck["config"]["model"]["name"]
+    out = Path(out)
+    if out.suffix != ".pt":
+        out = out / f"{name}.pt"
+    state = {"epoch": ck.get("epoch", 0), "step": ck["step"], "name": name, "state_dict": ck["model"]}
+    atomic_save(state, out)
+    config = dict(model_config(name))
+    if "logit_bias" in ck["model"]:  # SigLIP-style models carry a learnable bias
+        config["init_logit_bias"] = float(ck["model"]["logit_bias"].reshape(-1)[0])
+    config_path = out.parent / f"{name}.json"
+    atomic_write_text(json.dumps(config, indent=2), config_path)
+    return out, config_path
+
+
+def copy_file_atomic(src: Path, dst: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=Path(dst).parent, suffix=".tmp")
+    os.close(fd)
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)

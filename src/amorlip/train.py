@@ -1,0 +1,380 @@
+"""The training loop, readable top to bottom.
+
+    config -> data stream -> open_clip model -> objective -> AdamW step -> log / checkpoint / evaluate
+
+The loop knows nothing about any particular objective: it hands each batch's features, the
+temperature, the samples' indices and the step/epoch to `objective(...)`, applies the shared
+temperature scheme, and back-propagates. Runs unchanged under torchrun (gloo on CPU, nccl on CUDA).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from amorlip import checkpoint as ckpt
+from amorlip import distributed, objectives
+from amorlip.config import Config, ConfigError, describe
+from amorlip.models import clamp_logit_scale, create_model, model_config, param_groups, unwrap
+from amorlip.objectives.base import ObjectiveContext
+from amorlip.schedules import apply_temperature_scheme, rho_at, warmup_cosine_lr
+
+STEP_THRESH_TEMPERATURE = 0.03
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run_name(cfg: Config) -> str:
+    return cfg.train.name or f"{cfg.objective}-{cfg.model.name}-b{cfg.train.batch_size}-s{cfg.train.seed}"
+
+
+def autocast_context(cfg: Config, device: torch.device):
+    """bf16/fp16 autocast on CUDA; the CPU trains in fp32."""
+    if device.type == "cuda" and cfg.model.precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if cfg.model.precision == "bf16" else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+class MetricsLogger:
+    """JSONL always (main rank), TensorBoard when asked."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (float(v) if isinstance(v, (int, float, torch.Tensor, np.floating)) else v) for k, v in values.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **clean}) + "\n")
+        if self.tb is not None:
+            for k, v in clean.items():
+                if isinstance(v, float):
+                    self.tb.add_scalar(k, v, step)
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop lines logged after the checkpoint (they will be logged again)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        ckpt.atomic_write_text("".join(line + "\n" for line in kept), self.path)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_history(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _to_float(v: Any) -> float:
+    return float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
+
+
+def build_eval_sets(cfg: Config):
+    from amorlip.data.loader import build_eval_data
+
+    return build_eval_data(cfg.data, cfg.train.seed)
+
+
+def run_evaluation(model, tokenizer, transform, eval_sets, cfg: Config, device: torch.device) -> dict[str, float]:
+    from amorlip.evaluate import evaluate_model
+
+    tasks, retrieval = eval_sets
+    return evaluate_model(
+        unwrap(model),
+        tokenizer,
+        transform,
+        tasks if cfg.eval.zeroshot else [],
+        retrieval if cfg.eval.retrieval else None,
+        device,
+        cfg.eval.batch_size,
+    )
+
+
+def train(cfg: Config) -> RunResult:
+    """Train according to `cfg`; returns the run folder, final step and final metrics."""
+    from amorlip.data.loader import build_train_stream
+
+    dist_info = distributed.init_distributed(cfg.train.device)
+    device, is_main = dist_info.device, dist_info.is_main
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    if cfg.train.batch_size % dist_info.world_size:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is not divisible by the {dist_info.world_size} processes"
+        )
+    seed_everything(cfg.train.seed)
+
+    # Data first: a missing path or empty shard list fails before any model is built.
+    stream = build_train_stream(cfg.data, cfg.train.batch_size, cfg.train.seed, dist_info.rank, dist_info.world_size)
+    if stream.steps_per_epoch < 1:
+        raise ConfigError(
+            f"the dataset has {stream.dataset_size} samples, fewer than one batch of {cfg.train.batch_size}; "
+            "lower --train.batch-size or add data"
+        )
+    steps_per_epoch = stream.steps_per_epoch
+    total_steps = cfg.train.steps if cfg.train.steps is not None else cfg.train.epochs * steps_per_epoch
+    total_epochs = math.ceil(total_steps / steps_per_epoch)
+
+    objective_cls = objectives.get(cfg.objective)
+    model, train_transform, eval_transform, tokenizer = create_model(
+        cfg.model.name, device=device, output_dict=True, **objective_cls.model_overrides
+    )
+    ctx = ObjectiveContext(
+        dataset_size=stream.dataset_size,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        total_epochs=total_epochs,
+        embed_dim=int(model_config(cfg.model.name)["embed_dim"]),
+        local_batch_size=cfg.train.batch_size // dist_info.world_size,
+        world_size=dist_info.world_size,
+        rank=dist_info.rank,
+        device=device,
+    )
+    objective = objective_cls(cfg.sections.get(objective_cls.section) if objective_cls.section else None, ctx).to(device)
+
+    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.lr, cfg.optim.lr_temperature)
+    optimizer = torch.optim.AdamW(groups, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.model.precision == "fp16")
+
+    run_dir = Path(cfg.train.output_dir) / run_name(cfg)
+    step, temp_thresh_hit = 0, False
+    resume_path = _resume_path(cfg, run_dir)
+    if resume_path is None and is_main and ckpt.latest_checkpoint(run_dir) is not None:
+        raise ConfigError(
+            f"run folder {run_dir} already holds checkpoints; continue it with --train.resume latest, "
+            "or start a new one with --train.name NEW_NAME"
+        )
+    if resume_path is not None:
+        state = ckpt.load_checkpoint(resume_path, map_location=device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        objective.load_state_dict(state["objective"])
+        ckpt.set_rng_state(state["rng"][dist_info.rank] if isinstance(state["rng"], list) else state["rng"])
+        step = int(state["step"])
+        temp_thresh_hit = bool(state.get("temp_thresh_hit", False))
+        stream.stats.__dict__.update(state.get("data_stats", {}))
+
+    train_model = model
+    if cfg.model.compile:
+        train_model = torch.compile(train_model)
+    if dist_info.distributed:
+        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    logger = MetricsLogger(run_dir, is_main, cfg.train.tensorboard)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_text(describe(cfg), run_dir / "config.yaml")
+        if resume_path is not None:
+            logger.truncate_after(step)
+            print(f"resumed from {resume_path} at step {step}")
+    eval_sets = build_eval_sets(cfg) if is_main and (cfg.eval.zeroshot or cfg.eval.retrieval) else ([], None)
+
+    def checkpoint_state() -> dict[str, Any]:
+        rng = ckpt.rng_state()
+        if dist_info.distributed:
+            gathered: list[Any] = [None] * dist_info.world_size
+            torch.distributed.all_gather_object(gathered, rng)
+            rng = gathered
+        return {
+            "step": step,
+            "epoch": step // steps_per_epoch,
+            "model": unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "objective": objective.state_dict(),
+            "rng": rng,
+            "temp_thresh_hit": temp_thresh_hit,
+            "data_stats": dict(stream.stats.__dict__),
+            "config": cfg.to_dict(),
+        }
+
+    last_saved = step if resume_path is not None else -1
+
+    def save() -> None:
+        nonlocal last_saved
+        state = checkpoint_state()  # collective under DDP: every rank takes part
+        if is_main:
+            ckpt.save_checkpoint(run_dir, step, state, keep=cfg.train.keep_checkpoints)
+        last_saved = step
+        distributed.barrier()
+
+    progress = None
+    if is_main and cfg.train.progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=total_steps, initial=step, desc=f"{cfg.objective}", unit="step", dynamic_ncols=True)
+
+    last_eval: dict[str, float] = {}
+    t_last, samples_since = time.perf_counter(), 0
+    model.train()
+    while step < total_steps:
+        epoch, skip = divmod(step, steps_per_epoch)
+        if skip == 0:
+            objective.on_epoch_start(epoch)
+        for batch in stream.iterate(epoch, skip, train_transform, tokenizer):
+            images = batch["image"].to(device, non_blocking=True)
+            texts = batch["text"].to(device, non_blocking=True)
+            indices = batch["index"].to(device, non_blocking=True)
+
+            # Schedules are pure functions of the step.
+            lr_factor = warmup_cosine_lr(step, 1.0, cfg.optim.warmup_steps, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * lr_factor
+                if group.get("group") == "temperature" and temp_thresh_hit:
+                    group["lr"] /= 3.0
+            rho = rho_at(step, total_steps, cfg.temperature.rho, cfg.temperature.rho_final, cfg.temperature.rho_final_fraction)
+
+            with autocast_context(cfg, device):
+                out = train_model(images, texts)
+                scale = out["logit_scale"]
+                result = objective(
+                    out["image_features"], out["text_features"], scale, out.get("logit_bias"), indices,
+                    step=step, epoch=epoch,
+                )
+                loss = apply_temperature_scheme(result.loss, scale, cfg.temperature.scheme, rho)
+                if result.extra_loss is not None:
+                    loss = loss + result.extra_loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss is {loss.item()} at step {step}; lower --optim.lr or check the data (last good checkpoint: "
+                    f"{ckpt.latest_checkpoint(run_dir)})"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.optim.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            else:
+                grad_norm = torch.tensor(float("nan"))
+            scaler.step(optimizer)
+            scaler.update()
+            clamp_logit_scale(model)
+            temperature = 1.0 / float(unwrap(model).logit_scale.exp())
+            if cfg.optim.temperature_step_thresh and temperature <= STEP_THRESH_TEMPERATURE:
+                temp_thresh_hit = True
+            step += 1
+            samples_since += images.shape[0] * dist_info.world_size
+
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                now = time.perf_counter()
+                rate = samples_since / max(now - t_last, 1e-9)
+                t_last, samples_since = now, 0
+                values = {
+                    "epoch": epoch,
+                    "loss": loss.detach(),
+                    "objective_loss": result.loss.detach(),
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "temperature": temperature,
+                    "logit_scale": math.log(1.0 / temperature),
+                    "rho": rho,
+                    "grad_norm": grad_norm,
+                    "samples_per_s": rate,
+                    **{f"obj/{k}": _to_float(v) for k, v in result.metrics.items()},
+                }
+                logger.log(step, values)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{float(loss):.3f}", T=f"{temperature:.3f}", sps=f"{rate:.0f}")
+            if progress is not None:
+                progress.update(1)
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total_steps:
+                save()
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
+                if is_main and (eval_sets[0] or eval_sets[1] is not None):
+                    last_eval = run_evaluation(model, tokenizer, eval_transform, eval_sets, cfg, device)
+                    logger.log(step, {f"eval/{k}": v for k, v in last_eval.items()})
+                    model.train()
+                distributed.barrier()
+            if step >= total_steps:
+                break
+
+    if progress is not None:
+        progress.close()
+    if last_saved != step:
+        save()
+    if is_main and (eval_sets[0] or eval_sets[1] is not None):
+        last_eval = run_evaluation(model, tokenizer, eval_transform, eval_sets, cfg, device)
+        logger.log(step, {f"eval/{k}": v for k, v in last_eval.items()})
+    distributed.barrier()
+    logger.close()
+    result = RunResult(run_dir=run_dir, step=step, metrics=last_eval, history=read_history(run_dir) if is_main else [])
+    if is_main:
+        finish_run(result, cfg, stream.stats)
+    return result
+
+
+def _resume_path(cfg: Config, run_dir: Path) -> Path | None:
+    """`--train.resume latest|auto|PATH` -> the checkpoint to load (None: start fresh)."""
+    what = cfg.train.resume
+    if not what:
+        return None
+    if what in ("latest", "auto"):
+        found = ckpt.latest_checkpoint(run_dir)
+        if found is None and what == "latest":
+            raise ConfigError(f"--train.resume latest: no checkpoint in {ckpt.checkpoint_dir(run_dir)}")
+        return found
+    return ckpt.resolve_checkpoint(what)
+
+
+def finish_run(result: RunResult, cfg: Config, stats) -> None:
+    """Summary table, summary.json and a PNG of loss and evaluation metrics over steps."""
+    from amorlip.report import plot_history, summary_table
+
+    summary = {
+        "run_dir": str(result.run_dir),
+        "objective": cfg.objective,
+        "model": cfg.model.name,
+        "steps": result.step,
+        "batch_size": cfg.train.batch_size,
+        "data_skipped": dict(stats.__dict__),
+        "metrics": result.metrics,
+    }
+    ckpt.atomic_write_text(json.dumps(summary, indent=2), result.run_dir / "summary.json")
+    try:
+        plot_history(result.history, result.run_dir / "training.png", title=result.run_dir.name)
+    except Exception as e:  # noqa: BLE001 - a plot failure must not lose a finished run
+        print(f"warning: could not draw the training plot: {e}")
+    print(summary_table(result.metrics, title=f"{cfg.objective} / {cfg.model.name} after {result.step} steps"))
+    print(f"run folder: {result.run_dir}")
+
+
+def main_worker(cfg: Config) -> RunResult:
+    try:
+        return train(cfg)
+    finally:
+        distributed.teardown()
+
