@@ -105,6 +105,8 @@ class TrainConfig:
     tensorboard: bool = False
     resume: str | None = None
     """`latest` (the run folder's newest checkpoint) or a checkpoint path."""
+    stop_at: int | None = None
+    """Stop after this global step (checkpoint saved; schedules still span the whole run): for time-limited jobs."""
     progress: bool = True
     threads: int = 0
     """torch CPU threads (0 = torch's default)."""

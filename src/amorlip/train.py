@@ -284,7 +284,7 @@ def train(cfg: Config) -> RunResult:
             scaler.step(optimizer)
             scaler.update()
             clamp_logit_scale(model)
-            temperature = 1.0 / float(unwrap(model).logit_scale.exp())
+            temperature = 1.0 / float(unwrap(model).logit_scale.detach().exp())
             if cfg.optim.temperature_step_thresh and temperature <= STEP_THRESH_TEMPERATURE:
                 temp_thresh_hit = True
             step += 1
@@ -319,13 +319,20 @@ def train(cfg: Config) -> RunResult:
                     logger.log(step, {f"eval/{k}": v for k, v in last_eval.items()})
                     model.train()
                 distributed.barrier()
-            if step >= total_steps:
+            if step >= total_steps or step == cfg.train.stop_at:
                 break
+        if step == cfg.train.stop_at:
+            break
 
     if progress is not None:
         progress.close()
     if last_saved != step:
         save()
+    if step < total_steps:  # stopped early by train.stop_at
+        if is_main:
+            print(f"stopped at step {step} of {total_steps}; continue with --train.resume latest")
+        logger.close()
+        return RunResult(run_dir=run_dir, step=step)
     if is_main and (eval_sets[0] or eval_sets[1] is not None):
         last_eval = run_evaluation(model, tokenizer, eval_transform, eval_sets, cfg, device)
         logger.log(step, {f"eval/{k}": v for k, v in last_eval.items()})

@@ -1,0 +1,134 @@
+"""`amorlip eval`: evaluate a run folder, a training checkpoint or an exported open_clip checkpoint."""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from amorlip import checkpoint as ckpt
+from amorlip.config import Config, ConfigError, config_from_dict
+from amorlip.distributed import pick_device
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    train_transform: Any
+    eval_transform: Any
+    tokenizer: Any
+    config: Config | None
+    state: dict[str, Any]
+    source: Path
+
+
+def load_for_eval(path: str, model_name: str | None, device: torch.device) -> LoadedModel:
+    """Build the model of a run folder / training checkpoint / exported checkpoint and load its weights."""
+    from amorlip.models import create_model
+
+    source = ckpt.resolve_checkpoint(path)
+    state = ckpt.load_checkpoint(source, map_location="cpu")
+    config = config_from_dict(state["config"]) if "config" in state else None
+    weights = state.get("model") or state.get("state_dict")
+    if weights is None:
+        raise ConfigError(f"{source} holds no model weights (expected an amorlip or open_clip checkpoint)")
+    weights = {k.removeprefix("module."): v for k, v in weights.items()}
+    name = model_name or (config.model.name if config else state.get("name"))
+    if not name:
+        raise ConfigError(f"{source} does not name its model; pass --model NAME (an open_clip config name)")
+    overrides = {}
+    if "logit_bias" in weights:
+        overrides["init_logit_bias"] = float(weights["logit_bias"].reshape(-1)[0])
+    model, train_tf, eval_tf, tokenizer = create_model(name, device=device, **overrides)
+    model.load_state_dict(weights)
+    model.eval()
+    return LoadedModel(model, train_tf, eval_tf, tokenizer, config, state, source)
+
+
+def _eval_data(loaded: LoadedModel, data_source: str | None, seed: int):
+    from amorlip.config import DataConfig
+    from amorlip.data.loader import build_eval_data
+
+    data_cfg = loaded.config.data if loaded.config else DataConfig()
+    if data_source:
+        data_cfg = DataConfig(**{**data_cfg.__dict__, "source": data_source})
+    if data_cfg.source in ("csv", "wds"):  # no labelled held-out data there: use the embedded tasks
+        data_cfg = DataConfig(**{**data_cfg.__dict__, "source": "synthetic"})
+    return build_eval_data(data_cfg, seed)
+
+
+def run_normalizer_diagnostics(loaded: LoadedModel, device: torch.device, batch_size: int) -> dict[str, Any]:
+    """Exact per-sample log partition on held-out-sized training samples vs the objective's estimates."""
+    from amorlip import objectives
+    from amorlip.data.loader import build_train_stream
+    from amorlip.evaluate.normalizers import normalizer_diagnostics
+    from amorlip.objectives.base import ObjectiveContext
+
+    if loaded.config is None:
+        raise ConfigError("--normalizers needs a training checkpoint or run folder (an export has no objective state)")
+    cfg = loaded.config
+    stream = build_train_stream(cfg.data, cfg.train.batch_size, cfg.train.seed)
+    n = min(cfg.data.val_size, stream.dataset_size)
+    # the first training batches of epoch 0 in their training order: their indices are real dataset indices,
+    # so per-sample estimators (SogCLR/FastCLIP's u) apply
+    images, texts, indices = [], [], []
+    for batch in stream.iterate(0, 0, loaded.eval_transform, loaded.tokenizer):
+        images.append(batch["image"])
+        texts.append(batch["text"])
+        indices.append(batch["index"])
+        if sum(len(i) for i in indices) >= n:
+            break
+    model = loaded.model
+    with torch.no_grad():
+        img = torch.cat([model.encode_image(x.to(device), normalize=True) for x in torch.cat(images)[:n].split(batch_size)])
+        txt = torch.cat([model.encode_text(t.to(device), normalize=True) for t in torch.cat(texts)[:n].split(batch_size)])
+    idx = torch.cat(indices)[:n].to(device)
+    scale = model.logit_scale.exp().detach()
+    objective_cls = objectives.get(cfg.objective)
+    ctx = ObjectiveContext(dataset_size=stream.dataset_size, steps_per_epoch=stream.steps_per_epoch,
+                           total_steps=loaded.state.get("step", 1), total_epochs=1, embed_dim=img.shape[1],
+                           local_batch_size=cfg.train.batch_size, device=device)
+    objective = objective_cls(cfg.sections.get(objective_cls.section) if objective_cls.section else None, ctx).to(device)
+    objective.load_state_dict(loaded.state["objective"])
+    return normalizer_diagnostics(img, txt, scale, idx, batch_size=cfg.train.batch_size, objective=objective,
+                                  seed=cfg.train.seed)
+
+
+def run_eval(args: argparse.Namespace, extra: list[str]) -> int:
+    from amorlip.evaluate import evaluate_model
+    from amorlip.evaluate.report import format_table, write_json
+
+    if extra:
+        raise ConfigError(f"unexpected arguments for eval: {' '.join(extra)}")
+    device = pick_device(args.device)
+    loaded = load_for_eval(args.checkpoint, args.model, device)
+    seed = loaded.config.train.seed if loaded.config else 0
+    tasks, retrieval = _eval_data(loaded, args.data, seed)
+    results: dict[str, Any] = {"checkpoint": str(loaded.source), "step": loaded.state.get("step")}
+    results["metrics"] = evaluate_model(loaded.model, loaded.tokenizer, loaded.eval_transform, tasks, retrieval,
+                                        device, args.batch_size, progress=True)
+    print(format_table(results["metrics"]))
+    if args.datacomp:
+        from amorlip.evaluate.datacomp import aggregate, run_datacomp
+
+        subset = args.datacomp_tasks.split(",") if args.datacomp_tasks else None
+        dc = run_datacomp(loaded.model, loaded.eval_transform, loaded.tokenizer, args.datacomp, device,
+                          tasks=subset, batch_size=args.batch_size, progress=True)
+        results["datacomp"] = dc
+        results["datacomp_summary"] = aggregate(dc)
+        summary = results["datacomp_summary"]
+        label = "partial average" if summary["partial"] else "average"
+        print(f"DataComp {label} over {summary['n_tasks']} tasks: {100 * summary['average']:.2f}"
+              + (f" (missing: {', '.join(summary['missing'])})" if summary["missing"] else ""))
+    if args.normalizers:
+        diag = run_normalizer_diagnostics(loaded, device, args.batch_size)
+        results["normalizers"] = diag
+        print(json.dumps(diag, indent=2))
+    out = Path(args.out) if args.out else (
+        loaded.source.parent.parent / "eval.json" if loaded.config else loaded.source.with_suffix(".eval.json"))
+    write_json(out, results)
+    print(f"wrote {out}")
+    return 0

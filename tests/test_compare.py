@@ -1,0 +1,45 @@
+"""`amorlip compare` end to end at toy size, and its parsing/aggregation pieces."""
+import pytest
+
+from amorlip.cli import main
+from amorlip.compare import build_table, parse_entry, split_entries
+from amorlip.config import ConfigError
+
+
+def test_entry_parsing():
+    entries = split_entries("clip,clip[temperature.scheme=rescaled,train.steps=3],amorlip")
+    assert entries == ["clip", "clip[temperature.scheme=rescaled,train.steps=3]", "amorlip"]
+    e = parse_entry(entries[1])
+    assert e.objective == "clip" and e.overrides == [("temperature.scheme", "rescaled"), ("train.steps", "3")]
+    with pytest.raises(ConfigError):
+        split_entries("clip[a=b")
+    with pytest.raises(ConfigError):
+        parse_entry("clip[nokey]")
+
+
+def test_table_mean_and_spread():
+    md, csv_text, cols = build_table({"a": [{"zeroshot/mean_top1": 0.5}, {"zeroshot/mean_top1": 0.7}],
+                                      "b": [{"zeroshot/mean_top1": 0.2}]})
+    assert "60.00 ± 14.14" in md and "| b | 1 | 20.00 |" in md
+    assert cols == ["zeroshot/mean_top1"]
+    assert "0.600000" in csv_text
+
+
+def test_compare_cli(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--objectives", "clip,clip[temperature.scheme=rescaled]", "--seeds", "0,1",
+               "--out", str(out), "--model.name", "micro-vit", "--data.synthetic-size", "128", "--data.val-size", "32",
+               "--data.eval-size", "32", "--train.batch-size", "16", "--train.steps", "4", "--train.progress", "false",
+               "--train.eval-every", "2", "--optim.warmup-steps", "1"])
+    assert rc == 0
+    table = (out / "table.md").read_text()
+    assert "| clip | 2 |" in table and "| clip[temperature.scheme=rescaled] | 2 |" in table
+    assert (out / "table.csv").is_file() and (out / "results.json").is_file()
+    assert list(out.glob("*.png"))
+    assert len(list((out / "runs").iterdir())) == 4
+
+
+def test_compare_rejects_bad_entry_before_training(tmp_path):
+    rc = main(["compare", "--objectives", "clip,nope", "--out", str(tmp_path / "c"), "--train.steps", "2"])
+    assert rc == 2
+    assert not (tmp_path / "c" / "runs").exists()

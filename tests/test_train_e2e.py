@@ -1,0 +1,115 @@
+"""End-to-end training from the CLI: runs, resume equivalence, export round trip, bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+
+from amorlip.cli import main
+
+TINY = ["--model.name", "micro-vit", "--data.synthetic-size", "256", "--data.val-size", "64",
+        "--data.eval-size", "48", "--train.batch-size", "16", "--optim.warmup-steps", "2",
+        "--train.progress", "false", "--train.log-every", "1"]
+
+
+def run_cli(tmp_path, *args):
+    return main(["train", "--train.output-dir", str(tmp_path), *TINY, *args])
+
+
+def load_model_state(run_dir: Path) -> dict:
+    from amorlip.checkpoint import latest_checkpoint, load_checkpoint
+
+    return load_checkpoint(latest_checkpoint(run_dir))
+
+
+def test_train_writes_run_folder(tmp_path, capsys):
+    assert run_cli(tmp_path, "--train.steps", "6", "--train.name", "r") == 0
+    run = tmp_path / "r"
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "training.png"):
+        assert (run / name).is_file(), name
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 6
+    assert any(k.startswith("zeroshot/") for k in summary["metrics"])
+    assert any(k.startswith("retrieval/") for k in summary["metrics"])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 7))
+    out = capsys.readouterr().out
+    assert "after 6 steps" in out
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    """Train 10 steps straight, and 6 + resume to 10 (crossing an epoch boundary): identical weights."""
+    common = ["--train.steps", "10", "--data.synthetic-size", "112", "--train.checkpoint-every", "3",
+              "--train.keep-checkpoints", "5", "--eval.zeroshot", "false", "--eval.retrieval", "false"]
+    assert run_cli(tmp_path, *common, "--train.name", "straight") == 0
+    # interrupted run: stops after step 6 (as a killed or time-limited job would), then resumes
+    assert run_cli(tmp_path, *common, "--train.name", "split", "--train.stop-at", "6") == 0
+    assert load_model_state(tmp_path / "split")["step"] == 6
+    assert run_cli(tmp_path, *common, "--train.name", "split", "--train.resume", "latest") == 0
+    a, b = load_model_state(tmp_path / "straight"), load_model_state(tmp_path / "split")
+    assert a["step"] == b["step"] == 10
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for (ka, va), (kb, vb) in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].items()):
+        assert torch.equal(va["exp_avg"], vb["exp_avg"])
+
+
+def test_existing_run_needs_resume_flag(tmp_path, capsys):
+    assert run_cli(tmp_path, "--train.steps", "2", "--train.name", "x", "--eval.zeroshot", "false") == 0
+    assert run_cli(tmp_path, "--train.steps", "2", "--train.name", "x") == 2
+    assert "--train.resume latest" in capsys.readouterr().err
+
+
+def test_export_round_trip(tmp_path):
+    assert run_cli(tmp_path, "--train.steps", "3", "--train.name", "e", "--eval.retrieval", "false") == 0
+    assert main(["export", str(tmp_path / "e"), "--out", str(tmp_path / "exp")]) == 0
+    pt, js = tmp_path / "exp" / "micro-vit.pt", tmp_path / "exp" / "micro-vit.json"
+    assert pt.is_file() and js.is_file()
+    open_clip.add_model_config(js)
+    model, _, preprocess = open_clip.create_model_and_transforms("micro-vit", pretrained=str(pt))
+    ours = load_model_state(tmp_path / "e")["model"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ours[k]), k
+
+
+def test_unknown_key_is_an_error(tmp_path, capsys):
+    assert run_cli(tmp_path, "--train.stepz", "3") == 2
+    err = capsys.readouterr().err
+    assert "unknown key train.stepz" in err and "steps" in err
+
+
+def test_missing_data_is_an_error_before_model(tmp_path, capsys):
+    assert main(["train", "--data.source", "csv", "--data.train-path", str(tmp_path / "nope.csv"),
+                 "--train.output-dir", str(tmp_path)]) == 2
+    assert "nope.csv" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+    assert main(["train", "--data.source", "wds", "--data.train-path", str(tmp_path / "empty"),
+                 "--train.output-dir", str(tmp_path)]) == 2
+
+
+def test_corrupt_sample_is_skipped_and_counted(tmp_path):
+    from amorlip.data.writers import write_synthetic_csv
+
+    csv_path = write_synthetic_csv(tmp_path / "csv", 40, 0)
+    images = sorted((tmp_path / "csv").rglob("*.png"))
+    images[0].write_bytes(b"garbage")
+    assert run_cli(tmp_path, "--data.source", "csv", "--data.train-path", str(csv_path), "--train.steps", "3",
+                   "--train.name", "c", "--eval.zeroshot", "false", "--eval.retrieval", "false") == 0
+    summary = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert sum(summary["data_skipped"].get(k, 0) for k in ("skipped_corrupt",)) >= 1
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "amorlip.cli", "train", "--train.output-dir", str(tmp_path), *TINY, "--train.steps", "4",
+           "--train.name", "ddp", "--train.device", "cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["steps"] == 4
