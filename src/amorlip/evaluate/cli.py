@@ -26,8 +26,13 @@ class LoadedModel:
 
 
 def load_for_eval(path: str, model_name: str | None, device: torch.device) -> LoadedModel:
-    """Build the model of a run folder / training checkpoint / exported checkpoint and load its weights."""
-    from amorlip.models import create_model
+    """Build the model of a run folder / training checkpoint / exported checkpoint and load its weights.
+
+    A checkpoint saved in a low-resolution RECLIP phase is evaluated at the model's native resolution
+    (positional embeddings interpolated), like its export.
+    """
+    from amorlip.models import create_model, model_config
+    from amorlip.reclip import state_dict_at_image_size
 
     source = ckpt.resolve_checkpoint(path)
     state = ckpt.load_checkpoint(source, map_location="cpu")
@@ -43,7 +48,7 @@ def load_for_eval(path: str, model_name: str | None, device: torch.device) -> Lo
     if "logit_bias" in weights:
         overrides["init_logit_bias"] = float(weights["logit_bias"].reshape(-1)[0])
     model, train_tf, eval_tf, tokenizer = create_model(name, device=device, **overrides)
-    model.load_state_dict(weights)
+    model.load_state_dict(state_dict_at_image_size(weights, model_config(name)))
     model.eval()
     return LoadedModel(model, train_tf, eval_tf, tokenizer, config, state, source)
 

@@ -1,0 +1,698 @@
+"""The DataComp benchmark (38 scored tasks) on local data, through clip_benchmark's Python API.
+
+DataComp (Gadre et al., 2023; github.com/mlfoundations/datacomp, `tasklist.yml`, `evaluate.py`,
+`eval_utils/`) scores a CLIP model on 38 tasks; each has one main metric and the benchmark number is
+their unweighted mean. What DataComp computes, and what we do:
+
+* 31 zero-shot classification tasks (30 + Camelyon17): as DataComp's `wds_eval.py`, clip_benchmark's
+  `build_dataset("wds/<task>")`, `zero_shot_classifier` and `run_classification` on the task's
+  webdataset (wds), then acc1 / acc5 / scikit-learn's balanced accuracy. Main metric `acc1`, except
+  `mean_per_class_recall` for Caltech-101, FGVC Aircraft, Oxford Flowers-102 and Oxford-IIIT Pet.
+  (clip_benchmark's `zeroshot_classification.evaluate` would compute the same, but its `accuracy`
+  fails under NumPy >= 2.4, so top-k accuracy is computed here.)
+* Flickr30k and MSCOCO retrieval: clip_benchmark's `zeroshot_retrieval.evaluate` with K = 1, 5, 10;
+  main metric `mean_recall@1` = (image R@1 + text R@1) / 2. DataComp reads these from the Hugging Face
+  datasets `nlphuji/flickr30k` (all 31,014 images) and `nlphuji/mscoco_2014_5k_test_image_text_retrieval`;
+  here they are read from clip_benchmark-format retrieval wds folders (docs/evaluation.md says how to
+  convert them; clip-benchmark's own `wds_flickr30k` is the 1k-image Karpathy test split, not the same).
+* iWildCam: `F1-macro_all` = macro F1 over the classes present in the labels (WILDS' F1 metric,
+  scikit-learn `f1_score(average="macro", labels=unique(y_true))`) of the argmax predictions.
+* FMoW: `acc_worst_region` = the lowest accuracy over the regions (metadata column 0) with samples.
+  DataComp's code means to skip the region "Other", but its evaluator has no metadata map, so region
+  names are never seen and no region is skipped; we reproduce the number its code produces.
+* Dollar Street: `acc_top5_wg` = the lowest top-5 accuracy over the income groups (metadata column 0).
+* GeoDE: `acc_wg` = the lowest top-1 accuracy over the regions (metadata column 0).
+  (iWildCam, FMoW, Dollar Street and GeoDE: clip_benchmark builds the dataset, classifier and logits;
+  the per-sample metadata comes from each sample's `npy` entry in the same wds, as DataComp reads it.)
+* WinoGAViL: `jaccard_score_10-12`: for each instance (a cue word and 10 or 12 candidate images of which
+  n are associated), the n images most similar to the prompt "A/An <cue>" are chosen and scored by the
+  Jaccard index with the true set; the mean over instances with 10-12 candidates. DataComp reads
+  `nlphuji/winogavil` from Hugging Face and clip_benchmark has no WinoGAViL; we read a wds folder of
+  our own layout (`export_winogavil` writes it; docs/evaluation.md).
+
+Data layout: one folder per task under `root`, in clip_benchmark's wds layout
+(`<folder>/test/nshards.txt`, `<folder>/test/0.tar ...`, `<folder>/classnames.txt`,
+`<folder>/zeroshot_classification_templates.txt`, and `<folder>/dataset_type.txt` = `retrieval` for
+retrieval). The folder may be named as DataComp's `download_evalsets.py` names it
+(`wds_vtab-caltech101_test`), as the clip-benchmark Hugging Face repositories are named
+(`wds_vtab-caltech101`) or plainly (`vtab-caltech101`); see `DataCompTask.folder_names`.
+A task without data is reported as missing and the average is labelled partial; it never crashes.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from amorlip.evaluate.report import format_table, write_json
+from amorlip.evaluate.zeroshot import eval_mode, topk_accuracy
+
+log = logging.getLogger(__name__)
+
+KINDS = ("classification", "retrieval", "iwildcam", "fmow", "dollar_street", "geode", "winogavil")
+
+
+@dataclass(frozen=True)
+class DataCompTask:
+    """One scored DataComp task.
+
+    `key` is DataComp's tasklist key, `name` its display name, `main_metric` the metric DataComp
+    averages, `kind` how we evaluate it, `wds_name` the dataset name after clip_benchmark's `wds/`
+    prefix (and DataComp's folder name stem), `size` the number of test samples DataComp uses.
+    """
+
+    key: str
+    name: str
+    main_metric: str
+    kind: str = "classification"
+    size: int = 0
+    num_classes: int | None = None
+    wds_name: str = ""
+    hf_name: str = ""
+    """clip-benchmark's name for the dataset where it differs from `wds_name` (its HF repo `wds_<name>`)."""
+
+    @property
+    def clip_benchmark_name(self) -> str:
+        """The dataset name given to clip_benchmark's `build_dataset` (e.g. `wds/vtab/caltech101`, `wds/flickr30k`).
+
+        Empty for WinoGAViL, which clip_benchmark does not have.
+        """
+        if self.kind == "winogavil":
+            return ""
+        return f"wds/{self.hf_name or self.wds_name or self.key}"
+
+    @property
+    def folder_names(self) -> list[str]:
+        """Accepted folder names under the DataComp root, in the order they are looked for."""
+        stem = (self.wds_name or self.key).replace("/", "-")
+        names = [f"wds_{stem}_test", f"wds_{stem}", stem]
+        if self.hf_name:
+            h = self.hf_name.replace("/", "-")
+            names += [f"wds_{h}", h]
+        key_stem = self.key.replace("/", "-")
+        names += [f"wds_{key_stem}_test", key_stem]
+        return list(dict.fromkeys(names))
+
+
+def _c(key: str, name: str, size: int, num_classes: int, metric: str = "acc1", kind: str = "classification",
+       wds_name: str = "") -> DataCompTask:
+    return DataCompTask(key, name, metric, kind, size, num_classes, wds_name or key)
+
+
+MPCR = "mean_per_class_recall"
+
+DATACOMP_TASKS: tuple[DataCompTask, ...] = (
+    _c("vtab/caltech101", "Caltech-101", 6085, 102, MPCR),
+    _c("cifar10", "CIFAR-10", 10000, 10),
+    _c("vtab/cifar100", "CIFAR-100", 10000, 100),
+    _c("vtab/clevr_count_all", "CLEVR Counts", 15000, 8),
+    _c("vtab/clevr_closest_object_distance", "CLEVR Distance", 15000, 6),
+    _c("country211", "Country211", 21100, 211),
+    _c("vtab/dtd", "Describable Textures", 1880, 47),
+    _c("vtab/eurosat", "EuroSAT", 5400, 10),
+    _c("fgvc_aircraft", "FGVC Aircraft", 3333, 100, MPCR),
+    _c("food101", "Food-101", 25250, 101),
+    _c("gtsrb", "GTSRB", 12630, 43),
+    _c("imagenet1k", "ImageNet 1k", 50000, 1000),
+    _c("imagenet_sketch", "ImageNet Sketch", 50889, 1000),
+    _c("imagenetv2", "ImageNet v2", 10000, 1000),
+    _c("imagenet-a", "ImageNet-A", 7500, 200),
+    _c("imagenet-o", "ImageNet-O", 2000, 200),
+    _c("imagenet-r", "ImageNet-R", 30000, 200),
+    _c("vtab/kitti_closest_vehicle_distance", "KITTI Vehicle Distance", 711, 4),
+    _c("mnist", "MNIST", 10000, 10),
+    _c("objectnet", "ObjectNet", 18574, 113),
+    _c("vtab/flowers", "Oxford Flowers-102", 6149, 102, MPCR),
+    _c("vtab/pets", "Oxford-IIIT Pet", 3669, 37, MPCR),
+    _c("voc2007", "Pascal VOC 2007", 14976, 20),
+    _c("vtab/pcam", "PatchCamelyon", 32768, 2),
+    _c("renderedsst2", "Rendered SST2", 1821, 2),
+    _c("vtab/resisc45", "RESISC45", 6300, 45),
+    _c("cars", "Stanford Cars", 8041, 196),
+    _c("stl10", "STL-10", 8000, 10),
+    _c("sun397", "SUN397", 108754, 397),
+    _c("vtab/svhn", "SVHN", 26032, 10),
+    DataCompTask("retrieval/flickr30k", "Flickr", "mean_recall@1", "retrieval", 31014, None,
+                 "retrieval/flickr30k", "flickr30k"),
+    DataCompTask("retrieval/mscoco_2014_5k_test_image_text_retrieval", "MSCOCO", "mean_recall@1", "retrieval", 5000,
+                 None, "retrieval/mscoco_2014_5k_test_image_text_retrieval", "mscoco_captions"),
+    DataCompTask("misc/winogavil", "WinoGAViL", "jaccard_score_10-12", "winogavil", 3563, None, "misc/winogavil"),
+    _c("wilds/iwildcam", "iWildCam", 42791, 182, "F1-macro_all", "iwildcam"),
+    _c("wilds/camelyon17", "Camelyon17", 85054, 2),
+    _c("wilds/fmow", "FMoW", 22108, 62, "acc_worst_region", "fmow"),
+    _c("fairness/dollar_street", "Dollar Street", 3503, 58, "acc_top5_wg", "dollar_street", "dollar_street"),
+    _c("fairness/geode", "GeoDE", 12488, 40, "acc_wg", "geode", "geode"),
+)
+"""The 38 tasks DataComp averages, in its tasklist order (FairFace and UTKFace have no main metric)."""
+
+TASKS_BY_KEY: dict[str, DataCompTask] = {t.key: t for t in DATACOMP_TASKS}
+_TASKS_BY_NAME: dict[str, DataCompTask] = {t.name: t for t in DATACOMP_TASKS}
+
+
+def get_task(key_or_name: str) -> DataCompTask:
+    """A task by DataComp key (`vtab/caltech101`), display name (`Caltech-101`) or wds name."""
+    if key_or_name in TASKS_BY_KEY:
+        return TASKS_BY_KEY[key_or_name]
+    if key_or_name in _TASKS_BY_NAME:
+        return _TASKS_BY_NAME[key_or_name]
+    for t in DATACOMP_TASKS:
+        if key_or_name in (t.wds_name, t.hf_name) or key_or_name in t.folder_names:
+            return t
+    raise KeyError(f"unknown DataComp task {key_or_name!r}; known keys: {sorted(TASKS_BY_KEY)}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Locating data
+# ----------------------------------------------------------------------------------------------------
+
+
+def find_task_dir(root: str | os.PathLike, task: DataCompTask) -> tuple[Path | None, str]:
+    """(folder, "") for the first of `task.folder_names` under `root` holding complete data, else (None, reason)."""
+    root = Path(root)
+    problems = []
+    for name in task.folder_names:
+        folder = root / name
+        if not (folder / "test" / "nshards.txt").is_file():
+            continue
+        problem = _check_layout(folder, task)
+        if not problem:
+            return folder, ""
+        problems.append(f"{folder}: {problem}")
+    if problems:
+        return None, "incomplete data: " + "; ".join(problems)
+    return None, f"no data: none of {', '.join(task.folder_names)} under {root} has test/nshards.txt"
+
+
+def _nshards(folder: Path) -> int:
+    return int((folder / "test" / "nshards.txt").read_text().strip())
+
+
+def _check_layout(folder: Path, task: DataCompTask) -> str:
+    try:
+        n = _nshards(folder)
+    except ValueError:
+        return "test/nshards.txt does not hold an integer"
+    absent = [f"test/{i}.tar" for i in range(n) if not (folder / "test" / f"{i}.tar").is_file()]
+    if absent:
+        return f"shards listed in test/nshards.txt are absent: {absent[:3]}{'...' if len(absent) > 3 else ''}"
+    dtype_file = folder / "dataset_type.txt"
+    dataset_type = dtype_file.read_text().strip().lower() if dtype_file.is_file() else "classification"
+    if task.kind == "retrieval":
+        if dataset_type != "retrieval":
+            return "retrieval data needs dataset_type.txt containing 'retrieval' (clip_benchmark's wds layout)"
+    elif task.kind == "winogavil":
+        if dataset_type != "winogavil":
+            return "WinoGAViL data needs dataset_type.txt containing 'winogavil' (written by export_winogavil)"
+    else:
+        for f in ("classnames.txt", "zeroshot_classification_templates.txt"):
+            if not (folder / f).is_file():
+                return f"classification data needs {f}"
+    return ""
+
+
+# ----------------------------------------------------------------------------------------------------
+# clip_benchmark access
+# ----------------------------------------------------------------------------------------------------
+
+
+def _clip_benchmark_builder():
+    """clip_benchmark's dataset builder (imported lazily: it pulls in torchvision datasets and requests)."""
+    from clip_benchmark.datasets import builder
+
+    return builder
+
+
+@contextlib.contextmanager
+def _cb_device(device: torch.device | str) -> Iterator[str]:
+    """clip_benchmark passes `device` to torch.autocast, which takes a device type ("cuda"), not "cuda:1"."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is not None:
+        with torch.cuda.device(dev.index):
+            yield "cuda"
+    else:
+        yield dev.type
+
+
+@contextlib.contextmanager
+def _clip_benchmark_progress(enabled: bool) -> Iterator[None]:
+    """clip_benchmark's metric loops always show tqdm bars; silence them unless progress is wanted."""
+    from clip_benchmark.metrics import zeroshot_classification as zsc
+    from clip_benchmark.metrics import zeroshot_retrieval as zsr
+
+    if enabled:
+        yield
+        return
+    saved = zsc.tqdm, zsr.tqdm
+    quiet = lambda it=None, *a, **k: tqdm(it, *a, **{**k, "disable": True})  # noqa: E731
+    zsc.tqdm = zsr.tqdm = quiet
+    try:
+        yield
+    finally:
+        zsc.tqdm, zsr.tqdm = saved
+
+
+def _build_wds(task: DataCompTask, folder: Path, transform: Callable, cb_task: str):
+    builder = _clip_benchmark_builder()
+    with warnings.catch_warnings():  # clip_benchmark builds its wds without shardshuffle (ordered): fine here
+        warnings.filterwarnings("ignore", message=r"WebDataset\(shardshuffle=")
+        return builder.build_dataset(
+            dataset_name=task.clip_benchmark_name, root=str(folder), transform=transform, split="test",
+            download=False, task=cb_task,
+        )
+
+
+def _wds_loader(dataset, folder: Path, batch_size: int, num_workers: int) -> torch.utils.data.DataLoader:
+    """clip_benchmark's and DataComp's way to batch a wds: batch inside the pipeline, no DataLoader batching.
+
+    Workers are capped at the shard count: webdataset >= 0.2.90 raises in a worker that gets no shard.
+    """
+    return torch.utils.data.DataLoader(dataset.batched(batch_size), batch_size=None, shuffle=False,
+                                       num_workers=min(num_workers, _nshards(folder)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metrics (pure functions, numpy in / float out)
+# ----------------------------------------------------------------------------------------------------
+
+
+def worst_group_accuracy(correct: np.ndarray, groups: np.ndarray) -> float:
+    """The lowest mean of `correct` over the groups that have samples (WILDS' `*_wg` with Accuracy)."""
+    correct, groups = np.asarray(correct, dtype=np.float64).reshape(-1), np.asarray(groups).reshape(-1)
+    if correct.size == 0:
+        return float("nan")
+    return float(min(correct[groups == g].mean() for g in np.unique(groups)))
+
+
+def macro_f1_present(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """WILDS' F1(average='macro'): scikit-learn's macro F1 over the labels present in `y_true`."""
+    from sklearn.metrics import f1_score
+
+    y_true, y_pred = np.asarray(y_true).reshape(-1), np.asarray(y_pred).reshape(-1)
+    return float(f1_score(y_true, y_pred, average="macro", labels=np.unique(y_true)))
+
+
+def jaccard(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """|true & pred| / |true | pred| for boolean vectors (scikit-learn's binary jaccard_score; 0 when both empty)."""
+    t, p = np.asarray(y_true, dtype=bool), np.asarray(y_pred, dtype=bool)
+    union = np.logical_or(t, p).sum()
+    return float(np.logical_and(t, p).sum() / union) if union else 0.0
+
+
+def winogavil_prompt(cue: str) -> str:
+    """DataComp's WinoGAViL prompt: 'An <cue>' when the lower-cased cue starts with a vowel, else 'A <cue>'."""
+    item = cue.lower()
+    return f"An {item}" if item[:1] in ("a", "e", "i", "o", "u") else f"A {item}"
+
+
+def winogavil_metrics(instances: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """DataComp's WinoGAViL scores from (similarities (n,), is_association bool (n,)) per instance.
+
+    The n_assoc candidates with the highest similarity are predicted (numpy argsort, as DataComp); the
+    Jaccard index with the true associations is averaged over all instances and by candidate count.
+    """
+    scores, groups = [], []
+    for sims, y_true in instances:
+        sims, y_true = np.asarray(sims, dtype=np.float64).reshape(-1), np.asarray(y_true, dtype=bool).reshape(-1)
+        n_assoc = int(y_true.sum())
+        chosen = np.argsort(sims)[len(sims) - n_assoc:]
+        y_pred = np.isin(np.arange(len(sims)), chosen)
+        scores.append(jaccard(y_true, y_pred))
+        groups.append(len(sims))
+    s, g = np.asarray(scores), np.asarray(groups)
+
+    def mean(mask: np.ndarray) -> float:
+        return float(s[mask].mean()) if mask.any() else float("nan")
+
+    return {
+        "avg_jaccard_score": mean(np.ones_like(g, dtype=bool)),
+        "jaccard_score_5": mean(g == 5),
+        "jaccard_score_6": mean(g == 6),
+        "jaccard_score_10": mean(g == 10),
+        "jaccard_score_12": mean(g == 12),
+        "jaccard_score_5-6": mean(g <= 6),
+        "jaccard_score_10-12": mean(g >= 10),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Per-kind evaluators
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Ctx:
+    """What every per-kind evaluator needs."""
+
+    model: nn.Module
+    transform: Callable
+    tokenizer: Callable
+    device: torch.device | str
+    batch_size: int
+    num_workers: int
+    amp: bool
+    progress: bool
+
+
+def _standard_metrics(logits: torch.Tensor, target: torch.Tensor, n_classes: int) -> dict[str, float]:
+    """acc1, acc5 (NaN below 5 classes) and mean_per_class_recall, as DataComp's wds_eval.py defines them.
+
+    DataComp calls clip_benchmark's `accuracy` for acc1/acc5; clip_benchmark 1.6.2's `accuracy` does
+    `float()` on a 1-element array, which NumPy >= 2.4 rejects, so top-k is computed here (same
+    definition: the fraction of samples whose label is among the k largest logits).
+    """
+    from sklearn.metrics import balanced_accuracy_score
+
+    pred = logits.argmax(dim=1)
+    return {
+        "acc1": topk_accuracy(logits, target, 1),
+        "acc5": topk_accuracy(logits, target, 5) if n_classes >= 5 else float("nan"),
+        "mean_per_class_recall": float(balanced_accuracy_score(target.numpy(), pred.numpy())),
+    }
+
+
+def _wds_logits(task: DataCompTask, folder: Path, c: _Ctx, max_workers: int | None = None):
+    """(logits, targets, classnames) of a classification wds with clip_benchmark's classifier and loop.
+
+    As DataComp's wds_eval.py: `zero_shot_classifier` (prompt ensemble) then `run_classification`
+    (cosine x 100 against the classifier).
+    """
+    from clip_benchmark.metrics import zeroshot_classification as zsc
+
+    ds = _build_wds(task, folder, c.transform, "zeroshot_classification")
+    workers = c.num_workers if max_workers is None else min(c.num_workers, max_workers)
+    loader = _wds_loader(ds, folder, c.batch_size, workers)
+    with _cb_device(c.device) as dev:
+        classifier = zsc.zero_shot_classifier(c.model, c.tokenizer, ds.classes, ds.templates, dev, amp=c.amp)
+        logits, target = zsc.run_classification(c.model, classifier, loader, dev, amp=c.amp)
+    return logits, target.reshape(-1).long(), list(ds.classes)
+
+
+def _eval_classification(task: DataCompTask, folder: Path, c: _Ctx) -> dict[str, Any]:
+    logits, target, classes = _wds_logits(task, folder, c)
+    return _standard_metrics(logits, target, len(classes))
+
+
+def _eval_retrieval(task: DataCompTask, folder: Path, c: _Ctx) -> dict[str, Any]:
+    from clip_benchmark.metrics import zeroshot_retrieval as zsr
+
+    ds = _build_wds(task, folder, c.transform, "zeroshot_retrieval")
+    with _cb_device(c.device) as dev:
+        m = zsr.evaluate(c.model, _wds_loader(ds, folder, c.batch_size, c.num_workers), c.tokenizer, dev, amp=c.amp,
+                         recall_k_list=[1, 5, 10])
+    # DataComp's retr_eval.py: the mean of text (image->text) and image (text->image) retrieval R@1
+    m["mean_recall@1"] = 0.5 * (m["text_retrieval_recall@1"] + m["image_retrieval_recall@1"])
+    return m
+
+
+def _read_metadata(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, metadata rows) of every sample, in shard order, without decoding images."""
+    import webdataset as wds
+
+    urls = [str(folder / "test" / f"{i}.tar") for i in range(_nshards(folder))]
+    ds = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None,
+                         select_files=lambda f: f.endswith((".cls", ".npy")))
+          .decode().to_tuple("cls", "npy"))
+    labels, meta = [], []
+    for y, m in ds:
+        labels.append(int(y))
+        meta.append(np.asarray(m).reshape(-1))
+    if not labels:
+        raise ValueError(f"{folder}: no samples with 'cls' and 'npy' (per-sample metadata) entries")
+    return np.asarray(labels), np.stack(meta)
+
+
+def _eval_with_metadata(task: DataCompTask, folder: Path, c: _Ctx) -> dict[str, Any]:
+    # one worker at most: the metadata pass reads the shards in order, so must the logits pass
+    logits, target, classes = _wds_logits(task, folder, c, max_workers=1)
+    metrics: dict[str, Any] = _standard_metrics(logits, target, len(classes))
+    labels, meta = _read_metadata(folder)
+    if len(labels) != len(target) or not np.array_equal(labels, target.numpy()):
+        raise RuntimeError(f"{folder}: labels read with the metadata do not line up with the evaluated samples "
+                           f"({len(labels)} vs {len(target)}); the wds must hold 'cls' and 'npy' for every sample")
+    y_true, y_pred = target.numpy(), logits.argmax(dim=1).numpy()
+    if task.kind == "iwildcam":
+        metrics["F1-macro_all"] = macro_f1_present(y_true, y_pred)
+    elif task.kind == "fmow":  # metadata fields (region, year, y)
+        metrics["acc_worst_region"] = worst_group_accuracy(y_pred == y_true, meta[:, 0])
+        metrics["acc_worst_year"] = worst_group_accuracy(y_pred == y_true, meta[:, 1])
+    elif task.kind == "dollar_street":  # metadata fields (income_ds, income_meta, region)
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices.numpy()
+        hit5 = (top5 == y_true[:, None]).any(axis=1)
+        metrics["acc_top5_avg"] = float(hit5.mean())
+        metrics["acc_top5_wg"] = worst_group_accuracy(hit5, meta[:, 0])
+    elif task.kind == "geode":  # metadata fields (region, country)
+        metrics["acc_avg"] = float((y_pred == y_true).mean())
+        metrics["acc_wg"] = worst_group_accuracy(y_pred == y_true, meta[:, 0])
+    else:
+        raise ValueError(f"no metadata metric for kind {task.kind!r}")
+    return metrics
+
+
+_IMAGE_KEY = re.compile(r"^c(\d+)\.(png|jpg|jpeg|webp)$")
+
+
+@torch.no_grad()
+def _eval_winogavil(task: DataCompTask, folder: Path, c: _Ctx) -> dict[str, Any]:
+    import webdataset as wds
+
+    urls = [str(folder / "test" / f"{i}.tar") for i in range(_nshards(folder))]
+    ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None).decode("pil")
+
+    def instances() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for sample in tqdm(ds, desc="WinoGAViL", disable=not c.progress, leave=False):
+            meta = sample["json"]
+            keys = sorted((int(m.group(1)), k) for k in sample if (m := _IMAGE_KEY.match(k)))
+            if len(keys) != len(meta["candidates"]):
+                raise ValueError(f"{folder}: sample {sample['__key__']} has {len(keys)} images for "
+                                 f"{len(meta['candidates'])} candidates")
+            images = torch.stack([c.transform(sample[k]) for _, k in keys]).to(c.device)
+            tokens = c.tokenizer([winogavil_prompt(meta["cue"])]).to(c.device)
+            img = c.model.encode_image(images, normalize=True).float()
+            txt = c.model.encode_text(tokens, normalize=True).float()
+            y_true = np.isin(np.asarray(meta["candidates"]), np.asarray(meta["associations"]))
+            yield (txt @ img.T).reshape(-1).cpu().numpy(), y_true
+
+    return winogavil_metrics(instances())
+
+
+_EVALUATORS: dict[str, Callable[[DataCompTask, Path, _Ctx], dict[str, Any]]] = {
+    "classification": _eval_classification,
+    "retrieval": _eval_retrieval,
+    "iwildcam": _eval_with_metadata,
+    "fmow": _eval_with_metadata,
+    "dollar_street": _eval_with_metadata,
+    "geode": _eval_with_metadata,
+    "winogavil": _eval_winogavil,
+}
+
+
+def export_winogavil(rows: Iterable[Mapping[str, Any]], out_dir: str | os.PathLike, image_format: str = "webp",
+                     max_count: int = 10_000) -> Path:
+    """Write WinoGAViL instances as a local wds folder that `run_datacomp` reads.
+
+    `rows` are the records of Hugging Face `nlphuji/winogavil` (split "test"): `candidate_images` (PIL
+    images), `cue` (str), `candidates` and `associations` (lists of names). Layout: `out_dir/test/{i}.tar`,
+    `out_dir/test/nshards.txt`, `out_dir/dataset_type.txt` = `winogavil`; each sample holds `json`
+    ({cue, candidates, associations}) and images `c{k}.<image_format>` for candidate k.
+    """
+    import io
+
+    import webdataset as wds
+
+    fmt = {"webp": ("webp", {"format": "webp", "lossless": True}), "png": ("png", {"format": "png"}),
+           "jpg": ("jpg", {"format": "jpeg", "quality": 95})}
+    if image_format not in fmt:
+        raise ValueError(f"image_format must be one of {sorted(fmt)}, got {image_format!r}")
+    ext, save_kw = fmt[image_format]
+    out = Path(out_dir)
+    (out / "test").mkdir(parents=True, exist_ok=True)
+    with wds.ShardWriter(str(out / "test" / "%d.tar"), maxcount=max_count, verbose=0) as sink:
+        for i, row in enumerate(rows):
+            sample = {"__key__": f"s{i:07d}",
+                      "json": {"cue": row["cue"], "candidates": list(row["candidates"]),
+                               "associations": list(row["associations"])}}
+            if len(row["candidate_images"]) != len(row["candidates"]):
+                raise ValueError(f"row {i}: {len(row['candidate_images'])} images for {len(row['candidates'])} candidates")
+            for k, img in enumerate(row["candidate_images"]):
+                buf = io.BytesIO()
+                img.save(buf, **save_kw)
+                sample[f"c{k:02d}.{ext}"] = buf.getvalue()
+            sink.write(sample)
+        n_shards = sink.shard
+    (out / "test" / "nshards.txt").write_text(f"{n_shards}\n")
+    (out / "dataset_type.txt").write_text("winogavil\n")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Running and aggregating
+# ----------------------------------------------------------------------------------------------------
+
+
+def _select(tasks: Sequence[str | DataCompTask] | None) -> list[DataCompTask]:
+    if tasks is None:
+        return list(DATACOMP_TASKS)
+    return [t if isinstance(t, DataCompTask) else get_task(t) for t in tasks]
+
+
+def _finite(x: Any) -> float | None:
+    if x is None:
+        return None
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def run_datacomp(
+    model: nn.Module,
+    transform: Callable,
+    tokenizer: Callable,
+    root: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    tasks: Sequence[str | DataCompTask] | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+    num_workers: int = 4,
+    amp: bool = False,
+    output: str | os.PathLike | None = None,
+    strict: bool = False,
+) -> dict[str, Any]:
+    """Evaluate `model` on the DataComp tasks found under `root` (all 38 by default, or `tasks`).
+
+    Returns {"benchmark", "root", "tasks": {key: {"name", "main_metric", "status", "score", "metrics",
+    "reason", "seconds"}}, "aggregate": aggregate(...)}; `status` is "ok", "missing" (no or incomplete
+    data) or "failed" (evaluation raised; the error is logged and kept in "reason"; `strict=True`
+    re-raises instead). With `output`, the results are written there (atomic JSON) after every task.
+    With `progress`, bars are shown and the result table is printed at the end.
+    `amp` runs clip_benchmark's encoders under autocast (DataComp runs image features in fp32).
+    The model may be DDP-wrapped; it is put in eval mode and restored after. Call on one rank.
+    """
+    selected = _select(tasks)
+    results: dict[str, Any] = {"benchmark": "datacomp", "root": str(root), "tasks": {}}
+    with eval_mode(model) as m, torch.no_grad(), _clip_benchmark_progress(progress):
+        ctx = _Ctx(m, transform, tokenizer, device, batch_size, num_workers, amp, progress)
+        for task in tqdm(selected, desc="DataComp", disable=not progress):
+            entry: dict[str, Any] = {"name": task.name, "main_metric": task.main_metric, "status": "missing",
+                                     "score": None, "metrics": {}, "reason": ""}
+            folder, reason = find_task_dir(root, task)
+            if folder is None:
+                entry["reason"] = reason
+                log.info("DataComp %s: missing (%s)", task.name, reason)
+            else:
+                t0 = time.time()
+                try:
+                    metrics = _EVALUATORS[task.kind](task, folder, ctx)
+                    entry.update(status="ok", metrics=metrics, score=_finite(metrics.get(task.main_metric)),
+                                 folder=str(folder))
+                except Exception as e:
+                    if strict:
+                        raise
+                    entry.update(status="failed", reason=f"{type(e).__name__}: {e}", folder=str(folder))
+                    log.error("DataComp %s failed on %s:\n%s", task.name, folder, traceback.format_exc())
+                entry["seconds"] = time.time() - t0
+            results["tasks"][task.key] = entry
+            if output is not None:
+                results["aggregate"] = aggregate(results)
+                write_json(output, results)
+    results["aggregate"] = aggregate(results)
+    if output is not None:
+        write_json(output, results)
+    if progress:
+        print(datacomp_table(results))
+    return results
+
+
+def _scores(results: Mapping[str, Any]) -> dict[str, float | None]:
+    """Task key -> main-metric score from our results dict, a bare mapping, or DataComp's loaded jsonl."""
+    entries = results.get("tasks", results) if isinstance(results, Mapping) else results
+    out: dict[str, float | None] = {}
+    for k, v in entries.items():
+        try:
+            task = get_task(k)
+        except KeyError:
+            continue  # not a scored DataComp task (e.g. FairFace) or an unrelated entry
+        if isinstance(v, Mapping):
+            score = v.get("score")
+            metrics = v.get("metrics")
+            if score is None and isinstance(metrics, Mapping):  # DataComp's record, or ours without a score
+                score = metrics.get("main_metric", metrics.get(task.main_metric))
+            if score is None and not isinstance(v.get("main_metric"), str):
+                score = v.get("main_metric")
+        else:
+            score = v
+        out[task.key] = _finite(score)
+    return out
+
+
+def aggregate(results: Mapping[str, Any], expected: Sequence[str | DataCompTask] | None = None) -> dict[str, Any]:
+    """The DataComp average: the unweighted mean of the main metrics of the tasks that have a score.
+
+    `results` is `run_datacomp`'s output (or its "tasks" mapping, or a mapping task -> score; keys may be
+    DataComp keys or display names). Returns {"average", "n_tasks", "partial", "missing"}: `missing`
+    lists the tasks of `expected` (default: all 38) without a finite score; the average is `partial`
+    whenever any is missing, i.e. it is NOT the DataComp average then. `average` is None with no scores.
+    """
+    expected_tasks = _select(expected)
+    scores = _scores(results)
+    have = [t for t in expected_tasks if scores.get(t.key) is not None]
+    missing = [t.key for t in expected_tasks if scores.get(t.key) is None]
+    values = [scores[t.key] for t in have]
+    return {
+        "average": float(np.mean(values)) if values else None,
+        "n_tasks": len(values),
+        "partial": bool(missing) or len(expected_tasks) < len(DATACOMP_TASKS),
+        "missing": missing,
+    }
+
+
+def load_results(path: str | os.PathLike) -> dict[str, Any]:
+    """Load results written by `run_datacomp` (JSON) or DataComp's own `eval_results.jsonl`.
+
+    DataComp's lines ({"key", "dataset", "metrics": {..., "main_metric"}}) become {key: {"score": ...}}.
+    """
+    text = Path(path).read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    tasks: dict[str, Any] = {}
+    for i, line in enumerate(text.splitlines()):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {i + 1} is neither our JSON results nor DataComp jsonl: {e}") from None
+        tasks[rec.get("key", rec.get("dataset"))] = {"score": rec.get("metrics", {}).get("main_metric")}
+    return {"benchmark": "datacomp", "tasks": tasks}
+
+
+def datacomp_table(results: Mapping[str, Any]) -> str:
+    """A markdown table of every task's main metric (missing/failed tasks shown as such) and the average."""
+    entries = results.get("tasks", {})
+    rows = []
+    for key, e in entries.items():
+        task = get_task(key)
+        status = e.get("status", "ok") if isinstance(e, Mapping) else "ok"
+        score = _scores({key: e}).get(task.key)
+        rows.append([task.name, task.main_metric, score if status == "ok" else status])
+    agg = results.get("aggregate") or aggregate(results)
+    label = f"average ({agg['n_tasks']}/{len(DATACOMP_TASKS)} tasks{', PARTIAL' if agg['partial'] else ''})"
+    rows.append([label, "mean of main metrics", agg["average"]])
+    return format_table(rows, headers=["task", "metric", "score"])

@@ -1,0 +1,587 @@
+"""AmorLIP: contrastive language-image pretraining with amortized partition functions.
+
+Sun et al., "AmorLIP: Efficient Language-Image Pretraining via Amortization" (NeurIPS 2025).
+Equation numbers below refer to that paper; docs/amorlip.md gives the math as implemented.
+
+Per modality l in {image, text} a small network predicts the log partition function of its anchors,
+`log lambda_l(u) = MLP_l(psi_l(u))` (Sec. 3.2), on the DETACHED normalised feature. Each training step
+(Algorithm 1):
+
+* Stage I (every `t_online` steps): fit the online net to the batch's partition target
+  `log Z_comb` (Eq. 12: the batch's log partition mixed with the previous epoch's frozen target net)
+  with `t_lambda` Adam steps of the l2-log (Eq. 10) or an f-divergence (Eq. 8/9) loss; the batch is
+  gathered (without gradient) from all ranks, so the target is global and every rank takes the same steps.
+* Target net: an EMA of the online net every `t_target` steps (Eq. 11).
+* Stage II: the encoders' loss Eq. 6, each ratio `exp(log Z_batch_i - log lambda_i)`, with lambda from
+  the target net (`divide_by=target`, the paper), the online net (`online`), or this batch's `Z_comb`
+  (`comb`, the released code, the default).
+* At every epoch start (Algorithm 1 line 4) the previous-epoch net becomes a frozen copy of the target,
+  and the online and target nets are re-initialised (or warm-started) with a fresh Adam.
+
+Convention: every partition function here is the MEAN over the negatives, `Z_i = (1/N) sum_j
+w_ij exp(s x_i.y_j + b)` with `w_ii = pos_coef`, `w_ij = 1` otherwise, so lambda does not depend on the
+batch or world size, and a local-negatives Stage II against a global target stays consistent.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from amorlip import distributed
+from amorlip.objectives.base import Objective, ObjectiveContext, ObjectiveOutput
+from amorlip.schedules import cosine_ramp
+
+ARCHS = ("mlp", "residual")
+AMOR_LOSSES = ("l2-log", "f-div")
+FDIVS = ("kl", "js", "kl-eq9")
+DIVIDE_BY = ("comb", "target", "online")
+STAGE2_NEGATIVES = ("local", "global")
+REINITS = ("fresh", "warm")
+FDIV_MAX_LOG_RATIO = 30.0
+"""log(Z / lambda) beyond which the f-div losses continue linearly (finite fp32 gradients for a fresh net)."""
+
+
+@dataclass
+class AmorConfig:
+    """Options of `--objective amorlip` (CLI: `--amor.KEY VALUE`). Defaults: the paper's CC3M setting."""
+
+    arch: str = "mlp"
+    """mlp: the paper's three-layer MLP (Sec. 4). residual: the released variant
+    (Linear-ReLU-LayerNorm, Linear-ReLU-LayerNorm, + input, ReLU, Linear)."""
+    dim_factor: float = 0.5
+    """f_d: hidden width = f_d * embed_dim (0.5 CC3M, 1.0 CC12M)."""
+    loss: str = "l2-log"
+    """Stage-I amortization loss: l2-log (Eq. 10) | f-div (Eq. 8)."""
+    fdiv: str = "kl"
+    """f for loss=f-div: kl (generalised KL t log t - t + 1, minimised at lambda = Z) | js |
+    kl-eq9 (Eq. 9 literally, t log t: its minimiser is lambda = e * Z)."""
+    fdiv_l2_coef: float = 0.1
+    """Weight of the l2-log regulariser added to the f-div loss (App. D: 0.1)."""
+    pos_coef: float = 1.0
+    """Weight of the positive pair inside every partition function (target and Stage II). 1.0 = the
+    full partition function (paper Table 3); the released training command uses 1e-3."""
+    t_online: int = 8
+    """T_online: run Stage I every this many steps (8 CC3M, 1 CC12M)."""
+    t_lambda: int = 3
+    """T_lambda: Adam steps per Stage I on the same batch."""
+    t_target: int = 2
+    """T_target: EMA-update the target net every this many steps."""
+    alpha: float = 0.999
+    """EMA decay of the target net (Eq. 11; 0.999 CC3M, 0.92 CC12M)."""
+    ema_debias: bool = False
+    """Bias-correct the EMA (as Adam does), so that after a re-init the target net is the average of the
+    online iterates instead of lagging behind its random initialisation."""
+    beta_final: float = 0.8
+    """beta_T: final weight of the previous-epoch net in Z_comb (Eq. 12)."""
+    beta_decay_epochs: int | None = None
+    """Epochs of the cosine ramp of beta from 0 to beta_final (None = all training epochs)."""
+    lr: float = 1e-3
+    """Adam learning rate of the amortization nets (App. D)."""
+    divide_by: str = "comb"
+    """Stage II divisor: comb (this batch's Z_comb, released code) | target (target net, paper) |
+    online (online net)."""
+    reinit: str = "fresh"
+    """At each epoch start: fresh (re-initialise online and target nets, Algorithm 1 line 4) |
+    warm (restart them from the previous-epoch net)."""
+    init_bias: bool = False
+    """After a fresh re-initialisation, shift the nets' output bias to the first batch's mean target."""
+    max_log_ratio: float | None = 10.0
+    """Cap on log(Z_batch / lambda) in Stage II (a detached floor on log lambda), so that a net far below
+    the batch partition cannot overflow exp; None disables. Never binds for divide_by=comb."""
+    stage2_negatives: str = "local"
+    """local: Stage II uses this rank's pairs only (no collective). global: all ranks' features,
+    gathered with gradient every step (released code)."""
+    sync_grads: bool = True
+    """All-reduce (mean) the Stage-I gradients on amortization steps, guarding the replicas against drift."""
+
+    def validate(self) -> None:
+        for key, value, choices in (
+            ("arch", self.arch, ARCHS),
+            ("loss", self.loss, AMOR_LOSSES),
+            ("fdiv", self.fdiv, FDIVS),
+            ("divide_by", self.divide_by, DIVIDE_BY),
+            ("reinit", self.reinit, REINITS),
+            ("stage2_negatives", self.stage2_negatives, STAGE2_NEGATIVES),
+        ):
+            if value not in choices:
+                raise ValueError(f"amor.{key}={value!r} is not one of: {', '.join(choices)}")
+        if not self.dim_factor > 0:
+            raise ValueError(f"amor.dim_factor must be positive (got {self.dim_factor}); the paper uses 0.5 or 1.0")
+        for key in ("t_online", "t_lambda", "t_target"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"amor.{key} must be at least 1 (got {getattr(self, key)})")
+        if not 0.0 <= self.alpha < 1.0:
+            raise ValueError(f"amor.alpha is an EMA decay and must be in [0, 1) (got {self.alpha})")
+        if not 0.0 <= self.beta_final <= 1.0:
+            raise ValueError(f"amor.beta_final is a mixing weight and must be in [0, 1] (got {self.beta_final})")
+        if self.beta_decay_epochs is not None and self.beta_decay_epochs < 0:
+            raise ValueError("amor.beta_decay_epochs must be >= 0, or null for all training epochs")
+        if not self.lr > 0:
+            raise ValueError(f"amor.lr must be positive (got {self.lr})")
+        if self.pos_coef < 0:
+            raise ValueError(f"amor.pos_coef must be >= 0 (got {self.pos_coef}); 1.0 is the full partition function")
+        if self.fdiv_l2_coef < 0:
+            raise ValueError(f"amor.fdiv_l2_coef must be >= 0 (got {self.fdiv_l2_coef})")
+        if self.max_log_ratio is not None and not self.max_log_ratio > 0:
+            raise ValueError("amor.max_log_ratio must be positive, or null to disable the cap")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Amortization networks
+
+
+class AmortizationNet(nn.Module):
+    """`log lambda(u) = MLP(psi(u))` for one modality (Sec. 3.2): (B, d) features -> (B,) log lambda."""
+
+    def __init__(self, dim: int, hidden: int, arch: str = "mlp") -> None:
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"unknown amortizer arch {arch!r}; choose one of: {', '.join(ARCHS)}")
+        self.arch = arch
+        if arch == "mlp":  # the paper's three-layer MLP (Sec. 4, "AmorLIP implementation")
+            self.body = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+            self.head = nn.Linear(hidden, 1)
+        else:  # the released residual variant
+            self.body = nn.Sequential(
+                nn.Linear(dim, hidden), nn.ReLU(), nn.LayerNorm(hidden),
+                nn.Linear(hidden, dim), nn.ReLU(), nn.LayerNorm(dim),
+            )
+            self.head = nn.Linear(dim, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        h = self.body(features)
+        if self.arch == "residual":
+            h = torch.relu(h + features)
+        return self.head(h).squeeze(-1)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        """PyTorch's default init (U(+-1/sqrt(fan_in)) for Linear, ones/zeros for LayerNorm), drawn on the CPU
+        from `generator`, so that every rank and every device gets the same weights from the same seed."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                bound = 1.0 / math.sqrt(module.in_features)
+                for p in (module.weight, module.bias):
+                    p.copy_(torch.empty(p.shape).uniform_(-bound, bound, generator=generator))
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.fill_(0.0)
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 -> fp32; fp32 and fp64 pass through (the tests check gradients in fp64)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _pair(dim: int, hidden: int, arch: str) -> nn.ModuleDict:
+    return nn.ModuleDict({"image": AmortizationNet(dim, hidden, arch), "text": AmortizationNet(dim, hidden, arch)})
+
+
+# ----------------------------------------------------------------------------------------------------
+# The math, as pure functions (tested against dense references)
+
+
+def log_partition(logits: torch.Tensor, pos_index: torch.Tensor, pos_coef: float = 1.0) -> torch.Tensor:
+    """Per row i: `log( (1/N) [pos_coef * exp(logits[i, p_i]) + sum_{j != p_i} exp(logits[i, j])] )`.
+
+    `logits` (B, N): anchors against the N negatives (positive included); `pos_index` (B,): the column of
+    each row's positive. The mean over N estimates the expectation in Eq. 2.
+    """
+    if pos_coef != 1.0:
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        shift = torch.zeros_like(logits)
+        shift[rows, pos_index] = math.log(pos_coef) if pos_coef > 0 else float("-inf")
+        logits = logits + shift
+    return torch.logsumexp(logits, dim=1) - math.log(logits.shape[1])
+
+
+def combine_with_previous(log_z: torch.Tensor, log_prev: torch.Tensor | None, beta: float) -> torch.Tensor:
+    """Eq. 12 in log space: `log(beta * exp(log_prev) + (1 - beta) * exp(log_z))`."""
+    if log_prev is None or beta <= 0.0:
+        return log_z
+    if beta >= 1.0:
+        return log_prev
+    return torch.logaddexp(log_prev + math.log(beta), log_z + math.log1p(-beta))
+
+
+def amortization_loss(
+    log_lambda: torch.Tensor,
+    log_target: torch.Tensor,
+    log_z_batch: torch.Tensor,
+    loss: str = "l2-log",
+    fdiv: str = "kl",
+    l2_coef: float = 0.1,
+) -> torch.Tensor:
+    """Stage-I loss for one modality, averaged over anchors; gradients reach `log_lambda` only.
+
+    * l2-log (Eq. 10): `0.5 * mean_i (log lambda_i - log Z_i)^2`, Z the (combined) target.
+    * f-div (Eq. 8) as its Monte-Carlo estimate over the batch pairs:
+      `mean_ij exp(E_ij - log Z_i) f(Z_i / lambda_i) = mean_i exp(log Zhat_i - log Z_i) f(Z_i / lambda_i)`,
+      Zhat the batch's own partition (`log_z_batch`), plus `l2_coef` * l2-log (App. D).
+      f: kl `t log t - t + 1`; js `(t log t - (t+1) log((t+1)/2)) / 2`; kl-eq9 `t log t` (Eq. 9 literally).
+      Computed in float64 on the B scalars (returns float64); beyond `log(Z/lambda) = FDIV_MAX_LOG_RATIO`
+      f continues linearly in log lambda so that a fresh net gets a finite gradient of the right sign.
+    """
+    target = log_target.detach()
+    l2 = 0.5 * (log_lambda - target).pow(2).mean()
+    if loss == "l2-log":
+        return l2
+    if loss != "f-div":
+        raise ValueError(f"unknown amortization loss {loss!r}; choose one of: {', '.join(AMOR_LOSSES)}")
+    r = target.double() - log_lambda.double()  # log t, t = Z / lambda
+    # Beyond log t = FDIV_MAX_LOG_RATIO (a fresh net far below a large log Z) f(e^r) continues linearly in
+    # r with the slope it has there (C1, same sign), so the value and the fp32 gradient stay finite.
+    r_c = r.clamp(max=FDIV_MAX_LOG_RATIO)
+    t = torch.exp(r_c)
+    if fdiv == "kl":
+        f, slope = t * (r_c - 1.0) + 1.0, t * r_c  # t log t - t + 1: f(1) = f'(1) = 0, minimiser lambda = Z
+    elif fdiv == "kl-eq9":
+        f, slope = t * r_c, t * (r_c + 1.0)  # Eq. 9 as printed: f'(1) = 1 moves the minimiser to lambda = e Z
+    elif fdiv == "js":
+        softplus = nn.functional.softplus(r_c)
+        f = 0.5 * (t * r_c - (t + 1.0) * (softplus - math.log(2.0)))
+        slope = 0.5 * t * (r_c - softplus + math.log(2.0))  # = t f'(t) = (t/2) log(2t / (t + 1))
+    else:
+        raise ValueError(f"unknown f-divergence {fdiv!r}; choose one of: {', '.join(FDIVS)}")
+    f = f + slope.detach() * (r - r_c)  # zero (value and gradient) below the cap
+    weight = torch.exp(log_z_batch.detach().double() - target.double())
+    return (weight * f).mean() + l2_coef * l2.double()
+
+
+def amortized_nce_loss(
+    pos_logits: torch.Tensor,
+    log_z_img: torch.Tensor,
+    log_z_txt: torch.Tensor,
+    log_lambda_img: torch.Tensor,
+    log_lambda_txt: torch.Tensor,
+    max_log_ratio: float | None = None,
+) -> torch.Tensor:
+    """Stage II, Eq. 6 with both directions summed:
+
+        L = -(2/B) sum_i (s x_i.y_i + b) + (1/B) sum_i exp(log Z_img_i - log lambda_img_i)
+                                         + (1/B) sum_i exp(log Z_txt_i - log lambda_txt_i)
+
+    `log_z_*` (with gradient): the anchors' batch log partitions (`log_partition`, mean convention), so
+    `exp(log Z_i - log lambda_i)` is `(1/N) sum_j exp(E_ij) / lambda_i`, the per-anchor term of Eq. 6.
+    `log_lambda_*` are detached (stop-grad, Eq. 5); `max_log_ratio` floors them at `log Z - max_log_ratio`.
+    With `log lambda = sg(log Z)` the gradient equals that of the summed two-way InfoNCE.
+    """
+
+    def term(log_z: torch.Tensor, log_lambda: torch.Tensor) -> torch.Tensor:
+        log_lambda = log_lambda.detach().to(log_z.dtype)
+        if max_log_ratio is not None:
+            log_lambda = torch.maximum(log_lambda, log_z.detach() - max_log_ratio)
+        return torch.exp(log_z - log_lambda).mean()
+
+    return -2.0 * pos_logits.mean() + term(log_z_img, log_lambda_img) + term(log_z_txt, log_lambda_txt)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The objective
+
+
+class AmorLIPObjective(Objective):
+    """`--objective amorlip`: Algorithm 1 of the paper (see the module docstring and docs/amorlip.md)."""
+
+    name = "amorlip"
+    section = "amor"
+    Config = AmorConfig
+
+    def __init__(self, cfg: AmorConfig | None, ctx: ObjectiveContext) -> None:
+        cfg = cfg if cfg is not None else AmorConfig()
+        cfg.validate()
+        super().__init__(cfg, ctx)
+        dim = int(ctx.embed_dim)
+        hidden = max(1, int(round(cfg.dim_factor * dim)))
+        self.amortizer = _pair(dim, hidden, cfg.arch)  # online nets lambda_theta
+        self.target_net = _pair(dim, hidden, cfg.arch)  # EMA nets lambda_theta_hat (Eq. 11)
+        self.previous_net = _pair(dim, hidden, cfg.arch)  # frozen target of the previous epoch (Eq. 12)
+        for p in [*self.target_net.parameters(), *self.previous_net.parameters()]:
+            p.requires_grad_(False)
+        self.optimizer = torch.optim.Adam(self.amortizer.parameters(), lr=cfg.lr)
+
+        # The re-initialisation seed comes from torch's RNG (seeded by the trainer with train.seed) and is
+        # broadcast, so all ranks build identical nets; re-inits use it with the epoch, never the global RNG.
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+        self._seed = int(distributed.broadcast_(seed.to(ctx.device)).item())
+        self._started_epoch: int | None = None
+        self._epoch_start_step: int | None = None
+        self._has_previous = False
+        self._ema_updates = 0
+        self._stage1_updates = 0
+        self._needs_bias_init = False
+        self._last_bias: float | None = None
+        self._reinitialise(epoch=-1)
+
+    # --- epoch boundary (Algorithm 1 line 4) -----------------------------------------------------------
+
+    def _generator(self, epoch: int) -> torch.Generator:
+        return torch.Generator().manual_seed((self._seed + 1_000_003 * (epoch + 2)) % 2**63)
+
+    @torch.no_grad()
+    def _reinitialise(self, epoch: int) -> None:
+        """Fresh online nets (or warm-started from the previous-epoch net); target = online; fresh Adam."""
+        if self.cfg.reinit == "warm" and self._has_previous:
+            self.amortizer.load_state_dict(self.previous_net.state_dict())
+            self._needs_bias_init = False
+        else:
+            gen = self._generator(epoch)
+            for net in self.amortizer.values():
+                net.reset_parameters(gen)
+            self._needs_bias_init = self.cfg.init_bias
+        self.target_net.load_state_dict(self.amortizer.state_dict())
+        self.optimizer.state.clear()
+        self._ema_updates = 0
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Previous-epoch net <- current target (frozen); re-initialise online and target nets, fresh Adam.
+
+        Idempotent for a given epoch (a resume at an epoch boundary may call it again).
+        """
+        if self._started_epoch == epoch:
+            return
+        if self._started_epoch is not None:  # a previous epoch ran: its target net becomes lambda^(t-1)
+            with torch.no_grad():
+                self.previous_net.load_state_dict(self.target_net.state_dict())
+            self._has_previous = True
+        self._reinitialise(epoch)
+        self._started_epoch = epoch
+        self._epoch_start_step = None
+
+    def beta(self, epoch: int) -> float:
+        """beta_t of Eq. 12: cosine ramp 0 -> beta_T over `beta_decay_epochs`; 0 without a previous net."""
+        if not self._has_previous:
+            return 0.0
+        span = self.cfg.beta_decay_epochs if self.cfg.beta_decay_epochs is not None else self.ctx.total_epochs
+        return cosine_ramp(epoch, span, 0.0, self.cfg.beta_final)
+
+    # --- Stage I (Algorithm 1 line 7) and the target net (line 8) -------------------------------------
+
+    def _targets(
+        self, image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+        beta: float,
+    ) -> dict[str, torch.Tensor]:
+        """Batch log partitions and Z_comb targets (Eq. 12) of both modalities, fp32, no gradient."""
+        with torch.no_grad():
+            logits = scale.detach().float() * image_features @ text_features.T
+            if bias is not None:
+                logits = logits + bias.detach().float()
+            idx = torch.arange(logits.shape[0], device=logits.device)
+            out = {"z_image": log_partition(logits, idx, self.cfg.pos_coef),
+                   "z_text": log_partition(logits.T, idx, self.cfg.pos_coef)}
+            for key, feats in (("image", image_features), ("text", text_features)):
+                prev = self.previous_net[key](feats) if beta > 0 else None
+                out[f"target_{key}"] = combine_with_previous(out[f"z_{key}"], prev, beta)
+        return out
+
+    def amortize(
+        self, image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor,
+        bias: torch.Tensor | None, beta: float = 0.0,
+    ) -> dict[str, torch.Tensor]:
+        """Stage I: `t_lambda` Adam steps of the amortization loss on all ranks' (detached) batch.
+
+        Collectives: one all_gather of the features, plus one all_reduce per Adam step with `sync_grads`.
+        Returns the amortization loss at the first (`amor_loss`, before any update on this batch) and at the
+        last of the `t_lambda` iterations (`amor_loss_last`).
+        """
+        cfg = self.cfg
+        local = torch.cat([image_features.detach(), text_features.detach()], dim=1)
+        both = distributed.gather_no_grad(local).float()
+        x, y = both.split(image_features.shape[1], dim=1)
+        tg = self._targets(x, y, scale, bias, beta)
+
+        if self._needs_bias_init:  # optional: start the fresh nets at the batch's mean target
+            with torch.no_grad():
+                for key, feats in (("image", x), ("text", y)):
+                    shift = (tg[f"target_{key}"] - self.amortizer[key](feats)).mean()
+                    self.amortizer[key].head.bias.add_(shift)
+                    self.target_net[key].head.bias.add_(shift)
+            self._needs_bias_init = False
+
+        params = [p for p in self.amortizer.parameters()]
+        first = last = torch.zeros(())
+        with torch.enable_grad():
+            for it in range(cfg.t_lambda):
+                loss = sum(
+                    amortization_loss(self.amortizer[key](feats), tg[f"target_{key}"], tg[f"z_{key}"],
+                                      cfg.loss, cfg.fdiv, cfg.fdiv_l2_coef)
+                    for key, feats in (("image", x), ("text", y))
+                )
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.sync_grads and distributed.world_size() > 1:
+                    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                    flat = distributed.all_reduce_mean_(torch.cat([g.reshape(-1) for g in grads]))
+                    for p, g in zip(params, flat.split([p.numel() for p in params])):
+                        p.grad = g.view_as(p).clone()
+                self.optimizer.step()
+                if it == 0:
+                    first = loss.detach()
+                last = loss.detach()
+            self.optimizer.zero_grad(set_to_none=True)
+        self._stage1_updates += 1
+        return {"amor_loss": first, "amor_loss_last": last}
+
+    @torch.no_grad()
+    def update_target(self) -> None:
+        """Eq. 11: theta_hat <- a * theta_hat + (1 - a) * theta; with `ema_debias`, a = alpha (1 - alpha^(k-1)) /
+        (1 - alpha^k) at the k-th update since the re-init (the bias-corrected EMA of the online iterates)."""
+        self._ema_updates += 1
+        alpha = self.cfg.alpha
+        if self.cfg.ema_debias:
+            k = self._ema_updates
+            alpha = alpha * (1.0 - alpha ** (k - 1)) / (1.0 - alpha**k)
+        for p_hat, p in zip(self.target_net.parameters(), self.amortizer.parameters()):
+            p_hat.mul_(alpha).add_(p.detach(), alpha=1.0 - alpha)
+
+    # --- the step ---------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        indices: torch.Tensor,
+        *,
+        step: int,
+        epoch: int,
+    ) -> ObjectiveOutput:
+        cfg = self.cfg
+        if self.training and self._started_epoch != epoch:
+            self.on_epoch_start(epoch)
+        if self.training and self._epoch_start_step is None:
+            self._epoch_start_step = step
+        k = step - (self._epoch_start_step or 0)  # step within the epoch (Algorithm 1's k, 0-based)
+        beta = self.beta(epoch)
+        self._last_bias = None if bias is None else float(bias.detach())
+        metrics: dict[str, Any] = {"beta": beta}
+
+        # The amortization nets and the loss run in fp32 even under autocast (DESIGN: numerics).
+        with torch.autocast(device_type=image_features.device.type, enabled=False):
+            if self.training:
+                if k % cfg.t_online == 0:  # Stage I (line 7)
+                    metrics.update(self.amortize(image_features, text_features, scale, bias, beta))
+                if k % cfg.t_target == 0:  # target net (line 8)
+                    self.update_target()
+            loss, stage2_metrics = self._stage2(_upcast(image_features), _upcast(text_features), _upcast(scale),
+                                                bias, beta)
+        metrics.update(stage2_metrics)
+        return ObjectiveOutput(loss=loss, metrics=metrics)
+
+    def _stage2(
+        self, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, beta: float
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Stage II (line 9): Eq. 6 over local pairs, or local anchors against all ranks' pairs (global)."""
+        cfg = self.cfg
+        b = x.shape[0]
+        if cfg.stage2_negatives == "global" and distributed.world_size() > 1:
+            both = distributed.gather_with_grad(torch.cat([x, y], dim=1))
+            x_all, y_all = both.split(x.shape[1], dim=1)
+            offset = b * distributed.rank()
+        else:
+            x_all, y_all, offset = x, y, 0
+        logits_img = scale * x @ y_all.T
+        logits_txt = scale * y @ x_all.T
+        if bias is not None:
+            logits_img = logits_img + _upcast(bias)
+            logits_txt = logits_txt + _upcast(bias)
+        pos_index = torch.arange(b, device=x.device) + offset
+        pos_logits = logits_img[torch.arange(b, device=x.device), pos_index]
+        log_z = {"image": log_partition(logits_img, pos_index, cfg.pos_coef),
+                 "text": log_partition(logits_txt, pos_index, cfg.pos_coef)}
+
+        with torch.no_grad():
+            feats = {"image": x.detach().float(), "text": y.detach().float()}
+            estimate = {key: self.target_net[key](feats[key]) for key in feats}
+            if cfg.divide_by == "comb":  # this batch's Z_comb (released code, flag fit_w_prev)
+                divisor = {
+                    key: combine_with_previous(log_z[key].detach(),
+                                               self.previous_net[key](feats[key]) if beta > 0 else None, beta)
+                    for key in feats
+                }
+            elif cfg.divide_by == "target":  # the paper: the target net's output
+                divisor = estimate
+            else:
+                divisor = {key: self.amortizer[key](feats[key]) for key in feats}
+
+        loss = amortized_nce_loss(pos_logits, log_z["image"], log_z["text"], divisor["image"], divisor["text"],
+                                  cfg.max_log_ratio)
+        metrics = {}
+        with torch.no_grad():
+            for key, short in (("image", "img"), ("text", "txt")):
+                metrics[f"log_lambda_{short}"] = estimate[key].mean()
+                metrics[f"log_z_{short}"] = log_z[key].detach().mean()
+                metrics[f"log_lambda_mae_{short}"] = (estimate[key] - log_z[key].detach()).abs().mean()
+        return loss, metrics
+
+    # --- diagnostics --------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def estimate_log_normalizers(
+        self, image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor, indices: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The target net's estimate, converted to base.py's convention (mean over the dataset, positive
+        counted once, no logit bias): subtract the bias last seen in training, and move the positive's
+        weight from `pos_coef` to 1 with the dataset size N: `log(lambda + (1 - pos_coef)/N exp(s x_i.y_i))`."""
+        x, y = _upcast(image_features), _upcast(text_features)
+        pos = _upcast(scale.detach()) * (x * y).sum(-1)
+        n = max(1, int(self.ctx.dataset_size))
+        out = {}
+        for key, feats in (("image", x), ("text", y)):
+            log_lam = self.target_net[key](feats.float()).to(pos.dtype)
+            if self._last_bias is not None:
+                log_lam = log_lam - self._last_bias
+            c = 1.0 - self.cfg.pos_coef
+            if c > 0:
+                log_lam = torch.logaddexp(log_lam, pos + math.log(c / n))
+            elif c < 0:  # remove the excess positive weight; floor keeps the log finite
+                excess = torch.exp(pos + math.log(-c / n) - log_lam).clamp(max=1.0 - 1e-6)
+                log_lam = log_lam + torch.log1p(-excess)
+            out[key] = log_lam
+        return out
+
+    # --- checkpointing ------------------------------------------------------------------------------------
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "seed": self._seed,
+            "started_epoch": self._started_epoch,
+            "epoch_start_step": self._epoch_start_step,
+            "has_previous": self._has_previous,
+            "ema_updates": self._ema_updates,
+            "stage1_updates": self._stage1_updates,
+            "needs_bias_init": self._needs_bias_init,
+            "last_bias": self._last_bias,
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("version") != 1:
+            raise ValueError("this checkpoint's AmorLIP state is not in a format this version can read (version 1)")
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        self._seed = int(state["seed"])
+        self._started_epoch = state["started_epoch"]
+        self._epoch_start_step = state["epoch_start_step"]
+        self._has_previous = bool(state["has_previous"])
+        self._ema_updates = int(state["ema_updates"])
+        self._stage1_updates = int(state["stage1_updates"])
+        self._needs_bias_init = bool(state["needs_bias_init"])
+        self._last_bias = state["last_bias"]
+
+
+__all__ = [
+    "AmorConfig",
+    "AmortizationNet",
+    "AmorLIPObjective",
+    "amortization_loss",
+    "amortized_nce_loss",
+    "combine_with_previous",
+    "log_partition",
+]
