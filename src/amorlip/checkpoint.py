@@ -135,13 +135,16 @@ def export_open_clip(checkpoint: str | Path, out: str | Path) -> tuple[Path, Pat
     import json
 
     from amorlip.models import model_config
+    from amorlip.reclip import state_dict_at_image_size
 
     ck = load_checkpoint(resolve_checkpoint(checkpoint))
     name = ck["config"]["model"]["name"]
     out = Path(out)
     if out.suffix != ".pt":
         out = out / f"{name}.pt"
-    state = {"epoch": ck.get("epoch", 0), "step": ck["step"], "name": name, "state_dict": ck["model"]}
+    # a checkpoint saved in a low-resolution RECLIP phase is exported at the model's native resolution
+    weights = state_dict_at_image_size(ck["model"], model_config(name))
+    state = {"epoch": ck.get("epoch", 0), "step": ck["step"], "name": name, "state_dict": weights}
     atomic_save(state, out)
     config = dict(model_config(name))
     if "logit_bias" in ck["model"]:  # SigLIP-style models carry a learnable bias

@@ -22,7 +22,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from amorlip import checkpoint as ckpt
-from amorlip import distributed, objectives
+from amorlip import distributed, objectives, reclip
 from amorlip.config import Config, ConfigError, describe
 from amorlip.models import clamp_logit_scale, create_model, model_config, param_groups, unwrap
 from amorlip.objectives.base import ObjectiveContext
@@ -124,8 +124,12 @@ def run_evaluation(model, tokenizer, transform, eval_sets, cfg: Config, device: 
     )
 
 
-def train(cfg: Config) -> RunResult:
-    """Train according to `cfg`; returns the run folder, final step and final metrics."""
+def train(cfg: Config, stream: Any | None = None) -> RunResult:
+    """Train according to `cfg`; returns the run folder, final step and final metrics.
+
+    `stream` (a `TrainStream` for this rank) replaces the one built from `cfg.data`: `amorlip bench` passes
+    pre-made batches to time the real training step.
+    """
     from amorlip.data.loader import build_train_stream
 
     dist_info = distributed.init_distributed(cfg.train.device)
@@ -139,7 +143,8 @@ def train(cfg: Config) -> RunResult:
     seed_everything(cfg.train.seed)
 
     # Data first: a missing path or empty shard list fails before any model is built.
-    stream = build_train_stream(cfg.data, cfg.train.batch_size, cfg.train.seed, dist_info.rank, dist_info.world_size)
+    if stream is None:
+        stream = build_train_stream(cfg.data, cfg.train.batch_size, cfg.train.seed, dist_info.rank, dist_info.world_size)
     if stream.steps_per_epoch < 1:
         raise ConfigError(
             f"the dataset has {stream.dataset_size} samples, fewer than one batch of {cfg.train.batch_size}; "
@@ -165,6 +170,9 @@ def train(cfg: Config) -> RunResult:
         device=device,
     )
     objective = objective_cls(cfg.sections.get(objective_cls.section) if objective_cls.section else None, ctx).to(device)
+    # RECLIP phases (docs/reclip.md): small images / short captions first, the model's native size last.
+    resolution = reclip.ResolutionRun(cfg.sections.get("resolution"), model, total_steps,
+                                      train_transform, eval_transform, tokenizer)
 
     groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.lr, cfg.optim.lr_temperature)
     optimizer = torch.optim.AdamW(groups, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
@@ -180,7 +188,7 @@ def train(cfg: Config) -> RunResult:
         )
     if resume_path is not None:
         state = ckpt.load_checkpoint(resume_path, map_location=device)
-        model.load_state_dict(state["model"])
+        reclip.load_model_state(model, state["model"], optimizer)  # at the resolution it was saved at
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         objective.load_state_dict(state["objective"])
@@ -189,11 +197,18 @@ def train(cfg: Config) -> RunResult:
         temp_thresh_hit = bool(state.get("temp_thresh_hit", False))
         stream.stats.__dict__.update(state.get("data_stats", {}))
 
-    train_model = model
-    if cfg.model.compile:
-        train_model = torch.compile(train_model)
-    if dist_info.distributed:
-        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    def wrap(model: torch.nn.Module) -> torch.nn.Module:
+        """torch.compile / DDP around the model (again after a phase change resizes parameters)."""
+        if cfg.model.compile:
+            model = torch.compile(model)
+        if dist_info.distributed:
+            model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return model
+
+    resolution.enter(step, model, optimizer)
+    train_model = wrap(model)
+    if is_main and resolution.enabled:
+        print(f"step {step}: {resolution.describe()}")
 
     logger = MetricsLogger(run_dir, is_main, cfg.train.tensorboard)
     if is_main:
@@ -246,7 +261,12 @@ def train(cfg: Config) -> RunResult:
         epoch, skip = divmod(step, steps_per_epoch)
         if skip == 0:
             objective.on_epoch_start(epoch)
-        for batch in stream.iterate(epoch, skip, train_transform, tokenizer):
+        if resolution.enter(step, model, optimizer):  # a new phase resized parameters (their AdamW state is reset)
+            del train_model
+            train_model = wrap(model)
+            if is_main:
+                print(f"step {step}: {resolution.describe()}")
+        for batch in stream.iterate(epoch, skip, resolution.train_transform, resolution.tokenizer):
             images = batch["image"].to(device, non_blocking=True)
             texts = batch["text"].to(device, non_blocking=True)
             indices = batch["index"].to(device, non_blocking=True)
@@ -304,6 +324,7 @@ def train(cfg: Config) -> RunResult:
                     "rho": rho,
                     "grad_norm": grad_norm,
                     "samples_per_s": rate,
+                    **resolution.log_values(),
                     **{f"obj/{k}": _to_float(v) for k, v in result.metrics.items()},
                 }
                 logger.log(step, values)
@@ -315,12 +336,14 @@ def train(cfg: Config) -> RunResult:
                 save()
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
                 if is_main and (eval_sets[0] or eval_sets[1] is not None):
-                    last_eval = run_evaluation(model, tokenizer, eval_transform, eval_sets, cfg, device)
+                    # at the current phase's resolution and context length
+                    last_eval = run_evaluation(model, resolution.tokenizer, resolution.eval_transform, eval_sets, cfg,
+                                               device)
                     logger.log(step, {f"eval/{k}": v for k, v in last_eval.items()})
                     model.train()
                 distributed.barrier()
-            if step >= total_steps or step == cfg.train.stop_at:
-                break
+            if step >= total_steps or step == cfg.train.stop_at or resolution.is_boundary(step):
+                break  # (a new phase restarts the data iterator at this step with its own transforms)
         if step == cfg.train.stop_at:
             break
 

@@ -1,0 +1,588 @@
+"""RECLIP: train with small images (and optionally short captions) for most steps, then at full resolution.
+
+RECLIP (Li, Kim, Bhanu, Kuo 2023) pretrains CLIP on small images and finetunes briefly at high resolution;
+the vision tower's cost falls with the number of patches (ViT) or pixels (ResNet), so most of training is
+several times cheaper. It is independent of the loss: any objective runs with a resolution schedule.
+A related recipe, CLIPA, also truncates captions in the cheap phase; `context_length` does that here.
+
+The schedule is the `resolution` config section:
+
+    resolution:
+      phases: [[0.9, 64, 16], [0.1, 224]]   # [fraction of steps, image size(, text context length)]
+
+What happens at a phase change (all in `ResolutionRun.enter`, called by the trainer):
+* the model's positional embeddings are interpolated to the new grid -- ViT `visual.positional_embedding`
+  (class token kept, the patch grid resized bicubic, antialiased when shrinking, with open_clip's
+  `resize_pos_embed`) and ModifiedResNet `visual.attnpool.positional_embedding` likewise -- and the
+  tower's `image_size` / `grid_size` attributes follow, so `encode_image` takes the new size;
+* the resized tensor becomes a NEW `nn.Parameter` that takes the old one's place in the module and in the
+  optimizer's param group (`swap_in_optimizer`); the old one's AdamW state (moments and step count) is
+  dropped: moments of another grid mean nothing for the new one, so AdamW restarts that one tensor from
+  zero moments at its next step. (Assigning `param.data` a new shape instead is unsafe: autograd caches
+  the parameter's shape in its gradient accumulator for as long as any earlier graph is alive, e.g. the
+  previous step's `loss`, and the next backward then fails with a shape mismatch.)
+* the data transforms are rebuilt for the phase's size (open_clip's `image_transform_v2`) and captions are
+  tokenized at the phase's context length (open_clip truncation keeps the end-of-text token last);
+* the trainer restarts its data iterator at the current step with the new transforms (samples are a
+  pure function of seed, epoch and index, so nothing is skipped or repeated), and re-wraps the model in
+  DDP / torch.compile, whose buckets and graphs were built for the old shapes.
+
+Text: the text positional embedding is never resized. `enable_short_text` lets the text tower take any
+length <= its native context: it adds `positional_embedding[:L]` and uses the causal mask's top-left
+L x L block (open_clip's `CLIP.encode_text` adds the full table, so it needs exactly the native length).
+With the causal mask this is exact: a caption that fits in L tokens gets the same features at length L as
+at the native length (the end-of-text token attends only to the tokens before it).
+
+Checkpoints hold the model at the resolution it had when saved; `image_size_in_state` reads it back from
+the positional-embedding shape, so resume, evaluation and export need no extra bookkeeping, and
+`state_dict_at_image_size` turns any checkpoint into the native-resolution model (export, `amorlip eval`).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from types import MethodType, SimpleNamespace
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from amorlip.config import ConfigError
+
+VIT_POS_KEY = "visual.positional_embedding"
+RESNET_POS_KEY = "visual.attnpool.positional_embedding"
+RESNET_STRIDE = 32
+"""ModifiedResNet downsamples by 32 (stem 4, layers 2-4 by 2 each); its attention pool has (size/32)^2 + 1 positions."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration and the schedule (pure functions of the step)
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ResolutionConfig:
+    """The `resolution` config section (RECLIP schedule)."""
+
+    phases: list[list[float]] = field(default_factory=list)
+    """[[fraction, image_size(, context_length)], ...] in training order; fractions of the total steps sum to 1.
+    The last phase must be at the model's native image size (the exported and finally evaluated model).
+    context_length omitted or null = the model's native text context. Empty = native resolution throughout."""
+
+    def validate(self) -> None:
+        parse_phase_specs(self.phases)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.phases)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One resolution phase: steps [start_step, end_step) at `image_size` px and `context_length` tokens.
+
+    `image_size` / `context_length` are None where they mean "the model's native value" and the native
+    value was not passed to `phases` / `phase_at`.
+    """
+
+    index: int
+    start_step: int
+    end_step: int
+    image_size: int | None
+    context_length: int | None = None
+
+    @property
+    def num_steps(self) -> int:
+        return self.end_step - self.start_step
+
+
+def _as_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise ValueError(f"{what} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def parse_phase_specs(specs: Sequence[Any]) -> list[tuple[float, int, int | None]]:
+    """Check `[[fraction, image_size(, context_length)], ...]` and return it as tuples (ValueError when bad)."""
+    if specs is None:
+        return []
+    if not isinstance(specs, (list, tuple)):
+        raise ValueError(f"phases must be a list like [[0.9, 64], [0.1, 224]], got {specs!r}")
+    out: list[tuple[float, int, int | None]] = []
+    for i, spec in enumerate(specs):
+        where = f"phase {i + 1} ({spec!r})"
+        if not isinstance(spec, (list, tuple)) or len(spec) not in (2, 3):
+            raise ValueError(f"{where}: each phase is [fraction, image_size] or [fraction, image_size, context_length]")
+        frac = spec[0]
+        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not math.isfinite(frac) or frac <= 0:
+            raise ValueError(f"{where}: the fraction of training must be a positive number")
+        size = _as_int(spec[1], f"{where}: image_size")
+        if size <= 0:
+            raise ValueError(f"{where}: image_size must be positive")
+        ctx = None
+        if len(spec) == 3 and spec[2] is not None:
+            ctx = _as_int(spec[2], f"{where}: context_length")
+            if ctx < 2:
+                raise ValueError(f"{where}: context_length must be at least 2 (start and end-of-text tokens)")
+        out.append((float(frac), size, ctx))
+    total = sum(f for f, _, _ in out)
+    if out and abs(total - 1.0) > 1e-6:
+        raise ValueError(
+            f"the phase fractions sum to {total:g}, not 1; e.g. [[0.9, 64], [0.1, 224]] trains 90% of the steps "
+            "at 64 px and the last 10% at 224 px"
+        )
+    return out
+
+
+def _specs_of(cfg: ResolutionConfig | Sequence[Any] | None) -> list[tuple[float, int, int | None]]:
+    if cfg is None:
+        return []
+    return parse_phase_specs(cfg.phases if isinstance(cfg, ResolutionConfig) else cfg)
+
+
+def phases(
+    cfg: ResolutionConfig | Sequence[Any] | None,
+    total_steps: int,
+    native_image_size: int | None = None,
+    native_context_length: int | None = None,
+) -> list[Phase]:
+    """The phases of a run of `total_steps` steps, in order, covering [0, total_steps) without gaps.
+
+    Phase i ends at step round(total_steps * (f_1 + ... + f_i)) (the last at total_steps). No schedule
+    (None or empty) gives one phase at the native sizes. A phase left with no step is an error.
+    Unset context lengths are `native_context_length` (None if that is not given).
+    """
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be positive, got {total_steps}")
+    specs = _specs_of(cfg)
+    if not specs:
+        return [Phase(0, 0, total_steps, native_image_size, native_context_length)]
+    out: list[Phase] = []
+    cum, start = 0.0, 0
+    for i, (frac, size, ctx) in enumerate(specs):
+        cum += frac
+        end = total_steps if i == len(specs) - 1 else min(total_steps, round(total_steps * cum))
+        if end <= start:
+            raise ConfigError(
+                f"resolution phase {i + 1} ({frac:g} of {total_steps} steps) gets no step; "
+                "train for more steps or give that phase a larger fraction"
+            )
+        out.append(Phase(i, start, end, size, ctx if ctx is not None else native_context_length))
+        start = end
+    return out
+
+
+def phase_at(
+    cfg: ResolutionConfig | Sequence[Any] | None,
+    step: int,
+    total_steps: int,
+    native_image_size: int | None = None,
+    native_context_length: int | None = None,
+) -> Phase:
+    """The phase that global step `step` (0-based) trains in; `step == total_steps` gives the last phase."""
+    if not 0 <= step <= total_steps:
+        raise ValueError(f"step {step} is outside [0, {total_steps}]")
+    all_phases = phases(cfg, total_steps, native_image_size, native_context_length)
+    for phase in all_phases:
+        if phase.start_step <= step < phase.end_step:
+            return phase
+    return all_phases[-1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model adaptation
+# ----------------------------------------------------------------------------------------------------
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    from amorlip.models import unwrap
+
+    return unwrap(model)
+
+
+def _tower_kind(visual: nn.Module) -> str:
+    from open_clip.modified_resnet import ModifiedResNet
+    from open_clip.transformer import VisionTransformer
+
+    if isinstance(visual, VisionTransformer):
+        return "vit"
+    if isinstance(visual, ModifiedResNet):
+        return "resnet"
+    raise ConfigError(
+        f"resolution phases support open_clip's VisionTransformer and ModifiedResNet image towers; this model's "
+        f"tower is {type(visual).__name__}; remove the resolution.phases setting for it"
+    )
+
+
+def _square(size: Any) -> int:
+    if isinstance(size, (tuple, list)):
+        if size[0] != size[1]:
+            raise ConfigError(f"resolution phases need a square native image size, the model has {tuple(size)}")
+        return int(size[0])
+    return int(size)
+
+
+def image_size_of(model: nn.Module) -> int:
+    """The image side length the model's vision tower is set up for now."""
+    return _square(_unwrap(model).visual.image_size)
+
+
+def native_context_length_of(model: nn.Module) -> int:
+    """The text tower's full context (length of its positional-embedding table)."""
+    m = _unwrap(model)
+    pos = getattr(m, "positional_embedding", None)
+    if pos is None and hasattr(m, "text"):
+        pos = getattr(m.text, "positional_embedding", None)
+    if pos is None:
+        return int(getattr(m, "context_length", 0) or getattr(getattr(m, "text", None), "context_length", 0))
+    return int(pos.shape[0])
+
+
+def _patch_size(visual: nn.Module) -> int:
+    return _square(visual.patch_size)
+
+
+def grid_for(model: nn.Module, image_size: int) -> int:
+    """Side of the token grid at `image_size` (ViT: patches; ResNet: attention-pool positions). Checks divisibility."""
+    visual = _unwrap(model).visual
+    kind = _tower_kind(visual)
+    step = _patch_size(visual) if kind == "vit" else RESNET_STRIDE
+    if image_size % step:
+        what = f"the ViT patch size {step}" if kind == "vit" else "32 (ResNet's total stride)"
+        ok = sorted({max(step, image_size // step * step), (image_size // step + 1) * step})
+        raise ConfigError(f"image size {image_size} is not divisible by {what}; use e.g. {' or '.join(map(str, ok))}")
+    return image_size // step
+
+
+def resize_grid_embedding(pos: torch.Tensor, new_grid: int, extra_tokens: int = 1) -> torch.Tensor:
+    """(extra + g*g, d) positional embedding -> (extra + new_grid^2, d): extra tokens kept, grid resized.
+
+    open_clip's `resize_pos_embed` does the interpolation (bicubic, align_corners=False, antialiased, which
+    low-pass filters when shrinking); it reads the target grid from `model.visual.grid_size`, so it gets a
+    stand-in object carrying only that. Same grid -> the input tensor itself, unchanged.
+    """
+    from open_clip.model import resize_pos_embed
+
+    n = pos.shape[0] - extra_tokens
+    old_grid = math.isqrt(n)
+    if old_grid * old_grid != n:
+        raise ValueError(f"positional embedding of {pos.shape[0]} rows is not {extra_tokens} + a square grid")
+    if old_grid == new_grid:
+        return pos
+    if extra_tokens != 1:
+        raise ValueError("open_clip's resize_pos_embed handles exactly one extra (class) token")
+    state = {"visual.positional_embedding": pos.detach()}
+    with torch.no_grad():
+        resize_pos_embed(state, SimpleNamespace(visual=SimpleNamespace(grid_size=(new_grid, new_grid))))
+    return state["visual.positional_embedding"].contiguous()
+
+
+@torch.no_grad()
+def set_image_size(model: nn.Module, image_size: int) -> list[tuple[nn.Parameter, nn.Parameter]]:
+    """Adapt the vision tower to `image_size` px in place; returns (old, new) for each replaced parameter.
+
+    The grid positional embedding is replaced by a new Parameter holding the interpolated value (pass the
+    pairs to `swap_in_optimizer`). Same size: nothing changes, and the list is empty.
+    """
+    visual = _unwrap(model).visual
+    kind = _tower_kind(visual)
+    grid = grid_for(model, image_size)
+    owner = visual if kind == "vit" else visual.attnpool
+    old = owner.positional_embedding
+    changed: list[tuple[nn.Parameter, nn.Parameter]] = []
+    if math.isqrt(old.shape[0] - 1) != grid:
+        new = nn.Parameter(resize_grid_embedding(old.detach(), grid).clone(), requires_grad=old.requires_grad)
+        owner.positional_embedding = new
+        changed.append((old, new))
+    if kind == "vit":
+        visual.image_size = (image_size, image_size)
+        visual.grid_size = (grid, grid)
+    else:
+        visual.image_size = image_size
+    if isinstance(getattr(visual, "preprocess_cfg", None), dict):
+        visual.preprocess_cfg = {**visual.preprocess_cfg, "size": image_size}
+    return changed
+
+
+def swap_in_optimizer(optimizer: torch.optim.Optimizer | None,
+                      pairs: Sequence[tuple[nn.Parameter, nn.Parameter]]) -> None:
+    """Put each new parameter in its old one's place (same group, same position) and drop the old one's state.
+
+    AdamW then starts the new parameter's state (exp_avg, exp_avg_sq, step) afresh at its next step. Keeping
+    the position keeps `optimizer.state_dict()` indices identical across phases, so checkpoints line up.
+    """
+    if optimizer is None:
+        return
+    for old, new in pairs:
+        found = False
+        for group in optimizer.param_groups:
+            for i, p in enumerate(group["params"]):
+                if p is old:
+                    group["params"][i] = new
+                    found = True
+        if not found:
+            raise ValueError("the resized parameter is not in the optimizer; build the optimizer from this model")
+        optimizer.state.pop(old, None)
+
+
+def image_size_in_state(state_dict: dict[str, torch.Tensor], model: nn.Module) -> int:
+    """The image size a model state dict was saved at, read from its positional-embedding shape."""
+    visual = _unwrap(model).visual
+    kind = _tower_kind(visual)
+    key = VIT_POS_KEY if kind == "vit" else RESNET_POS_KEY
+    pos = state_dict.get(key, state_dict.get(f"module.{key}"))
+    if pos is None:
+        raise ConfigError(f"the checkpoint has no {key}; it does not hold this model ({type(visual).__name__})")
+    grid = math.isqrt(pos.shape[0] - 1)
+    return grid * (_patch_size(visual) if kind == "vit" else RESNET_STRIDE)
+
+
+def _supports_resizing(model: nn.Module) -> bool:
+    try:
+        _tower_kind(_unwrap(model).visual)
+        image_size_of(model)
+    except (ConfigError, AttributeError):
+        return False
+    return True
+
+
+def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor],
+                     optimizer: torch.optim.Optimizer | None = None) -> None:
+    """load_state_dict after adapting the model to the resolution the state was saved at (e.g. mid-RECLIP).
+
+    Pass the optimizer built on `model` so that a replaced positional embedding is swapped in it too
+    (then load the optimizer's state dict: its shapes match the checkpoint's phase). Models whose image
+    tower RECLIP does not handle (timm, CoCa ...) are loaded as they are.
+    """
+    if _supports_resizing(model):
+        swap_in_optimizer(optimizer, set_image_size(model, image_size_in_state(state_dict, model)))
+    _unwrap(model).load_state_dict(state_dict)
+
+
+def state_dict_at_image_size(state_dict: dict[str, torch.Tensor], model_cfg: dict[str, Any],
+                             image_size: int | None = None) -> dict[str, torch.Tensor]:
+    """A copy of `state_dict` with its grid positional embedding resized for `image_size` (default: native).
+
+    Works from the open_clip config dict alone (no model built): export and `amorlip eval` use it to turn
+    a checkpoint saved in a low-resolution phase into the full-resolution model. Unchanged keys are shared.
+    """
+    out = dict(state_dict)
+    vision = model_cfg.get("vision_cfg", {})
+    size = image_size or vision.get("image_size", 224)
+    if vision.get("timm_model_name") or (isinstance(size, (tuple, list)) and size[0] != size[1]):
+        return out  # towers RECLIP never resizes
+    is_resnet = isinstance(vision.get("layers"), (list, tuple))
+    key = RESNET_POS_KEY if is_resnet else VIT_POS_KEY
+    step = RESNET_STRIDE if is_resnet else _square(vision.get("patch_size", 16))
+    if key in out:
+        out[key] = resize_grid_embedding(out[key], _square(size) // step)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Text at a shorter context
+# ----------------------------------------------------------------------------------------------------
+
+
+def _clip_encode_text_any_length(self: nn.Module, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    """open_clip `CLIP.encode_text` for any length L <= context: positions [:L] and the causal mask's [:L, :L]."""
+    from open_clip.transformer import text_global_pool
+
+    length, context = text.shape[-1], self.positional_embedding.shape[0]
+    if length > context:
+        raise ValueError(f"text of {length} tokens is longer than the model's context of {context}")
+    cast_dtype = self.transformer.get_cast_dtype()
+    x = self.token_embedding(text).to(cast_dtype)
+    x = x + self.positional_embedding[:length].to(cast_dtype)
+    mask = None if self.attn_mask is None else self.attn_mask[:length, :length]
+    x = self.transformer(x, attn_mask=mask)
+    x = self.ln_final(x)
+    x = text_global_pool(x, text, self.text_pool_type, eos_token_id=getattr(self, "text_eos_id", None))
+    if self.text_projection is not None:
+        x = self.text_projection(x) if isinstance(self.text_projection, nn.Linear) else x @ self.text_projection
+    return F.normalize(x, dim=-1) if normalize else x
+
+
+def _text_tower_embeds_any_length(self: nn.Module, text: torch.Tensor):
+    """open_clip `TextTransformer._embeds`, with the plain causal mask also cut to the sequence length."""
+    from open_clip.transformer import TextTransformer
+
+    x, mask = TextTransformer._embeds(self, text)
+    if mask is not None and mask.ndim == 2 and mask.shape[-1] != x.shape[1]:
+        mask = mask[: x.shape[1], : x.shape[1]]
+    return x, mask
+
+
+def enable_short_text(model: nn.Module) -> None:
+    """Let the text tower take token sequences shorter than its native context (idempotent).
+
+    Installs a length-adaptive `encode_text` on this model instance (open_clip `CLIP`) or `_embeds` on its
+    `TextTransformer` (`CustomTextCLIP`). Full-length input gives exactly open_clip's result.
+    """
+    import open_clip
+    from open_clip.transformer import TextTransformer
+
+    m = _unwrap(model)
+    if isinstance(m, open_clip.CLIP):
+        m.encode_text = MethodType(_clip_encode_text_any_length, m)
+    elif isinstance(getattr(m, "text", None), TextTransformer):
+        m.text._embeds = MethodType(_text_tower_embeds_any_length, m.text)
+    else:
+        raise ConfigError(
+            f"a shorter text context needs open_clip's own text transformer; {type(m).__name__} has "
+            f"{type(getattr(m, 'text', None)).__name__}: drop the third (context_length) value of resolution.phases"
+        )
+
+
+class ContextTokenizer:
+    """An open_clip tokenizer that pads/truncates to `context_length` tokens.
+
+    open_clip's SimpleTokenizer truncates to the first `context_length - 1` tokens and puts the end-of-text
+    token last, so the argmax (= end-of-text) pooling still finds it.
+    """
+
+    def __init__(self, tokenizer: Callable, context_length: int) -> None:
+        self.tokenizer, self.context_length = tokenizer, context_length
+
+    def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.Tensor:
+        return self.tokenizer(texts, context_length=context_length or self.context_length)
+
+
+def phase_transforms(model: nn.Module, image_size: int) -> tuple[Callable, Callable]:
+    """(train, eval) image transforms at `image_size`: the model's preprocessing config with another size."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    base = dict(getattr(_unwrap(model).visual, "preprocess_cfg", None) or {})
+    base = {k: v for k, v in base.items() if k in PreprocessCfg.__dataclass_fields__}
+    cfg = PreprocessCfg(**{**base, "size": image_size})
+    return image_transform_v2(cfg, is_train=True), image_transform_v2(cfg, is_train=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run-time side, used by the trainer
+# ----------------------------------------------------------------------------------------------------
+
+
+class ResolutionRun:
+    """Keeps the model, optimizer and data transforms in step with the phase of the current step.
+
+    Trainer protocol: after building the model (and loading a checkpoint with `load_model_state`),
+    call `enter(step, model, optimizer)` before iterating the data; it returns True when parameter shapes
+    changed (re-wrap DDP / compile). Break out of the data iterator when `is_boundary(step)` after a step,
+    and call `enter` again. Use `train_transform`, `eval_transform` and `tokenizer` of the current phase.
+    """
+
+    def __init__(self, cfg: ResolutionConfig | None, model: nn.Module, total_steps: int,
+                 train_transform: Callable, eval_transform: Callable, tokenizer: Callable) -> None:
+        self.enabled = bool(cfg is not None and cfg.phases)
+        self.total_steps = total_steps
+        # without a schedule the model is never inspected (any open_clip tower works as before)
+        self.native_image_size = image_size_of(model) if self.enabled else None
+        self.native_context_length = native_context_length_of(model) if self.enabled else None
+        self.phases = phases(cfg, total_steps, self.native_image_size, self.native_context_length)
+        self._native = (train_transform, eval_transform, tokenizer)
+        self.current: Phase | None = None
+        self.train_transform, self.eval_transform, self.tokenizer = self._native
+        if self.enabled:
+            self._check(model)
+
+    def _check(self, model: nn.Module) -> None:
+        for p in self.phases:
+            grid_for(model, p.image_size)  # divisibility, with a clear error
+            if p.context_length > self.native_context_length:
+                raise ConfigError(
+                    f"resolution phase {p.index + 1}: context_length {p.context_length} exceeds the model's "
+                    f"{self.native_context_length} tokens; use at most {self.native_context_length}"
+                )
+        last = self.phases[-1]
+        if last.image_size != self.native_image_size or last.context_length != self.native_context_length:
+            raise ConfigError(
+                f"the last resolution phase must be at the model's native {self.native_image_size} px and "
+                f"{self.native_context_length} tokens (got {last.image_size} px, {last.context_length} tokens): "
+                "the final evaluation, the export and the model config all use the native size; "
+                "to finish at another size, use a model config with that image_size"
+            )
+        if any(p.context_length < self.native_context_length for p in self.phases):
+            enable_short_text(model)
+
+    def phase(self, step: int) -> Phase:
+        for p in self.phases:
+            if p.start_step <= step < p.end_step:
+                return p
+        return self.phases[-1]
+
+    def is_boundary(self, step: int) -> bool:
+        """True when `step` (the next step to run) starts a new phase: the data iterator must restart."""
+        return self.enabled and 0 < step < self.total_steps and any(p.start_step == step for p in self.phases)
+
+    def enter(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> bool:
+        """Set model, optimizer state and data transforms up for the phase of `step`; True if shapes changed."""
+        if not self.enabled:
+            return False
+        phase = self.phase(step)
+        if phase == self.current:
+            return False
+        changed = set_image_size(model, phase.image_size)
+        swap_in_optimizer(optimizer, changed)
+        self.current = phase
+        if phase.image_size == self.native_image_size:
+            self.train_transform, self.eval_transform = self._native[:2]
+        else:
+            self.train_transform, self.eval_transform = phase_transforms(model, phase.image_size)
+        native_tok = self._native[2]
+        self.tokenizer = (native_tok if phase.context_length == self.native_context_length
+                          else ContextTokenizer(native_tok, phase.context_length))
+        return bool(changed)
+
+    def describe(self, phase: Phase | None = None) -> str:
+        p = phase or self.current
+        if p is None:
+            return "native resolution"
+        return (f"resolution phase {p.index + 1}/{len(self.phases)}: steps {p.start_step}-{p.end_step - 1} at "
+                f"{p.image_size} px, {p.context_length} text tokens")
+
+    def log_values(self) -> dict[str, float]:
+        if not self.enabled or self.current is None:
+            return {}
+        return {"image_size": float(self.current.image_size), "context_length": float(self.current.context_length)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Measurement
+# ----------------------------------------------------------------------------------------------------
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` whose parameters and buffers live on the meta device (no memory, no compute)."""
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo)
+
+
+def flops_per_step(model: nn.Module, image_size: int, context_length: int, batch_size: int) -> float:
+    """Forward + backward FLOPs of the model for one batch at `image_size` px and `context_length` tokens.
+
+    Counted by torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions, attention: 2 FLOPs per
+    multiply-add) on a meta-device copy, so it costs no memory or compute and leaves `model` untouched.
+    The loss (a B x B similarity matrix, <1% here), the optimizer update and elementwise ops are not counted.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = _meta_copy(_unwrap(model))
+    m.train()
+    set_image_size(m, image_size)
+    if context_length < native_context_length_of(m):
+        enable_short_text(m)
+    images = torch.empty(batch_size, 3, image_size, image_size, device="meta")
+    # argmax pooling must find the end-of-text token: any meta tensor will do (no values are computed)
+    texts = torch.zeros(batch_size, context_length, dtype=torch.long, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        image_features = m.encode_image(images)
+        text_features = m.encode_text(texts)
+        (image_features.sum() + text_features.sum()).backward()
+    return float(counter.get_total_flops())
