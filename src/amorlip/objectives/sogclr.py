@@ -1,0 +1,390 @@
+"""SogCLR and FastCLIP: the global contrastive loss (GCL) with per-sample moving-average estimators.
+
+SogCLR: Yuan et al., "Provable Stochastic Optimization for Global Contrastive Learning: Small Batch Does
+Not Harm Performance" (ICML 2022). FastCLIP: Wei et al., "FastCLIP: A Suite of Optimization Techniques to
+Accelerate CLIP Training with Limited Resources" (2024). docs/baselines.md gives the math as implemented.
+
+Notation: s = exp(logit_scale), x_i / y_i the normalised image / text features, N the global batch.
+For an image anchor i and a text anchor j, over the NEGATIVES of the batch:
+
+    g_i = 1/(N-1) sum_{j != i} exp(s (x_i.y_j - x_i.y_i))        h_j = 1/(N-1) sum_{i != j} exp(s (y_j.x_i - y_j.x_j))
+
+GCL = 1/2 [ mean_i log g_i + mean_j log h_j ] over the dataset, where g_i is a mean over the whole dataset;
+the per-sample estimators track it across epochs (the moving average of FastCLIP's Eq. (2), SogCLR's estimator):
+
+    u_i <- (1 - gamma) u_i + gamma g_i(batch)      (gamma = 1 on a sample's first visit)
+
+and the encoders follow the gradient of GCL with the 1/g factor replaced by 1/u (FastCLIP Alg. 1, line 9):
+
+    grad = 1/2 [ mean_i (1/u_i) grad g_i + mean_j (1/v_j) grad h_j ]
+
+which is the gradient of the surrogate `1/2 [mean_i g_i / sg(u_i) + mean_j h_j / sg(v_j)]`. The surrogate's
+value is ~1 and says nothing, so the objective's `loss` reports the batch GCL `1/2 [mean log g + mean log h]`
+and carries the surrogate's gradient (value + surrogate - sg(surrogate)).
+
+We keep log u (float32, one per sample and modality) rather than u: the same memory, and exp(2 s) at
+s = 100 overflows float32; every weight is computed as exp(logit - log u).
+
+Multi-process (FastCLIP's scheme): features are gathered WITHOUT gradient; rank r back-propagates through
+its local features only, as anchors (its rows against all candidates) and as candidates (all anchors, detached,
+against its local columns), with the temperature detached in the second term so that every (anchor, candidate)
+pair reaches s exactly once over the ranks. With the local batch B and global batch N = W B, the rank's
+surrogate is scaled by W/N = 1/B, so after DDP averages the gradients every parameter, s included, sees the
+1-process gradient of the concatenated batch. The updated log u of the local anchors are all-gathered with
+their indices, so every rank holds identical buffers (and the remote anchors' weights use them).
+
+FastCLIP versions (`fastclip.version`), all with gamma cosine-decayed from 1 to gamma_min over E epochs:
+  0: GCL, the global temperature learnt by the surrogate's own gradient (use temperature.scheme plain);
+  1: GCL, constant temperature (`fastclip.temperature`);
+  3: RGCL-g (the default; the temperature update of FastCLIP Alg. 1, line 11): temperature.scheme
+     rescaled gives `L / sg(s) + rho / s`, and this objective's `extra_loss = (mean log u + mean log v) / (2 s)`
+     completes the gradient of `tau * GCL + rho * tau`.
+  2 (individual per-sample temperatures, iSogCLR's RGCL) is not implemented.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from amorlip import distributed
+from amorlip.objectives.base import Objective, ObjectiveContext, ObjectiveOutput
+from amorlip.schedules import cosine_ramp
+
+U_CPU_THRESHOLD = 1_000_000
+"""Datasets larger than this keep their u buffers in CPU memory by default (see docs/baselines.md)."""
+
+
+@dataclass
+class SogCLRConfig:
+    """Options of `--objective sogclr` (CLI: `--sogclr.KEY VALUE`)."""
+
+    gamma: float = 0.9
+    """Constant moving-average rate of u (SogCLR paper: 0.9); a sample's first visit uses 1."""
+    temperature: float | None = 0.07
+    """Constant temperature 1/s used by the loss (SogCLR's setting; 0.07 is the released FastCLIP code's
+    default for its constant-temperature scheme). None: use the model's learnable s instead."""
+    u_on_cpu: bool | None = None
+    """Keep the u buffers in CPU memory. None: only when the dataset has more than 1M samples."""
+
+    def validate(self) -> None:
+        if not 0.0 < self.gamma <= 1.0:
+            raise ValueError(f"gamma={self.gamma} must be in (0, 1] (the moving-average rate of u)")
+        if self.temperature is not None and not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature} must be positive (or None for the learnable one)")
+
+
+FASTCLIP_VERSIONS = (0, 1, 3)
+
+
+@dataclass
+class FastCLIPConfig:
+    """Options of `--objective fastclip` (CLI: `--fastclip.KEY VALUE`). Defaults: FastCLIP-v3, CC3M release."""
+
+    version: int = 3
+    """0: GCL + learnable temperature (plain gradient); 1: GCL + constant temperature; 3: RGCL-g (needs
+    temperature.scheme rescaled). Version 2 (individual temperatures) is not implemented."""
+    gamma_min: float = 0.2
+    """Final value of gamma (cosine decay from 1 over `gamma_decay_epochs`)."""
+    gamma_decay_epochs: int = 18
+    """E: epochs of the cosine decay of gamma (18 CC3M, 16 CC12M; about half the epochs)."""
+    temperature: float = 0.07
+    """Constant temperature of version 1 (the released code's default)."""
+    u_on_cpu: bool | None = None
+    """Keep the u buffers in CPU memory. None: only when the dataset has more than 1M samples."""
+
+    def validate(self) -> None:
+        if self.version == 2:
+            raise ValueError(
+                "fastclip.version=2 (per-sample temperatures, iSogCLR's RGCL) is not implemented; "
+                "use 3 (global learnable temperature, the default), 1 (constant) or 0"
+            )
+        if self.version not in FASTCLIP_VERSIONS:
+            raise ValueError(f"fastclip.version={self.version} is not one of {FASTCLIP_VERSIONS}")
+        if not 0.0 < self.gamma_min <= 1.0:
+            raise ValueError(f"gamma_min={self.gamma_min} must be in (0, 1]")
+        if self.gamma_decay_epochs < 0:
+            raise ValueError(f"gamma_decay_epochs={self.gamma_decay_epochs} must be >= 0")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature} must be positive")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared math (also used by NeuCLIP, which replaces log u by its network's alpha).
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for half/bfloat16 features (per-sample statistics stay fp32), float64 stays float64."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def gather_features(image_features: torch.Tensor, text_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """All ranks' features, detached, in rank order (one all_gather for both modalities)."""
+    d = image_features.shape[1]
+    both = distributed.gather_no_grad(torch.cat([image_features, text_features], dim=1))
+    return both[:, :d], both[:, d:]
+
+
+def negative_logits(
+    anchors: torch.Tensor,
+    positive_sim: torch.Tensor,
+    candidates: torch.Tensor,
+    scale: torch.Tensor,
+    anchor_ids: torch.Tensor,
+    candidate_ids: torch.Tensor,
+) -> torch.Tensor:
+    """`s (a_i.c_j - a_i.p_i)` with -inf where candidate j is anchor i's own positive (same batch position).
+
+    `positive_sim` is a_i.p_i; `anchor_ids`/`candidate_ids` are positions in the global batch.
+    """
+    logits = scale * (anchors @ candidates.T - positive_sim[:, None])
+    own = anchor_ids[:, None] == candidate_ids[None, :]
+    return logits.masked_fill(own, float("-inf"))
+
+
+def log_mean_exp_negatives(logits: torch.Tensor) -> torch.Tensor:
+    """log( 1/(C-1) sum_{j != i} exp(logits_ij) ): the log of g_i, for rows masked by `negative_logits`."""
+    return torch.logsumexp(logits, dim=1) - math.log(logits.shape[1] - 1)
+
+
+def log_partition_from_log_g(log_g: torch.Tensor, positive_logit: torch.Tensor, n: int) -> torch.Tensor:
+    """Convert g (mean over the n-1 negatives of exp(s(x_i.y_j - x_i.y_i))) to base.py's convention.
+
+    log Z_i = log( 1/n sum_j exp(s x_i.y_j) ), positive included
+            = s x_i.y_i + log( (1 + (n-1) g_i) / n ).
+    """
+    return positive_logit + torch.logaddexp(torch.zeros_like(log_g), log_g + math.log(max(n - 1, 1))) - math.log(n)
+
+
+@dataclass
+class GlobalBatch:
+    """One step's features, local (with grad) and gathered (detached), in the compute dtype."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    all_x: torch.Tensor
+    all_y: torch.Tensor
+    local_ids: torch.Tensor
+    all_ids: torch.Tensor
+
+    @property
+    def local_size(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def size(self) -> int:
+        return self.all_x.shape[0]
+
+    @classmethod
+    def build(cls, image_features: torch.Tensor, text_features: torch.Tensor) -> "GlobalBatch":
+        dtype = compute_dtype(image_features)
+        x, y = image_features.to(dtype), text_features.to(dtype)
+        all_x, all_y = gather_features(x, y)
+        b, device = x.shape[0], x.device
+        local_ids = torch.arange(b, device=device) + b * distributed.rank()
+        return cls(x, y, all_x, all_y, local_ids, torch.arange(all_x.shape[0], device=device))
+
+    def anchor_logits(self, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Local anchors against every candidate of the global batch (B x N), graph into the local features.
+
+        Image anchors: s (x_i.y_j - x_i.y_i); text anchors: s (y_j.x_i - y_j.x_j). The candidates are the
+        gathered (detached) features: the gradient reaches a local sample here as an anchor and positive.
+        """
+        pos = (self.x * self.y).sum(dim=1)
+        img = negative_logits(self.x, pos, self.all_y, scale, self.local_ids, self.all_ids)
+        txt = negative_logits(self.y, pos, self.all_x, scale, self.local_ids, self.all_ids)
+        return img, txt
+
+    def candidate_logits(self, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every anchor of the global batch (detached, with sg(s)) against the LOCAL candidates (N x B).
+
+        The gradient reaches a local sample here as a negative of any anchor, once.
+        """
+        s = scale.detach()
+        pos = (self.all_x * self.all_y).sum(dim=1)
+        img = negative_logits(self.all_x, pos, self.y, s, self.all_ids, self.local_ids)
+        txt = negative_logits(self.all_y, pos, self.x, s, self.all_ids, self.local_ids)
+        return img, txt
+
+    def weighted_negatives(
+        self,
+        anchor: tuple[torch.Tensor, torch.Tensor],
+        candidate: tuple[torch.Tensor, torch.Tensor],
+        log_den_local: tuple[torch.Tensor, torch.Tensor],
+        log_den_all: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """The rank's share of `1/2 [mean_i g_i / sg(u_i) + mean_j h_j / sg(v_j)]` (SogCLR's gradient estimator).
+
+        `log_den_*` are the (image, text) anchors' log denominators (log u, or NeuCLIP's alpha), detached,
+        for the local anchors and for all anchors of the global batch. Scaled by 1/(2 B (N-1)) so that the
+        ranks' gradients, averaged by DDP, are the 1-process gradient of the concatenated batch.
+        """
+        total = anchor[0].new_zeros(())
+        for logits, log_den in zip((*anchor, *candidate), (*log_den_local, *log_den_all)):
+            total = total + torch.exp(logits - log_den.detach()[:, None]).sum()
+        return total / (2 * self.local_size * (self.size - 1))
+
+
+def with_value(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
+    """A tensor whose value is `value` and whose gradient is the surrogate's."""
+    return value.detach() + (surrogate - surrogate.detach())
+
+
+def no_autocast(device: torch.device) -> torch.autocast:
+    """Autocast off for the enclosed math: per-sample statistics are computed in fp32 (or fp64)."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+class SogCLRObjective(Objective):
+    """GCL with per-sample moving averages u (images) and v (texts), constant gamma."""
+
+    name = "sogclr"
+    section = "sogclr"
+    Config = SogCLRConfig
+    needs_indices = True
+
+    _cpu_buffers = ("log_u_img", "log_u_txt", "visited")
+
+    def __init__(self, cfg: Any, ctx: ObjectiveContext) -> None:
+        super().__init__(cfg if cfg is not None else self.Config(), ctx)
+        n = int(ctx.dataset_size)
+        if n < 2:
+            raise ValueError(f"{self.name} needs the dataset size (got {n}); set --data.dataset-size")
+        self.u_on_cpu = self.cfg.u_on_cpu if self.cfg.u_on_cpu is not None else n > U_CPU_THRESHOLD
+        device = torch.device("cpu") if self.u_on_cpu else ctx.device
+        # log u per sample, float32 (see the module docstring); `visited` marks samples seen at least once.
+        self.register_buffer("log_u_img", torch.zeros(n, dtype=torch.float32, device=device))
+        self.register_buffer("log_u_txt", torch.zeros(n, dtype=torch.float32, device=device))
+        self.register_buffer("visited", torch.zeros(n, dtype=torch.bool, device=device))
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        """`.to(device)` / `.half()` leave the u buffers alone when they are kept in CPU memory (fp32)."""
+        if not getattr(self, "u_on_cpu", False):
+            return super()._apply(fn, recurse)
+        kept = {name: self._buffers.pop(name) for name in self._cpu_buffers}
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self._buffers.update(kept)
+
+    # -- hooks FastCLIP overrides ----------------------------------------------------------------------
+    def gamma(self, epoch: int) -> float:
+        return float(self.cfg.gamma)
+
+    def effective_scale(self, scale: torch.Tensor) -> torch.Tensor:
+        """The s the loss uses: the model's, or a constant (still connected to the graph with zero gradient,
+        so DDP sees logit_scale used)."""
+        if self.cfg.temperature is None:
+            return scale
+        return scale * 0.0 + 1.0 / self.cfg.temperature
+
+    def temperature_term(
+        self, log_u_img: torch.Tensor, log_u_txt: torch.Tensor, scale: torch.Tensor
+    ) -> torch.Tensor | None:
+        return None
+
+    # -- the step --------------------------------------------------------------------------------------
+    def update_estimators(
+        self, indices: torch.Tensor, log_g_img: torch.Tensor, log_g_txt: torch.Tensor, gamma: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """u <- (1-gamma) u + gamma g for the local anchors (gamma = 1 on first visits), in log space; then
+        all-gather (indices, new values) and write the whole global batch into the buffers on every rank.
+
+        Returns the new log u / log v of the local anchors and of all anchors of the global batch (values
+        as stored, float32, cast to the compute dtype) and the fraction of first visits in the local batch.
+        """
+        dtype = log_g_img.dtype
+        buf_idx = indices.to(self.visited.device)
+        seen = self.visited[buf_idx].to(log_g_img.device)
+        new = []
+        for buf, log_g in ((self.log_u_img, log_g_img), (self.log_u_txt, log_g_txt)):
+            if gamma >= 1.0:
+                log_u = log_g
+            else:
+                old = buf[buf_idx].to(device=log_g.device, dtype=dtype)
+                moved = torch.logaddexp(old + math.log1p(-gamma), log_g + math.log(gamma))
+                log_u = torch.where(seen, moved, log_g)
+            new.append(log_u.to(torch.float32))
+        meta = torch.stack([indices.to(torch.float64), new[0].double(), new[1].double()], dim=1)
+        meta = distributed.gather_no_grad(meta)  # indices < 2^53 travel exactly in float64
+        all_idx = meta[:, 0].round().long().to(self.visited.device)
+        all_img, all_txt = meta[:, 1].float(), meta[:, 2].float()
+        self.log_u_img[all_idx] = all_img.to(self.log_u_img.device)
+        self.log_u_txt[all_idx] = all_txt.to(self.log_u_txt.device)
+        self.visited[all_idx] = True
+        first = (~seen).float().mean()
+        return new[0].to(dtype), new[1].to(dtype), all_img.to(dtype), all_txt.to(dtype), first
+
+    def forward(self, image_features, text_features, scale, bias, indices, *, step, epoch) -> ObjectiveOutput:
+        with no_autocast(image_features.device):
+            batch = GlobalBatch.build(image_features, text_features)
+            s = self.effective_scale(scale).to(batch.x.dtype)
+            anchor = batch.anchor_logits(s)
+            log_g_img = log_mean_exp_negatives(anchor[0].detach())
+            log_g_txt = log_mean_exp_negatives(anchor[1].detach())
+            gamma = self.gamma(epoch)
+            lu_img, lu_txt, lu_img_all, lu_txt_all, first = self.update_estimators(indices, log_g_img, log_g_txt, gamma)
+            surrogate = batch.weighted_negatives(
+                anchor, batch.candidate_logits(s), (lu_img, lu_txt), (lu_img_all, lu_txt_all)
+            )
+            gcl = 0.5 * (log_g_img.mean() + log_g_txt.mean())
+            loss = with_value(gcl, surrogate)
+            extra = self.temperature_term(lu_img, lu_txt, s)
+        metrics = {
+            "gamma": gamma,
+            "log_u_img": lu_img.mean().detach(),
+            "log_u_txt": lu_txt.mean().detach(),
+            "first_visits": first,
+        }
+        return ObjectiveOutput(loss=loss, metrics=metrics, extra_loss=extra)
+
+    @torch.no_grad()
+    def estimate_log_normalizers(self, image_features, text_features, scale, indices):
+        """log Z from the stored u (base.py's convention, via `log_partition_from_log_g`); NaN for samples
+        never visited. u was tracked at the loss's temperature (the constant one when configured)."""
+        dtype = compute_dtype(image_features)
+        x, y = image_features.to(dtype), text_features.to(dtype)
+        s = self.effective_scale(scale.detach()).to(dtype)
+        pos = s * (x * y).sum(dim=1)
+        buf_idx = indices.to(self.visited.device)
+        seen = self.visited[buf_idx].to(x.device)
+        out = {}
+        for key, buf in (("image", self.log_u_img), ("text", self.log_u_txt)):
+            log_u = buf[buf_idx].to(device=x.device, dtype=dtype)
+            log_z = log_partition_from_log_g(log_u, pos, self.ctx.dataset_size)
+            out[key] = torch.where(seen, log_z, torch.full_like(log_z, float("nan")))
+        return out
+
+
+class FastCLIPObjective(SogCLRObjective):
+    """FastCLIP (v3 = RGCL-g by default): SogCLR's estimators with gamma cosine-decayed per epoch."""
+
+    name = "fastclip"
+    section = "fastclip"
+    Config = FastCLIPConfig
+
+    def gamma(self, epoch: int) -> float:
+        """FastCLIP's inner-rate schedule: cosine from 1 (epoch 0) to gamma_min at epoch E, then constant."""
+        return cosine_ramp(epoch, self.cfg.gamma_decay_epochs, 1.0, self.cfg.gamma_min)
+
+    def effective_scale(self, scale: torch.Tensor) -> torch.Tensor:
+        if self.cfg.version == 1:
+            return scale * 0.0 + 1.0 / self.cfg.temperature
+        return scale
+
+    def temperature_term(
+        self, log_u_img: torch.Tensor, log_u_txt: torch.Tensor, scale: torch.Tensor
+    ) -> torch.Tensor | None:
+        """RGCL-g's temperature term `(mean log u + mean log v) / (2 s)` (v3 only; u, v detached).
+
+        With the trainer's `L / sg(s) + rho / s` it makes d/ds the derivative of `tau GCL(tau) + rho tau`
+        (tau = 1/s) with g replaced by u, and leaves the encoders' gradient `L / s` unchanged.
+        """
+        if self.cfg.version != 3:
+            return None
+        return (log_u_img.detach().mean() + log_u_txt.detach().mean()) / (2.0 * scale)
