@@ -1,0 +1,82 @@
+"""Image-caption pairs listed in a CSV file (open_clip's `--dataset-type csv` layout).
+
+One row per pair: an image path column (`data.csv_img_key`, default `filepath`) and a caption column
+(`data.csv_caption_key`, default `title`), separated by `data.csv_separator`. Relative image paths are
+resolved against the CSV file's folder. The stable sample index is the row number (0 = first data row).
+
+The file and its columns are checked when the dataset is built; an image that is missing or unreadable
+when it is read only makes that sample "corrupt" (skipped and counted by the training stream).
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+from amorlip.data.types import DataError
+
+_SEPARATOR_NAMES = {"\\t": "\t", "tab": "\t", "comma": ",", "semicolon": ";", "pipe": "|"}
+
+
+class CsvCaptions(Dataset):
+    """`ds[i] -> (PIL.Image RGB | None, caption)`: the image is None when it cannot be read.
+
+    `limit` keeps only the first `limit` rows (data.dataset_size).
+    """
+
+    def __init__(self, path: str | Path, img_key: str = "filepath", caption_key: str = "title",
+                 separator: str = ",", limit: int | None = None):
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise DataError(
+                f"CSV file {str(path)!r} not found; pass --data.train-path pointing to an existing CSV with "
+                f"image-path and caption columns (amorlip data write-csv makes an example)"
+            )
+        separator = _SEPARATOR_NAMES.get(separator, separator)
+        if len(separator) != 1:
+            raise DataError(f"data.csv_separator must be one character (or 'tab'), got {separator!r}")
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter=separator)
+            header = reader.fieldnames or []
+            missing = [k for k in (img_key, caption_key) if k not in header]
+            if missing:
+                raise DataError(
+                    f"{path}: column(s) {missing} not found; the header has {header} (read with separator "
+                    f"{separator!r}). Set --data.csv-img-key / --data.csv-caption-key to the right column names "
+                    f"or --data.csv-separator to the file's separator"
+                )
+            rows = [(r.get(img_key) or "", r.get(caption_key) or "") for r in reader]
+        if not rows:
+            raise DataError(f"{path}: the CSV has a header but no rows; add image-caption rows")
+        if limit is not None:
+            if not 0 < limit <= len(rows):
+                raise DataError(f"{path} has {len(rows)} rows; data.dataset_size={limit} must be in [1, {len(rows)}]")
+            rows = rows[:limit]
+        self.path = path
+        self.root = path.parent
+        self.image_paths = [p.strip() for p, _ in rows]
+        self.captions = [c.strip() for _, c in rows]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def resolve(self, index: int) -> Path:
+        p = Path(self.image_paths[index]).expanduser()
+        return p if p.is_absolute() else self.root / p
+
+    def __getitem__(self, index: int) -> tuple[Image.Image | None, str]:
+        """The caption is always returned; the image is None when the file is missing or unreadable.
+
+        An empty caption skips the (useless) image read.
+        """
+        index = int(index)
+        caption = self.captions[index]
+        if not caption or not self.image_paths[index]:
+            return None, caption
+        try:
+            with Image.open(self.resolve(index)) as im:
+                return im.convert("RGB"), caption
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            return None, caption

@@ -1,0 +1,272 @@
+"""Training streams (the `TrainStream` protocol) and evaluation data for every data source.
+
+`build_train_stream(cfg, batch_size, seed, rank, world_size)` returns a stream whose
+`iterate(epoch, skip_batches, transform, tokenizer)` yields this rank's slice of each GLOBAL batch as
+`{'image': float (b,3,H,W), 'text': int64 (b,L), 'index': int64 (b,)}` with b = batch_size / world_size.
+
+Determinism (exact mid-epoch resume):
+* map-style sources (synthetic, csv, fashion-mnist): epoch `e` visits `torch.randperm(N)` drawn from a
+  generator seeded with (seed, e); global batch j is positions [j*B, (j+1)*B) of it (drop_last) and rank
+  r takes the r-th of its `world_size` equal slices. Skipping k batches starts at position k*B.
+* augmentation: every sample's transform runs under the global torch (and Python `random`) RNG forked and
+  seeded with (seed, epoch, index) -- open_clip's RandomResizedCrop draws from the global torch RNG -- so
+  a sample's pixels do not depend on the worker that made it, on the number of workers, or on what ran
+  before; the caller's RNG state is left untouched.
+* a sample without caption, or whose image cannot be read, is dropped in the collate function and
+  counted in `stream.stats` (never a crash). That batch is then smaller than b; a batch left with no
+  sample at all is not yielded (counted in `stats.extra['empty_batches']`).
+"""
+from __future__ import annotations
+
+import random
+import warnings
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from amorlip.data.types import Batch, DataError, DataStats, RetrievalSplit, ZeroShotTask
+
+OK, NO_CAPTION, CORRUPT = 0, 1, 2
+_TAG_PERM, _TAG_AUG, _TAG_LOADER = 1, 2, 3
+
+
+def mix_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from a tuple of integers (numpy SeedSequence hashing)."""
+    state = np.random.SeedSequence([int(p) % (1 << 63) for p in parts]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Seed of the augmentation of sample `index` in `epoch`."""
+    return mix_seed(seed, epoch, index, _TAG_AUG)
+
+
+@contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Run a block under the global torch and Python RNGs seeded with `seed`, restoring them afterwards."""
+    # The CPU default generator only: torch.manual_seed would also (lazily) seed every accelerator, which
+    # costs milliseconds per call; data transforms run on the CPU.
+    gen = torch.default_generator
+    torch_state, py_state = gen.get_state(), random.getstate()
+    gen.manual_seed(seed)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        gen.set_state(torch_state)
+        random.setstate(py_state)
+
+
+def prepare_sample(image: Any, caption: Any, index: int, transform: Callable, seed: int) -> dict[str, Any]:
+    """Check a raw (image, caption) pair and transform the image under its own seeded RNG.
+
+    Returns {'status': OK|NO_CAPTION|CORRUPT, 'index', and for OK: 'image' tensor, 'caption' str}.
+    """
+    if caption is None or not isinstance(caption, str) or not caption.strip():
+        return {"status": NO_CAPTION, "index": index}
+    if image is None:
+        return {"status": CORRUPT, "index": index}
+    with seeded_rng(seed):
+        tensor = transform(image)
+    return {"status": OK, "index": index, "image": tensor, "caption": caption.strip()}
+
+
+class Collate:
+    """Drop skipped samples, stack images, tokenize captions (tokenizer(list[str]) -> (b, L) tokens).
+
+    Returns (batch or None when nothing is left, {'corrupt': n, 'no_caption': n}).
+    """
+
+    def __init__(self, tokenizer: Callable):
+        self.tokenizer = tokenizer
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> tuple[Batch | None, dict[str, int]]:
+        good = [s for s in samples if s["status"] == OK]
+        counts = {
+            "corrupt": sum(s["status"] == CORRUPT for s in samples),
+            "no_caption": sum(s["status"] == NO_CAPTION for s in samples),
+        }
+        if not good:
+            return None, counts
+        batch = {
+            "image": torch.stack([s["image"] for s in good]),
+            "text": torch.as_tensor(self.tokenizer([s["caption"] for s in good])).long(),
+            "index": torch.tensor([s["index"] for s in good], dtype=torch.int64),
+        }
+        return batch, counts
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def update_stats(stats: DataStats, counts: dict[str, int], empty: bool) -> None:
+    stats.skipped_corrupt += int(counts.get("corrupt", 0))
+    stats.skipped_no_caption += int(counts.get("no_caption", 0))
+    if empty:
+        stats.extra["empty_batches"] = stats.extra.get("empty_batches", 0) + 1
+
+
+def check_batch_size(batch_size: int, world_size: int) -> int:
+    """The local batch size; a clear error when the global batch does not split evenly."""
+    if world_size < 1 or batch_size < 1:
+        raise DataError(f"batch_size ({batch_size}) and world_size ({world_size}) must be positive")
+    if batch_size % world_size:
+        raise DataError(
+            f"global batch size {batch_size} is not divisible by the {world_size} processes; "
+            f"use a multiple of {world_size} for --train.batch-size"
+        )
+    return batch_size // world_size
+
+
+# ----------------------------------------------------------------------------------------------------
+# Map-style sources
+# ----------------------------------------------------------------------------------------------------
+
+
+class _EpochSamples(Dataset):
+    """View of a map-style (image, caption) dataset for one epoch: index -> prepared sample."""
+
+    def __init__(self, base: Dataset, transform: Callable, seed: int, epoch: int):
+        self.base, self.transform, self.seed, self.epoch = base, transform, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        try:
+            image, caption = self.base[index]
+        except (OSError, SyntaxError):  # an unreadable file (PIL raises these); anything else is a bug
+            return {"status": CORRUPT, "index": index}
+        return prepare_sample(image, caption, index, self.transform, sample_seed(self.seed, self.epoch, index))
+
+
+class MapStream:
+    """`TrainStream` over a map-style dataset whose items are `(PIL image | None, caption)`.
+
+    Epoch order: a permutation from a torch.Generator seeded with (seed, epoch); drop_last; this rank
+    takes slice `rank` of each global batch. Loading runs in a torch DataLoader with `workers` workers.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 workers: int = 0, name: str = "map"):
+        self.local_batch_size = check_batch_size(batch_size, world_size)
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is outside [0, {world_size})")
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.rank, self.world_size, self.workers, self.name = rank, world_size, max(0, workers), name
+        self.dataset_size = len(dataset)
+        self.steps_per_epoch = self.dataset_size // batch_size
+        if self.steps_per_epoch < 1:
+            raise DataError(
+                f"{name}: {self.dataset_size} samples is less than one global batch of {batch_size}; "
+                f"lower --train.batch-size or use more data"
+            )
+        self.stats = DataStats()
+
+    def epoch_permutation(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, _TAG_PERM))
+        return torch.randperm(self.dataset_size, generator=g)
+
+    def global_batches(self, epoch: int) -> torch.Tensor:
+        """(steps_per_epoch, batch_size) sample indices of every global batch of `epoch`."""
+        perm = self.epoch_permutation(epoch)
+        return perm[: self.steps_per_epoch * self.batch_size].view(self.steps_per_epoch, self.batch_size)
+
+    def rank_batches(self, epoch: int, skip_batches: int = 0) -> list[list[int]]:
+        """This rank's index lists for the batches of `epoch` after the first `skip_batches`."""
+        b = self.local_batch_size
+        local = self.global_batches(epoch)[skip_batches:, self.rank * b : (self.rank + 1) * b]
+        return local.tolist()
+
+    def iterate(self, epoch: int, skip_batches: int, transform: Callable, tokenizer: Callable) -> Iterator[Batch]:
+        if skip_batches < 0:
+            raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
+        batches = self.rank_batches(epoch, skip_batches)
+        if not batches:
+            return
+        loader = DataLoader(
+            _EpochSamples(self.dataset, transform, self.seed, epoch),
+            batch_sampler=batches,
+            num_workers=self.workers,
+            collate_fn=Collate(tokenizer),
+            # a private generator: building the loader must not consume the caller's global RNG
+            generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch, _TAG_LOADER)),
+        )
+        for batch, counts in loader:
+            update_stats(self.stats, counts, empty=batch is None)
+            if batch is None:
+                warnings.warn(f"{self.name}: a whole batch of epoch {epoch} was unusable and is skipped")
+                continue
+            yield batch
+
+
+# ----------------------------------------------------------------------------------------------------
+# Builders
+# ----------------------------------------------------------------------------------------------------
+
+
+def build_train_stream(cfg: Any, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    """The training stream of `cfg.source` (a `DataConfig`); every error is raised here, before any model.
+
+    `batch_size` is the GLOBAL batch size; each rank receives `batch_size // world_size` samples per batch.
+    """
+    check_batch_size(batch_size, world_size)
+    source = cfg.source
+    workers = int(getattr(cfg, "workers", 0) or 0)
+    if source == "synthetic":
+        from amorlip.data.synthetic import SyntheticScenes
+
+        size = cfg.dataset_size or cfg.synthetic_size
+        dataset = SyntheticScenes(size, seed=seed, split="train", render_size=int(getattr(cfg, "synthetic_render_size", 64)))
+        return MapStream(dataset, batch_size, seed, rank, world_size, workers, name="synthetic")
+    if source == "csv":
+        from amorlip.data.csvdata import CsvCaptions
+
+        if not cfg.train_path:
+            raise DataError("data.source=csv needs --data.train-path pointing to a CSV file")
+        dataset = CsvCaptions(cfg.train_path, cfg.csv_img_key, cfg.csv_caption_key, cfg.csv_separator,
+                              limit=cfg.dataset_size)
+        return MapStream(dataset, batch_size, seed, rank, world_size, workers, name=f"csv {cfg.train_path}")
+    if source == "fashion-mnist":
+        from amorlip.data.fashion_mnist import FashionMNISTPairs
+
+        dataset = FashionMNISTPairs(cfg.fmnist_root, seed=seed, size=cfg.dataset_size)
+        return MapStream(dataset, batch_size, seed, rank, world_size, workers, name="fashion-mnist")
+    if source == "wds":
+        from amorlip.data.wds import WdsStream
+
+        return WdsStream.from_config(cfg, batch_size, seed, rank, world_size)
+    raise DataError(f"unknown data.source {source!r}; choose synthetic, csv, wds or fashion-mnist")
+
+
+def synthetic_eval_data(cfg: Any, seed: int) -> tuple[list[ZeroShotTask], RetrievalSplit]:
+    """The synthetic attribute tasks and held-out retrieval split (usable whatever the training source)."""
+    from amorlip.data.synthetic import synthetic_retrieval_split, synthetic_zeroshot_tasks
+
+    render = int(getattr(cfg, "synthetic_render_size", 64))
+    return (synthetic_zeroshot_tasks(cfg.eval_size, seed, render),
+            synthetic_retrieval_split(cfg.val_size, seed, render))
+
+
+def build_eval_data(cfg: Any, seed: int, source: str | None = None) -> tuple[list[ZeroShotTask], RetrievalSplit | None]:
+    """Zero-shot tasks and retrieval split matching `source` (default `cfg.source`).
+
+    synthetic: its 4 attribute tasks + held-out scenes; fashion-mnist: the test-split task + composed test
+    pairs; csv / wds: nothing (there is no natural held-out set; pass source="synthetic" to get those).
+    """
+    source = source or cfg.source
+    if source == "synthetic":
+        return synthetic_eval_data(cfg, seed)
+    if source == "fashion-mnist":
+        from amorlip.data.fashion_mnist import fashion_mnist_retrieval_split, fashion_mnist_zeroshot_task
+
+        return ([fashion_mnist_zeroshot_task(cfg.fmnist_root, cfg.eval_size)],
+                fashion_mnist_retrieval_split(cfg.fmnist_root, cfg.val_size, seed))
+    if source in ("csv", "wds"):
+        return [], None
+    raise DataError(f"unknown evaluation data {source!r}; choose synthetic or fashion-mnist")
