@@ -144,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/compare", help="output folder for the table and plots")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("bench", help="efficiency benchmarks (overhead, loss, throughput, data, comm, flops)")
+    p = sub.add_parser("bench", add_help=False,
+                       help="efficiency benchmarks (overhead, loss, throughput, data, comm, flops); "
+                            "`amorlip bench WHAT --help` lists each one's options")
     p.add_argument("what", choices=["overhead", "loss", "throughput", "data", "comm", "flops"])
     p.set_defaults(func=cmd_bench)
 

@@ -1,0 +1,208 @@
+"""`amorlip bench throughput`: samples/s of `amorlip train` against open_clip's own trainer
+(`python -m open_clip_train.main`), same model, batch, precision, data and loader workers, one after the other.
+
+Both sides run as fresh subprocesses, alternately (`--repeats` pairs, the order swapped every other pair),
+with the CLIP objective, AdamW, gradient clipping at our `optim.grad_clip`, a log line every step, no
+evaluation and no mid-run checkpoint. Each side's per-step time is the interval between consecutive
+per-step log records, so it holds everything the loop does between two steps: waiting for the batch (data
+loading when `--workers 0`), host-to-device copy, forward, loss, backward, clipping, optimizer, clamp and
+logging. The first `--warmup` steps are dropped; rate = batch / mean interval.
+
+* ours: `amorlip train`'s own `samples_per_s` (metrics.jsonl, one line per step: perf_counter intervals);
+* open_clip: `open_clip_train.main.main(argv)` run from a small launcher that first registers our tiny model
+  configs with `open_clip.add_model_config` (open_clip's entry point does not know them) and adds a logging
+  handler that stamps `time.perf_counter()` at every "Train Epoch" record (its log timestamps have 1 s
+  resolution). Nothing else in open_clip's code path changes.
+
+Data (`--data`): `csv` (default, the fairest): the same CSV + PNG files written by
+`amorlip.data.writers.write_synthetic_csv`, read by both (open_clip's CsvDataset / our CsvCaptions: PIL
+decode, the model's train transform, tokenization). `synthetic`: each side's synthetic source -- open_clip's
+is one blank image transformed each time with a fixed caption, ours renders a scene per sample -- so ours
+does more data work there.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from amorlip.bench.common import (
+    base_parser,
+    environment,
+    format_table,
+    load_warning,
+    parse_args,
+    resolve_device,
+    scratch_dir,
+    write_json,
+)
+from amorlip.config import ConfigError, build_config
+
+PRECISION = {"fp32": "fp32", "bf16": "amp_bf16", "fp16": "amp"}
+"""Our model.precision -> open_clip's --precision (autocast in both)."""
+
+OPEN_CLIP_LAUNCHER = r'''
+import json, logging, sys, time, atexit
+import open_clip
+open_clip.add_model_config(sys.argv[1])
+stamps = []
+class _Stamp(logging.Handler):
+    def emit(self, record):
+        if str(record.msg).startswith("Train Epoch:"):
+            stamps.append(time.perf_counter())
+logging.getLogger().addHandler(_Stamp())
+atexit.register(lambda: open(sys.argv[2], "w").write(json.dumps(stamps)))
+from open_clip_train.main import main
+main(sys.argv[3:])
+'''
+
+
+def open_clip_available() -> str | None:
+    """None when open_clip's trainer can be imported, else the reason (with the fix)."""
+    try:
+        import open_clip_train.main  # noqa: F401
+    except ImportError as e:
+        return (f"open_clip's trainer cannot be imported ({e}); it ships in the open_clip_torch wheel as "
+                "`open_clip_train` and needs pandas: pip install 'amorlip[bench]' (or pip install pandas)")
+    return None
+
+
+def _run(cmd: list[str], cwd: str, env: dict[str, str], log: Path, label: str) -> float:
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:])
+        raise RuntimeError(f"{label} exited with code {proc.returncode}; last lines of its output:\n{tail}")
+    return wall
+
+
+def steady_rate(intervals: list[float], warmup: int, batch: int) -> dict[str, float]:
+    """Rate over the step intervals after the first `warmup`: batch / mean interval (and the median's)."""
+    kept = intervals[warmup:]
+    if not kept:
+        raise ConfigError(f"no step left after --warmup {warmup}; run more --steps")
+    mean = statistics.fmean(kept)
+    med = statistics.median(kept)
+    return {"samples_per_s": batch / mean, "step_ms_mean": 1e3 * mean, "step_ms_median": 1e3 * med,
+            "steps_measured": len(kept)}
+
+
+def run(extra: list[str]) -> dict[str, Any]:
+    parser = base_parser(
+        "throughput",
+        "Samples/s of `amorlip train` against open_clip's trainer (open_clip_train.main) on the same model, "
+        "batch, precision and data, run one after the other.",
+    )
+    parser.add_argument("--steps", type=int, default=40, help="training steps per run (default 40)")
+    parser.add_argument("--warmup", type=int, default=8, help="first step intervals dropped (default 8)")
+    parser.add_argument("--data", default="csv", choices=["csv", "synthetic"],
+                        help="csv: identical files for both (default); synthetic: each side's own synthetic source")
+    parser.add_argument("--workers", type=int, help="data loader workers on both sides (default: data.workers)")
+    parser.add_argument("--repeats", type=int, default=1, help="pairs of runs, order alternating (default 1)")
+    opts, overrides = parse_args(parser, extra)
+    reason = open_clip_available()
+    load_warning(opts.threads)
+    if reason:
+        raise ConfigError(reason)
+    device = resolve_device(opts.device)
+    if opts.steps <= opts.warmup + 1 or opts.repeats < 1:
+        raise ConfigError("--steps must exceed --warmup + 1, and --repeats must be >= 1")
+    cfg = build_config(opts.config, [*overrides, ("objective", "clip")])
+    batch, model = cfg.train.batch_size, cfg.model.name
+    workers = opts.workers if opts.workers is not None else int(cfg.data.workers)
+    threads = opts.threads or cfg.train.threads
+    from amorlip.models import MODEL_CONFIG_DIR
+
+    env = dict(os.environ)
+    if threads > 0:  # the same intra-op threads on both sides (open_clip has no option for it)
+        env["OMP_NUM_THREADS"] = str(threads)
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    pairs: list[dict[str, Any]] = []
+    with scratch_dir("throughput") as tmp:
+        data_args_ours: list[str]
+        cwd = tmp
+        if opts.data == "csv":
+            from amorlip.data.writers import write_synthetic_csv
+
+            n = batch * opts.steps
+            t0 = time.perf_counter()
+            csv_path = write_synthetic_csv(Path(tmp) / "csv", n, seed=cfg.train.seed)
+            if not opts.no_progress:
+                print(f"wrote {n} CSV + PNG samples in {time.perf_counter() - t0:.1f} s", flush=True)
+            data_args_ours = ["--data.source", "csv", "--data.train-path", str(csv_path)]
+            data_args_oc = ["--dataset-type", "csv", "--train-data", str(csv_path), "--csv-separator", ",",
+                            "--csv-img-key", cfg.data.csv_img_key, "--csv-caption-key", cfg.data.csv_caption_key]
+            cwd = str(csv_path.parent)  # open_clip opens the relative image paths from its working directory
+        else:
+            data_args_ours = ["--data.source", "synthetic"]
+            data_args_oc = ["--dataset-type", "synthetic", "--train-num-samples", str(batch * opts.steps)]
+        for r in range(opts.repeats):
+            run_dir = Path(tmp) / f"ours{r}"
+            ours_cmd = [
+                sys.executable, "-m", "amorlip.cli", "train", *(["--config", opts.config] if opts.config else []),
+                *[f"--{k}={v}" for k, v in overrides], "--objective", "clip", *data_args_ours,
+                "--train.steps", str(opts.steps), "--train.epochs", "none", "--train.log-every", "1",
+                "--train.progress", "false", "--train.checkpoint-every", "0", "--train.eval-every", "0",
+                "--eval.zeroshot", "false", "--eval.retrieval", "false", "--data.workers", str(workers),
+                "--train.output-dir", str(run_dir), "--train.name", "run", "--train.stop-at", "none",
+            ]
+            stamps = Path(tmp) / f"oc{r}.json"
+            oc_cmd = [
+                sys.executable, "-c", OPEN_CLIP_LAUNCHER, str(MODEL_CONFIG_DIR), str(stamps),
+                "--model", model, "--batch-size", str(batch), "--epochs", "1", *data_args_oc,
+                "--workers", str(workers), "--precision", PRECISION[cfg.model.precision],
+                "--device", device.type, "--lr", str(cfg.optim.lr), "--wd", str(cfg.optim.weight_decay),
+                "--beta1", str(cfg.optim.beta1), "--beta2", str(cfg.optim.beta2), "--eps", str(cfg.optim.eps),
+                "--warmup", str(cfg.optim.warmup_steps), "--seed", str(cfg.train.seed),
+                *(["--grad-clip-norm", str(cfg.optim.grad_clip)] if cfg.optim.grad_clip > 0 else []),
+                "--log-every-n-steps", "1", "--save-frequency", "0", "--val-frequency", "0",
+                "--logs", str(Path(tmp) / f"oc-logs{r}"), "--name", "run", "--report-to", "",
+            ]
+            order = [("ours", ours_cmd), ("open_clip", oc_cmd)]
+            if r % 2:
+                order.reverse()
+            walls = {}
+            for side, cmd in order:
+                if not opts.no_progress:
+                    print(f"[{r + 1}/{opts.repeats}] {side}: {opts.steps} steps ...", flush=True)
+                walls[side] = _run(cmd, cwd, env, Path(tmp) / f"{side}{r}.log", side)
+            history = [json.loads(line) for line in (run_dir / "run" / "metrics.jsonl").read_text().splitlines()
+                       if line.strip()]
+            ours_int = [batch / h["samples_per_s"] for h in history if "samples_per_s" in h and h["samples_per_s"] > 0]
+            oc_stamps = json.loads(stamps.read_text())
+            oc_int = [b - a for a, b in zip(oc_stamps, oc_stamps[1:])]
+            ours = steady_rate(ours_int, opts.warmup, batch)
+            oc = steady_rate(oc_int, max(0, opts.warmup - 1), batch)  # stamps start after step 0
+            pairs.append({"ours": {**ours, "process_wall_s": walls["ours"]},
+                          "open_clip": {**oc, "process_wall_s": walls["open_clip"]},
+                          "ratio": ours["samples_per_s"] / oc["samples_per_s"]})
+
+    ratio = statistics.median(p["ratio"] for p in pairs)
+    rows = []
+    for side in ("ours", "open_clip"):
+        rate = statistics.median(p[side]["samples_per_s"] for p in pairs)
+        ms = statistics.median(p[side]["step_ms_mean"] for p in pairs)
+        wall = statistics.median(p[side]["process_wall_s"] for p in pairs)
+        rows.append(["amorlip train" if side == "ours" else "open_clip_train.main", f"{rate:.1f}", f"{ms:.1f}",
+                     f"{wall:.1f}", "ref" if side == "open_clip" else f"{ratio:.3f}x"])
+    table = format_table(["trainer", "samples/s", "ms/step", "process s", "ratio"], rows)
+    print(f"\nbench throughput: {model}, batch {batch}, {cfg.model.precision}, {device}, data={opts.data}, "
+          f"workers={workers}, threads={threads or 'default'}; {opts.steps} steps per run, first {opts.warmup} dropped, {opts.repeats} pair(s)")
+    print(table)
+    if len(pairs) > 1:
+        print("per-pair ratios: " + ", ".join(f"{p['ratio']:.3f}" for p in pairs))
+    print("samples/s: batch / mean interval between consecutive per-step log records (everything the loop does); "
+          "process s: the whole subprocess, start-up included.")
+    out = {"command": "throughput", "model": model, "batch_size": batch, "precision": cfg.model.precision,
+           "data": opts.data, "workers": workers, "threads": threads, "steps": opts.steps, "warmup": opts.warmup,
+           "environment": environment(device), "pairs": pairs, "ratio": ratio, "table": table}
+    write_json(opts.json, out)
+    return out
