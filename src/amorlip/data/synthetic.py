@@ -42,7 +42,7 @@ SHAPE_WORDS: dict[str, list[str]] = {
     "diamond": ["diamond", "rhombus"],
 }
 
-COLORS: list[str] = ["red", "green", "blue", "yellow", "purple", "orange", "white", "cyan"]
+COLORS: list[str] = ["red", "green", "blue", "yellow"]
 COLOR_RGB: dict[str, tuple[int, int, int]] = {
     "red": (225, 35, 35),
     "green": (40, 185, 55),

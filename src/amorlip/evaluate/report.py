@@ -5,7 +5,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -48,20 +47,10 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
     A reader never sees a half-written file, and a crash leaves the previous version intact.
     Parent folders are created. Returns the path written.
     """
+    from amorlip.checkpoint import atomic_write_text
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(to_jsonable(obj), indent=indent, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(json.dumps(to_jsonable(obj), indent=indent, allow_nan=False) + "\n", path)
     return path
 
 
