@@ -43,3 +43,13 @@ def test_compare_rejects_bad_entry_before_training(tmp_path):
     rc = main(["compare", "--objectives", "clip,nope", "--out", str(tmp_path / "c"), "--train.steps", "2"])
     assert rc == 2
     assert not (tmp_path / "c" / "runs").exists()
+
+
+def test_compare_entry_can_be_a_preset(tmp_path):
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--objectives", "tiny-fastclip[train.steps=2]", "--out", str(out),
+               "--model.name", "micro-vit", "--data.synthetic-size", "64", "--data.val-size", "16",
+               "--data.eval-size", "16", "--train.batch-size", "16", "--train.progress", "false"])
+    assert rc == 0
+    config = (out / "runs" / "tiny-fastclip_train.steps_2-s0" / "config.yaml").read_text()
+    assert "scheme: rescaled" in config and "objective: fastclip" in config

@@ -27,8 +27,9 @@ def load_model_state(run_dir: Path) -> dict:
 
 
 def test_train_writes_run_folder(tmp_path, capsys):
-    assert run_cli(tmp_path, "--train.steps", "6", "--train.name", "r") == 0
+    assert run_cli(tmp_path, "--train.steps", "6", "--train.name", "r", "--train.tensorboard", "true") == 0
     run = tmp_path / "r"
+    assert list((run / "tensorboard").glob("events.out.tfevents.*")), "TensorBoard events not written"
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "training.png"):
         assert (run / name).is_file(), name
     summary = json.loads((run / "summary.json").read_text())

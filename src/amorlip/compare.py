@@ -2,9 +2,13 @@
 each, and write a markdown/CSV table and PNG plots (the small-scale counterpart of the paper's Table 1 and
 Figure 3).
 
-Entries are objective names with optional overrides in brackets, so ablations run the same way:
+Entries are objective names, or preset names (their own settings, e.g. `tiny-fastclip`), with optional
+overrides in brackets, so ablations run the same way:
 
     amorlip compare --config tiny-clip --objectives 'clip,clip[temperature.scheme=rescaled],amorlip[amor.divide_by=target]'
+    amorlip compare --objectives 'tiny-clip,tiny-fastclip,tiny-amorlip' --train.steps 600
+
+Command-line overrides apply to every entry; an entry's own overrides come last.
 """
 from __future__ import annotations
 
@@ -169,12 +173,22 @@ def run_compare(args: argparse.Namespace, extra: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     # Validate every entry up front, so a typo in the last entry does not surface after an hour of training.
     configs = {}
+    from amorlip import objectives
+    from amorlip.config import preset_names
+
     for entry in entries:
+        if entry.objective in objectives.REGISTRY:
+            base, head = args.config, [("objective", entry.objective)]
+        elif entry.objective in preset_names() or Path(entry.objective).is_file():
+            base, head = entry.objective, []
+        else:
+            raise ConfigError(f"entry {entry.label!r}: {entry.objective!r} is neither an objective "
+                              f"({', '.join(objectives.REGISTRY)}) nor a preset ({', '.join(preset_names())})")
         for seed in seeds:
-            overrides = [*common, ("objective", entry.objective), *entry.overrides, ("train.seed", str(seed)),
+            overrides = [*head, *common, *entry.overrides, ("train.seed", str(seed)),
                          ("train.output_dir", str(out / "runs")), ("train.name", f"{safe_name(entry.label)}-s{seed}"),
                          ("train.resume", "auto")]
-            configs[(entry.label, seed)] = build_config(args.config, overrides)
+            configs[(entry.label, seed)] = build_config(base, overrides)
     results: dict[str, list[dict[str, float]]] = {e.label: [] for e in entries}
     histories: dict[str, list[list[dict[str, Any]]]] = {e.label: [] for e in entries}
     total = len(configs)

@@ -1,0 +1,87 @@
+"""`amorlip eval` end to end: a run folder, its normalizer diagnostics, and an exported checkpoint that gives the
+same numbers through our eval and through clip_benchmark's own zeroshot_classification.evaluate."""
+import json
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from amorlip.cli import main
+from amorlip.config import DataConfig
+from amorlip.data.loader import build_eval_data
+
+TINY = ["--model.name", "micro-vit", "--data.synthetic-size", "96", "--data.val-size", "40", "--data.eval-size", "40",
+        "--train.batch-size", "16", "--optim.warmup-steps", "1", "--train.progress", "false", "--train.steps", "4"]
+
+
+def _numpy2_safe_accuracy(output, target, topk=(1,)):
+    """clip_benchmark's `accuracy` formula (its own calls float() on an array, an error in NumPy >= 2.4)."""
+    pred = output.topk(max(topk), 1, True, True)[1].t()
+    correct = pred.eq(target.view(1, -1).expand_as(pred))
+    return [correct[:k].reshape(-1).float().sum().item() / len(target) for k in topk]
+
+
+class Transformed(Dataset):
+    def __init__(self, ds, tf):
+        self.ds, self.tf = ds, tf
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        img, label = self.ds[i]
+        return self.tf(img), label
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalcli")
+    assert main(["train", "--objective", "sogclr", "--train.output-dir", str(root), "--train.name", "r", *TINY]) == 0
+    return root
+
+
+def test_eval_run_folder_with_normalizers(trained, capsys):
+    out = trained / "eval.json"
+    assert main(["eval", str(trained / "r"), "--normalizers", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    summary = json.loads((trained / "r" / "summary.json").read_text())
+    # the CLI re-evaluates the final checkpoint: same numbers as the trainer's final evaluation
+    for k, v in summary["metrics"].items():
+        assert res["metrics"][k] == pytest.approx(v, abs=1e-6), k
+    diag = json.dumps(res["normalizers"])
+    assert "mse" in diag.lower() and "bias" in diag.lower()
+    assert "in_batch" in diag or "inbatch" in diag
+
+
+def test_exported_model_same_numbers_in_clip_benchmark(trained, monkeypatch):
+    from clip_benchmark.metrics import zeroshot_classification as zsc
+
+    if int(np.__version__.split(".")[0]) >= 2:
+        monkeypatch.setattr(zsc, "accuracy", _numpy2_safe_accuracy)
+    exp = trained / "exp"
+    assert main(["export", str(trained / "r"), "--out", str(exp)]) == 0
+    out = trained / "eval-export.json"
+    assert main(["eval", str(exp / "micro-vit.pt"), "--data", "synthetic", "--out", str(out)]) == 0
+    ours = json.loads(out.read_text())["metrics"]
+
+    open_clip.add_model_config(exp / "micro-vit.json")
+    model, _, preprocess = open_clip.create_model_and_transforms("micro-vit", pretrained=str(exp / "micro-vit.pt"))
+    model.eval()
+    tokenizer = open_clip.get_tokenizer("micro-vit")
+    # an export carries no run config: `amorlip eval` uses the default evaluation data, seed 0
+    tasks, _ = build_eval_data(DataConfig(source="synthetic"), seed=0)
+    for task in tasks:
+        loader = DataLoader(Transformed(task.dataset, preprocess), batch_size=16)
+        loader.dataset.classes = task.classnames
+        templates = [t.replace("{}", "{c}") for t in task.templates]  # clip_benchmark's placeholder
+        ref = zsc.evaluate(model, loader, tokenizer, task.classnames, templates, "cpu", amp=False)
+        assert ours[f"zeroshot/{task.name}/top1"] == pytest.approx(ref["acc1"], abs=1e-9)
+        assert ours[f"zeroshot/{task.name}/mean_per_class_recall"] == pytest.approx(ref["mean_per_class_recall"],
+                                                                                  abs=1e-9)
+
+
+def test_eval_errors(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "missing")]) == 2
+    assert "neither a checkpoint file nor a run folder" in capsys.readouterr().err
