@@ -114,3 +114,21 @@ def test_torchrun_two_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["steps"] == 4
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_with_a_corrupt_csv_sample(tmp_path):
+    """A skipped sample shrinks one rank's batch; ranks trim to a common size instead of failing the gather."""
+    from amorlip.data.writers import write_synthetic_csv
+
+    csv_path = write_synthetic_csv(tmp_path / "csv", 64, 0)
+    sorted((tmp_path / "csv").rglob("*.png"))[5].write_bytes(b"garbage")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "amorlip.cli", "train", "--train.output-dir", str(tmp_path), *TINY, "--train.steps", "4",
+           "--data.source", "csv", "--data.train-path", str(csv_path), "--train.name", "ddp-csv",
+           "--train.device", "cpu", "--eval.zeroshot", "false", "--eval.retrieval", "false"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp-csv" / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["data_skipped"]["skipped_corrupt"] >= 1

@@ -129,3 +129,19 @@ def broadcast_(x: torch.Tensor, src: int = 0) -> torch.Tensor:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+def trim_to_common_size(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Cut every rank's batch to the smallest local batch size over ranks (counted as `batch_sync`).
+
+    Used for data sources that skip unreadable samples, so that feature gathers see equal shapes.
+    """
+    if world_size() == 1:
+        return batch
+    n = torch.tensor([batch["index"].shape[0]], device=device)
+    COLLECTIVES["batch_sync"] += 1
+    dist.all_reduce(n, op=dist.ReduceOp.MIN)
+    keep = int(n.item())
+    if keep == batch["index"].shape[0]:
+        return batch
+    return {k: v[:keep] for k, v in batch.items()}

@@ -254,6 +254,10 @@ def train(cfg: Config, stream: Any | None = None) -> RunResult:
 
         progress = tqdm(total=total_steps, initial=step, desc=f"{cfg.objective}", unit="step", dynamic_ncols=True)
 
+    # Sources that can drop unreadable samples (csv, wds) may give ranks batches of different sizes, which
+    # the feature gathers cannot take: trim every rank's batch to the smallest (one scalar all-reduce per step,
+    # only for those sources and only with several processes).
+    trim_batches = dist_info.distributed and cfg.data.source in ("csv", "wds")
     last_eval: dict[str, float] = {}
     t_last, samples_since = time.perf_counter(), 0
     model.train()
@@ -267,6 +271,8 @@ def train(cfg: Config, stream: Any | None = None) -> RunResult:
             if is_main:
                 print(f"step {step}: {resolution.describe()}")
         for batch in stream.iterate(epoch, skip, resolution.train_transform, resolution.tokenizer):
+            if trim_batches:
+                batch = distributed.trim_to_common_size(batch, device)
             images = batch["image"].to(device, non_blocking=True)
             texts = batch["text"].to(device, non_blocking=True)
             indices = batch["index"].to(device, non_blocking=True)
@@ -362,9 +368,20 @@ def train(cfg: Config, stream: Any | None = None) -> RunResult:
     distributed.barrier()
     logger.close()
     result = RunResult(run_dir=run_dir, step=step, metrics=last_eval, history=read_history(run_dir) if is_main else [])
+    data_stats = _summed_stats(stream.stats, dist_info.world_size)
     if is_main:
-        finish_run(result, cfg, stream.stats)
+        finish_run(result, cfg, data_stats)
     return result
+
+
+def _summed_stats(stats, world_size: int) -> dict[str, Any]:
+    """The data counters (skipped samples) summed over ranks."""
+    mine = {k: v for k, v in stats.__dict__.items() if isinstance(v, int)}
+    if world_size == 1:
+        return mine
+    gathered: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(gathered, mine)
+    return {k: sum(g.get(k, 0) for g in gathered) for k in mine}
 
 
 def _resume_path(cfg: Config, run_dir: Path) -> Path | None:
@@ -390,7 +407,7 @@ def finish_run(result: RunResult, cfg: Config, stats) -> None:
         "model": cfg.model.name,
         "steps": result.step,
         "batch_size": cfg.train.batch_size,
-        "data_skipped": dict(stats.__dict__),
+        "data_skipped": dict(stats),
         "metrics": result.metrics,
     }
     ckpt.atomic_write_text(json.dumps(summary, indent=2), result.run_dir / "summary.json")
