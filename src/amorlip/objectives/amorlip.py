@@ -487,10 +487,14 @@ class AmorLIPObjective(Objective):
         else:
             x_all, y_all, offset = x, y, 0
         logits_img = scale * x @ y_all.T
-        logits_txt = scale * y @ x_all.T
         if bias is not None:
             logits_img = logits_img + _upcast(bias)
-            logits_txt = logits_txt + _upcast(bias)
+        if x_all is x:  # local pairs: the text-anchor matrix is the image-anchor one transposed
+            logits_txt = logits_img.T
+        else:
+            logits_txt = scale * y @ x_all.T
+            if bias is not None:
+                logits_txt = logits_txt + _upcast(bias)
         pos_index = torch.arange(b, device=x.device) + offset
         pos_logits = logits_img[torch.arange(b, device=x.device), pos_index]
         log_z = {"image": log_partition(logits_img, pos_index, cfg.pos_coef),

@@ -24,7 +24,10 @@ class ClipObjective(Objective):
         b = image_features.shape[0]
         labels = torch.arange(b, device=image_features.device) + b * distributed.rank()
         logits_per_image = similarity_logits(image_features, all_texts, scale, bias)
-        logits_per_text = similarity_logits(text_features, all_images, scale, bias)
+        if distributed.world_size() == 1:  # the same matrix transposed: one matmul and one B x B buffer saved
+            logits_per_text = logits_per_image.T
+        else:
+            logits_per_text = similarity_logits(text_features, all_images, scale, bias)
         loss_i = F.cross_entropy(logits_per_image, labels)
         loss_t = F.cross_entropy(logits_per_text, labels)
         loss = 0.5 * (loss_i + loss_t)
