@@ -37,7 +37,7 @@ def plot_history(history: Iterable[dict[str, Any]], path: Path, title: str = "")
             loss_steps.append(row["step"])
             losses.append(row["objective_loss"])
         for k, v in row.items():
-            if k.startswith("eval/") and isinstance(v, (int, float)) and ("top1" in k or "R@1" in k) and "top10" not in k:
+            if k.startswith("eval/") and isinstance(v, (int, float)) and k.endswith(("/top1", "_R@1")):
                 evals[k[5:]].append((row["step"], v))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     axes[0].plot(loss_steps, losses, lw=1)
