@@ -5,7 +5,6 @@ import json
 import numpy as np
 import open_clip
 import pytest
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 from amorlip.cli import main

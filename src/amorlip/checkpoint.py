@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -152,10 +151,3 @@ def export_open_clip(checkpoint: str | Path, out: str | Path) -> tuple[Path, Pat
     config_path = out.parent / f"{name}.json"
     atomic_write_text(json.dumps(config, indent=2), config_path)
     return out, config_path
-
-
-def copy_file_atomic(src: Path, dst: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=Path(dst).parent, suffix=".tmp")
-    os.close(fd)
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)

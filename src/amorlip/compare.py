@@ -128,8 +128,10 @@ def plot_curves(histories: dict[str, list[list[dict[str, Any]]]], out: Path) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from amorlip.report import is_curve_metric
+
     metrics = sorted({k for runs in histories.values() for h in runs for row in h for k in row
-                      if k.startswith("eval/") and (k.endswith("/top1") or k.endswith("R@1"))})
+                      if k.startswith("eval/") and is_curve_metric(k)})
     paths = []
     for metric in ["loss"] + metrics:
         fig, ax = plt.subplots(figsize=(7, 4.5))

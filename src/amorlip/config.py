@@ -7,9 +7,8 @@ objective's own `Config` dataclass, so adding an objective never touches this fi
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -391,11 +390,3 @@ def validate(cfg: Config) -> None:
 def describe(cfg: Config) -> str:
     """YAML text of the resolved config (written to every run folder)."""
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-
-
-def replace(cfg: Config, **changes: Any) -> Config:
-    return dataclasses.replace(cfg, **changes)
-
-
-def is_config_dataclass(obj: Any) -> bool:
-    return is_dataclass(obj) and not isinstance(obj, type)

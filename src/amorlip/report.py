@@ -23,6 +23,11 @@ def _is_fraction_metric(key: str) -> bool:
     return any(t in key for t in ("top1", "top5", "recall", "R@", "acc"))
 
 
+def is_curve_metric(key: str) -> bool:
+    """The evaluation metrics drawn over steps: every top-1 and every R@1 (not top-5, R@5, R@10)."""
+    return key.endswith(("/top1", "_R@1"))
+
+
 def plot_history(history: Iterable[dict[str, Any]], path: Path, title: str = "") -> Path:
     """PNG with the training loss (left) and every evaluation metric (right) against the step."""
     import matplotlib
@@ -37,7 +42,7 @@ def plot_history(history: Iterable[dict[str, Any]], path: Path, title: str = "")
             loss_steps.append(row["step"])
             losses.append(row["objective_loss"])
         for k, v in row.items():
-            if k.startswith("eval/") and isinstance(v, (int, float)) and k.endswith(("/top1", "_R@1")):
+            if k.startswith("eval/") and isinstance(v, (int, float)) and is_curve_metric(k):
                 evals[k[5:]].append((row["step"], v))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     axes[0].plot(loss_steps, losses, lw=1)
