@@ -56,22 +56,29 @@ def atomic_write_text(text: str, path: Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's RNG states: CPU torch, numpy, Python and, when CUDA is in use, its current device's
+    (only that one: asking for every visible GPU's state would open a context on each from every rank)."""
     state = {
         "torch": torch.get_rng_state(),
         "numpy": np.random.get_state(),
         "python": random.getstate(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
+    """Restore `rng_state()`'s states. The tensors go back to the CPU first: a checkpoint loaded with
+    map_location=cuda carries them on the GPU, and the RNG setters take CPU byte tensors only."""
+    torch.set_rng_state(state["torch"].cpu())
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # every device's states (checkpoints of earlier versions)
+            cuda = cuda[torch.cuda.current_device()]
+        torch.cuda.set_rng_state(cuda.cpu())
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
