@@ -180,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"amorlip {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # the loss diverged: the message says what to change
+        print(f"amorlip {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; resume with --train.resume latest", file=sys.stderr)
         return 130

@@ -109,6 +109,10 @@ class TrainConfig:
     progress: bool = True
     threads: int = 0
     """torch CPU threads (0 = torch's default)."""
+    tf32: bool = True
+    """CUDA: fp32 matmuls and convolutions may use TF32 tensor cores (as open_clip's trainer sets)."""
+    cudnn_benchmark: bool = True
+    """CUDA: let cuDNN time and pick its fastest convolution algorithms (as open_clip's trainer sets)."""
 
 
 @dataclass

@@ -136,6 +136,10 @@ def train(cfg: Config, stream: Any | None = None) -> RunResult:
     device, is_main = dist_info.device, dist_info.is_main
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     if cfg.train.batch_size % dist_info.world_size:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} is not divisible by the {dist_info.world_size} processes"
@@ -144,7 +148,8 @@ def train(cfg: Config, stream: Any | None = None) -> RunResult:
 
     # Data first: a missing path or empty shard list fails before any model is built.
     if stream is None:
-        stream = build_train_stream(cfg.data, cfg.train.batch_size, cfg.train.seed, dist_info.rank, dist_info.world_size)
+        stream = build_train_stream(cfg.data, cfg.train.batch_size, cfg.train.seed, dist_info.rank, dist_info.world_size,
+                                    pin_memory=device.type == "cuda")
     if stream.steps_per_epoch < 1:
         raise ConfigError(
             f"the dataset has {stream.dataset_size} samples, fewer than one batch of {cfg.train.batch_size}; "
@@ -295,13 +300,15 @@ def train(cfg: Config, stream: Any | None = None) -> RunResult:
                 loss = apply_temperature_scheme(result.loss, scale, cfg.temperature.scheme, rho)
                 if result.extra_loss is not None:
                     loss = loss + result.extra_loss
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            # Checked once forward and backward are queued, so the wait for the value does not leave the GPU idle
+            # while the host launches the backward pass; still before any parameter changes.
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"loss is {loss.item()} at step {step}; lower --optim.lr or check the data (last good checkpoint: "
                     f"{ckpt.latest_checkpoint(run_dir)})"
                 )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
             if cfg.optim.grad_clip > 0:
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -310,13 +317,16 @@ def train(cfg: Config, stream: Any | None = None) -> RunResult:
             scaler.step(optimizer)
             scaler.update()
             clamp_logit_scale(model)
-            temperature = 1.0 / float(unwrap(model).logit_scale.detach().exp())
-            if cfg.optim.temperature_step_thresh and temperature <= STEP_THRESH_TEMPERATURE:
-                temp_thresh_hit = True
             step += 1
             samples_since += images.shape[0] * dist_info.world_size
+            log_now = step % cfg.train.log_every == 0 or step == total_steps
+            if log_now or (cfg.optim.temperature_step_thresh and not temp_thresh_hit):
+                # reading the temperature waits for the GPU: only when it is logged or the threshold is watched
+                temperature = 1.0 / float(unwrap(model).logit_scale.detach().exp())
+                if cfg.optim.temperature_step_thresh and temperature <= STEP_THRESH_TEMPERATURE:
+                    temp_thresh_hit = True
 
-            if step % cfg.train.log_every == 0 or step == total_steps:
+            if log_now:
                 now = time.perf_counter()
                 rate = samples_since / max(now - t_last, 1e-9)
                 t_last, samples_since = now, 0

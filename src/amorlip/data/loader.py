@@ -153,12 +153,13 @@ class MapStream:
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 workers: int = 0, name: str = "map"):
+                 workers: int = 0, name: str = "map", pin_memory: bool = False):
         self.local_batch_size = check_batch_size(batch_size, world_size)
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside [0, {world_size})")
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.rank, self.world_size, self.workers, self.name = rank, world_size, max(0, workers), name
+        self.pin_memory = pin_memory
         self.dataset_size = len(dataset)
         self.steps_per_epoch = self.dataset_size // batch_size
         if self.steps_per_epoch < 1:
@@ -194,6 +195,7 @@ class MapStream:
             batch_sampler=batches,
             num_workers=self.workers,
             collate_fn=Collate(tokenizer),
+            pin_memory=self.pin_memory,
             # a private generator: building the loader must not consume the caller's global RNG
             generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch, _TAG_LOADER)),
         )
@@ -210,10 +212,13 @@ class MapStream:
 # ----------------------------------------------------------------------------------------------------
 
 
-def build_train_stream(cfg: Any, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+def build_train_stream(cfg: Any, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                       pin_memory: bool = False):
     """The training stream of `cfg.source` (a `DataConfig`); every error is raised here, before any model.
 
     `batch_size` is the GLOBAL batch size; each rank receives `batch_size // world_size` samples per batch.
+    `pin_memory` (set when training on CUDA): batches arrive in page-locked memory, so the copy to the GPU
+    runs asynchronously (as open_clip's loaders do).
     """
     check_batch_size(batch_size, world_size)
     source = cfg.source
@@ -223,7 +228,8 @@ def build_train_stream(cfg: Any, batch_size: int, seed: int, rank: int = 0, worl
 
         size = cfg.dataset_size or cfg.synthetic_size
         dataset = SyntheticScenes(size, seed=seed, split="train", render_size=int(getattr(cfg, "synthetic_render_size", 64)))
-        return MapStream(dataset, batch_size, seed, rank, world_size, workers, name="synthetic")
+        return MapStream(dataset, batch_size, seed, rank, world_size, workers, name="synthetic",
+                         pin_memory=pin_memory)
     if source == "csv":
         from amorlip.data.csvdata import CsvCaptions
 
@@ -231,16 +237,18 @@ def build_train_stream(cfg: Any, batch_size: int, seed: int, rank: int = 0, worl
             raise DataError("data.source=csv needs --data.train-path pointing to a CSV file")
         dataset = CsvCaptions(cfg.train_path, cfg.csv_img_key, cfg.csv_caption_key, cfg.csv_separator,
                               limit=cfg.dataset_size)
-        return MapStream(dataset, batch_size, seed, rank, world_size, workers, name=f"csv {cfg.train_path}")
+        return MapStream(dataset, batch_size, seed, rank, world_size, workers, name=f"csv {cfg.train_path}",
+                         pin_memory=pin_memory)
     if source == "fashion-mnist":
         from amorlip.data.fashion_mnist import FashionMNISTPairs
 
         dataset = FashionMNISTPairs(cfg.fmnist_root, seed=seed, size=cfg.dataset_size)
-        return MapStream(dataset, batch_size, seed, rank, world_size, workers, name="fashion-mnist")
+        return MapStream(dataset, batch_size, seed, rank, world_size, workers, name="fashion-mnist",
+                         pin_memory=pin_memory)
     if source == "wds":
         from amorlip.data.wds import WdsStream
 
-        return WdsStream.from_config(cfg, batch_size, seed, rank, world_size)
+        return WdsStream.from_config(cfg, batch_size, seed, rank, world_size, pin_memory=pin_memory)
     raise DataError(f"unknown data.source {source!r}; choose synthetic, csv, wds or fashion-mnist")
 
 

@@ -258,7 +258,8 @@ class WdsStream:
     """`TrainStream` over webdataset shards (see the module docstring for order, resume and limits)."""
 
     def __init__(self, urls: list[str], dataset_size: int, batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1, workers: int = 0, resampled: bool = False, shuffle_buffer: int = 1000):
+                 world_size: int = 1, workers: int = 0, resampled: bool = False, shuffle_buffer: int = 1000,
+                 pin_memory: bool = False):
         self.local_batch_size = check_batch_size(batch_size, world_size)
         if not urls:
             raise DataError("the webdataset shard list is empty; check --data.train-path")
@@ -272,7 +273,7 @@ class WdsStream:
             )
         self.urls, self.dataset_size, self.batch_size, self.seed = list(urls), int(dataset_size), batch_size, seed
         self.rank, self.world_size, self.workers, self.resampled = rank, world_size, max(0, workers), resampled
-        self.shuffle_buffer = max(1, shuffle_buffer)
+        self.shuffle_buffer, self.pin_memory = max(1, shuffle_buffer), pin_memory
         self.steps_per_epoch = self.dataset_size // batch_size
         if self.steps_per_epoch < 1:
             raise DataError(
@@ -282,12 +283,14 @@ class WdsStream:
         self.stats = DataStats()
 
     @classmethod
-    def from_config(cls, cfg: Any, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> "WdsStream":
+    def from_config(cls, cfg: Any, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                    pin_memory: bool = False) -> "WdsStream":
         urls = expand_shards(cfg.train_path)
         size = cfg.dataset_size if cfg.dataset_size else dataset_size_from_sizes_json(urls)
         check_first_sample(urls[0])
         return cls(urls, size, batch_size, seed, rank, world_size, workers=int(cfg.workers or 0),
-                   resampled=bool(cfg.resampled), shuffle_buffer=int(getattr(cfg, "shuffle_buffer", 1000)))
+                   resampled=bool(cfg.resampled), shuffle_buffer=int(getattr(cfg, "shuffle_buffer", 1000)),
+                   pin_memory=pin_memory)
 
     def iterate(self, epoch: int, skip_batches: int, transform: Callable, tokenizer: Callable) -> Iterator[Batch]:
         if skip_batches < 0:
@@ -301,6 +304,7 @@ class WdsStream:
             batch_size=None,
             num_workers=self.workers,
             collate_fn=_identity,
+            pin_memory=self.pin_memory,
             generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch, _TAG_LOADER)),
         )
         n = 0
