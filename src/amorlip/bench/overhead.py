@@ -178,7 +178,11 @@ def _recv(conn: Any, label: str, proc: Any) -> tuple:
     except EOFError:
         raise RuntimeError(f"bench worker for {label!r} died (exit code {proc.exitcode})") from None
     if msg[0] == "error":
-        raise RuntimeError(f"bench worker for {label!r} failed:\n{msg[1]}")
+        hint = ""
+        if "OutOfMemoryError" in msg[1]:
+            hint = ("\nhint: every variant trains in its own process, all at once on the same device, so the device "
+                    "must hold all of them; lower --batch-size or measure fewer variants per run")
+        raise RuntimeError(f"bench worker for {label!r} failed:\n{msg[1]}{hint}")
     return msg
 
 
