@@ -4,15 +4,17 @@ from __future__ import annotations
 import csv
 import io
 import json
+import random
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import webdataset as wds
 from PIL import Image
 
 from amorlip.config import DataConfig
-from amorlip.data.loader import build_eval_data, build_train_stream
+from amorlip.data.loader import _EpochSamples, build_eval_data, build_train_stream, mix_seed, sample_seed, sample_seeds
 from amorlip.data.synthetic import SyntheticScenes
 from amorlip.data.types import DataError
 from amorlip.data.writers import write_synthetic_csv, write_synthetic_wds
@@ -96,6 +98,44 @@ def test_augmentation_is_per_sample_and_independent_of_workers(micro):
     img0 = {i: x for bt in a for i, x in zip(bt["index"].tolist(), bt["image"])}
     img1 = {i: x for bt in e1 for i, x in zip(bt["index"].tolist(), bt["image"])}
     assert sum(not torch.equal(img0[i], img1[i]) for i in img0) > 24
+
+
+def _seedsequence(*parts: int) -> int:
+    """The reference: numpy's SeedSequence itself."""
+    state = np.random.SeedSequence([int(p) % (1 << 63) for p in parts]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def test_seed_hash_is_numpy_seedsequence():
+    """mix_seed (pure Python) and sample_seeds (a whole batch in numpy) give SeedSequence's seeds exactly, so
+    data orders and augmentations are those of earlier versions."""
+    rng = random.Random(0)
+    for _ in range(2000):
+        parts = [rng.choice([0, rng.randrange(256), rng.randrange(1 << 32), rng.randrange(1 << 63), -rng.randrange(1 << 40)])
+                 for _ in range(rng.randrange(1, 7))]
+        assert mix_seed(*parts) == _seedsequence(*parts), parts
+    for seed, epoch in [(0, 0), (7, 3), ((1 << 40) + 3, 1 << 33)]:
+        idx = [rng.randrange(1 << 32) for _ in range(200)] + [0, 1, (1 << 32) - 1]
+        for indices in (idx, idx + [1 << 35]):  # an index of two 32-bit words takes the one-at-a-time path
+            assert sample_seeds(seed, epoch, indices) == [_seedsequence(seed, epoch, i, 2) for i in indices]
+            assert sample_seeds(seed, epoch, indices) == [sample_seed(seed, epoch, i) for i in indices]
+
+
+def test_batched_fetch_is_the_per_sample_reference_and_restores_the_rngs(micro):
+    train_tf, _, _ = micro
+    base = SyntheticScenes(20, seed=0)
+    ds = _EpochSamples(base, train_tf, seed=4, epoch=1)
+    py_state, torch_state = random.getstate(), torch.get_rng_state()
+    batch = ds.__getitems__([3, 0, 7])
+    single = [ds[i] for i in (3, 0, 7)]
+    assert random.getstate() == py_state and torch.equal(torch.get_rng_state(), torch_state)
+    for i, a, b in zip((3, 0, 7), batch, single):
+        torch.manual_seed(sample_seed(4, 1, i))  # the slow obvious reference: seed, then transform
+        random.seed(sample_seed(4, 1, i))
+        ref = train_tf(base[i][0])
+        assert a["index"] == b["index"] == i and torch.equal(a["image"], b["image"]) and torch.equal(a["image"], ref)
+    torch.set_rng_state(torch_state)
+    random.setstate(py_state)
 
 
 def test_batch_size_errors():

@@ -46,7 +46,8 @@ from amorlip.data.loader import (
     check_batch_size,
     mix_seed,
     prepare_sample,
-    sample_seed,
+    preserved_rng,
+    sample_seeds,
     update_stats,
 )
 from amorlip.data.types import Batch, DataError, DataStats
@@ -246,11 +247,11 @@ class _WdsEpoch(IterableDataset):
             raw = list(islice(stream, b))
             if len(raw) < b:
                 return
-            prepared = []
-            for sample in raw:
-                image, caption, index = decode_sample(sample, s.dataset_size)
-                prepared.append(prepare_sample(image, caption, index, self.transform,
-                                               sample_seed(s.seed, self.epoch, index)))
+            decoded = [decode_sample(sample, s.dataset_size) for sample in raw]
+            seeds = sample_seeds(s.seed, self.epoch, [index for _, _, index in decoded])
+            with preserved_rng():
+                prepared = [prepare_sample(image, caption, index, self.transform, seed)
+                            for (image, caption, index), seed in zip(decoded, seeds)]
             yield self.collate(prepared)
 
 
