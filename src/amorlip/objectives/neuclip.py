@@ -198,7 +198,8 @@ class NeuCLIPObjective(Objective):
         with no_autocast(image_features.device):
             batch = GlobalBatch.build(image_features, text_features)
             s = scale.to(batch.x.dtype)
-            anchor = batch.anchor_logits(s)
+            products = batch.products()
+            anchor = batch.anchor_logits(s, products)
             # log(eps + g) of the local anchors on this batch: the targets of Eq. N1's inner minimisation.
             target_img = self.log_eps_plus(log_mean_exp_negatives(anchor[0].detach()))
             target_txt = self.log_eps_plus(log_mean_exp_negatives(anchor[1].detach()))
@@ -224,9 +225,10 @@ class NeuCLIPObjective(Objective):
             alpha_img, alpha_txt = alpha_img_all[batch.local_ids], alpha_txt_all[batch.local_ids]
 
             # Step 3: SogCLR's surrogate with u = exp(alpha); value = Eq. N1's objective on the local anchors.
-            surrogate = batch.weighted_negatives(
-                anchor, batch.candidate_logits(s), (alpha_img, alpha_txt), (alpha_img_all, alpha_txt_all)
-            )
+            candidate = batch.candidate_logits(s, products)
+            del products  # the two B x N products are not kept for backward: free them before the weighting
+            surrogate = batch.weighted_negatives(anchor, candidate, (alpha_img, alpha_txt),
+                                                 (alpha_img_all, alpha_txt_all))
             value = 0.5 * (conjugate_value(target_img, alpha_img).mean() + conjugate_value(target_txt, alpha_txt).mean())
             loss = with_value(value, surrogate)
             extra = None

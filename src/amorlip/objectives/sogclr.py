@@ -128,18 +128,18 @@ def gather_features(image_features: torch.Tensor, text_features: torch.Tensor) -
 
 
 def negative_logits(
-    anchors: torch.Tensor,
+    similarities: torch.Tensor,
     positive_sim: torch.Tensor,
-    candidates: torch.Tensor,
     scale: torch.Tensor,
     anchor_ids: torch.Tensor,
     candidate_ids: torch.Tensor,
 ) -> torch.Tensor:
-    """`s (a_i.c_j - a_i.p_i)` with -inf where candidate j is anchor i's own positive (same batch position).
+    """`s (a_i.c_j - a_i.p_i)` from the anchors-by-candidates similarities `a_i.c_j`, with -inf where
+    candidate j is anchor i's own positive (same batch position).
 
     `positive_sim` is a_i.p_i; `anchor_ids`/`candidate_ids` are positions in the global batch.
     """
-    logits = scale * (anchors @ candidates.T - positive_sim[:, None])
+    logits = scale * (similarities - positive_sim[:, None])
     own = anchor_ids[:, None] == candidate_ids[None, :]
     return logits.masked_fill(own, float("-inf"))
 
@@ -186,26 +186,36 @@ class GlobalBatch:
         local_ids = torch.arange(b, device=device) + b * distributed.rank()
         return cls(x, y, all_x, all_y, local_ids, torch.arange(all_x.shape[0], device=device))
 
-    def anchor_logits(self, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def products(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`x @ all_y^T` and `y @ all_x^T` (B x N): the only two matmuls. Each serves two roles: its rows are
+        the local anchors against every candidate, its transpose every (detached) anchor against the local
+        candidates, and in both roles the gradient reaches the local features through it."""
+        return self.x @ self.all_y.T, self.y @ self.all_x.T
+
+    def anchor_logits(self, scale: torch.Tensor, products: tuple[torch.Tensor, torch.Tensor]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Local anchors against every candidate of the global batch (B x N), graph into the local features.
 
         Image anchors: s (x_i.y_j - x_i.y_i); text anchors: s (y_j.x_i - y_j.x_j). The candidates are the
         gathered (detached) features: the gradient reaches a local sample here as an anchor and positive.
         """
+        xy, yx = products
         pos = (self.x * self.y).sum(dim=1)
-        img = negative_logits(self.x, pos, self.all_y, scale, self.local_ids, self.all_ids)
-        txt = negative_logits(self.y, pos, self.all_x, scale, self.local_ids, self.all_ids)
+        img = negative_logits(xy, pos, scale, self.local_ids, self.all_ids)
+        txt = negative_logits(yx, pos, scale, self.local_ids, self.all_ids)
         return img, txt
 
-    def candidate_logits(self, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def candidate_logits(self, scale: torch.Tensor, products: tuple[torch.Tensor, torch.Tensor]
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """Every anchor of the global batch (detached, with sg(s)) against the LOCAL candidates (N x B).
 
         The gradient reaches a local sample here as a negative of any anchor, once.
         """
+        xy, yx = products
         s = scale.detach()
         pos = (self.all_x * self.all_y).sum(dim=1)
-        img = negative_logits(self.all_x, pos, self.y, s, self.all_ids, self.local_ids)
-        txt = negative_logits(self.all_y, pos, self.x, s, self.all_ids, self.local_ids)
+        img = negative_logits(yx.T, pos, s, self.all_ids, self.local_ids)  # all_x @ y^T
+        txt = negative_logits(xy.T, pos, s, self.all_ids, self.local_ids)  # all_y @ x^T
         return img, txt
 
     def weighted_negatives(
@@ -324,14 +334,15 @@ class SogCLRObjective(Objective):
         with no_autocast(image_features.device):
             batch = GlobalBatch.build(image_features, text_features)
             s = self.effective_scale(scale).to(batch.x.dtype)
-            anchor = batch.anchor_logits(s)
+            products = batch.products()
+            anchor = batch.anchor_logits(s, products)
             log_g_img = log_mean_exp_negatives(anchor[0].detach())
             log_g_txt = log_mean_exp_negatives(anchor[1].detach())
             gamma = self.gamma(epoch)
             lu_img, lu_txt, lu_img_all, lu_txt_all, first = self.update_estimators(indices, log_g_img, log_g_txt, gamma)
-            surrogate = batch.weighted_negatives(
-                anchor, batch.candidate_logits(s), (lu_img, lu_txt), (lu_img_all, lu_txt_all)
-            )
+            candidate = batch.candidate_logits(s, products)
+            del products  # the two B x N products are not kept for backward: free them before the weighting
+            surrogate = batch.weighted_negatives(anchor, candidate, (lu_img, lu_txt), (lu_img_all, lu_txt_all))
             gcl = 0.5 * (log_g_img.mean() + log_g_txt.mean())
             loss = with_value(gcl, surrogate)
             extra = self.temperature_term(lu_img, lu_txt, s)
