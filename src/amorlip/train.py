@@ -345,7 +345,7 @@ def train(cfg: Config, stream: Any | None = None) -> RunResult:
                 }
                 logger.log(step, values)
                 if progress is not None:
-                    progress.set_postfix(loss=f"{float(loss):.3f}", T=f"{temperature:.3f}", sps=f"{rate:.0f}")
+                    progress.set_postfix(loss=f"{float(loss.detach()):.3f}", T=f"{temperature:.3f}", sps=f"{rate:.0f}")
             if progress is not None:
                 progress.update(1)
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total_steps:
