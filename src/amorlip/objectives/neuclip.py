@@ -49,7 +49,6 @@ from amorlip.objectives.base import Objective, ObjectiveContext, ObjectiveOutput
 from amorlip.objectives.sogclr import (
     GlobalBatch,
     compute_dtype,
-    log_mean_exp_negatives,
     log_partition_from_log_g,
     no_autocast,
     with_value,
@@ -199,10 +198,9 @@ class NeuCLIPObjective(Objective):
             batch = GlobalBatch.build(image_features, text_features)
             s = scale.to(batch.x.dtype)
             products = batch.products()
-            anchor = batch.anchor_logits(s, products)
             # log(eps + g) of the local anchors on this batch: the targets of Eq. N1's inner minimisation.
-            target_img = self.log_eps_plus(log_mean_exp_negatives(anchor[0].detach()))
-            target_txt = self.log_eps_plus(log_mean_exp_negatives(anchor[1].detach()))
+            log_g_img, log_g_txt = batch.anchor_log_g(s, products)
+            target_img, target_txt = self.log_eps_plus(log_g_img), self.log_eps_plus(log_g_txt)
 
             pushed = False
             if self.num_valid == 0 or step % self.cfg.restart_every == 0:
@@ -225,10 +223,9 @@ class NeuCLIPObjective(Objective):
             alpha_img, alpha_txt = alpha_img_all[batch.local_ids], alpha_txt_all[batch.local_ids]
 
             # Step 3: SogCLR's surrogate with u = exp(alpha); value = Eq. N1's objective on the local anchors.
-            candidate = batch.candidate_logits(s, products)
-            del products  # the two B x N products are not kept for backward: free them before the weighting
-            surrogate = batch.weighted_negatives(anchor, candidate, (alpha_img, alpha_txt),
+            surrogate = batch.weighted_negatives(s, products, (alpha_img, alpha_txt),
                                                  (alpha_img_all, alpha_txt_all))
+            del products
             value = 0.5 * (conjugate_value(target_img, alpha_img).mean() + conjugate_value(target_txt, alpha_txt).mean())
             loss = with_value(value, surrogate)
             extra = None

@@ -187,54 +187,81 @@ class GlobalBatch:
         return cls(x, y, all_x, all_y, local_ids, torch.arange(all_x.shape[0], device=device))
 
     def products(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """`x @ all_y^T` and `y @ all_x^T` (B x N): the only two matmuls. Each serves two roles: its rows are
-        the local anchors against every candidate, its transpose every (detached) anchor against the local
-        candidates, and in both roles the gradient reaches the local features through it."""
+        """`x @ all_y^T` and `y @ all_x^T` (B x N): the only two matmuls. Each serves two roles: along its rows
+        the local anchors against every candidate, along its columns every (detached) anchor against the
+        local candidates; in both the gradient reaches the local features through it."""
         return self.x @ self.all_y.T, self.y @ self.all_x.T
 
-    def anchor_logits(self, scale: torch.Tensor, products: tuple[torch.Tensor, torch.Tensor]
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Local anchors against every candidate of the global batch (B x N), graph into the local features.
-
-        Image anchors: s (x_i.y_j - x_i.y_i); text anchors: s (y_j.x_i - y_j.x_j). The candidates are the
-        gathered (detached) features: the gradient reaches a local sample here as an anchor and positive.
-        """
+    @torch.no_grad()
+    def anchor_log_g(self, scale: torch.Tensor, products: tuple[torch.Tensor, torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """log g of the local anchors on this batch (detached): image anchors over s (x_i.y_j - x_i.y_i),
+        text anchors over s (y_j.x_i - y_j.x_j), own positives excluded."""
         xy, yx = products
         pos = (self.x * self.y).sum(dim=1)
-        img = negative_logits(xy, pos, scale, self.local_ids, self.all_ids)
-        txt = negative_logits(yx, pos, scale, self.local_ids, self.all_ids)
-        return img, txt
-
-    def candidate_logits(self, scale: torch.Tensor, products: tuple[torch.Tensor, torch.Tensor]
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every anchor of the global batch (detached, with sg(s)) against the LOCAL candidates (N x B).
-
-        The gradient reaches a local sample here as a negative of any anchor, once.
-        """
-        xy, yx = products
-        s = scale.detach()
-        pos = (self.all_x * self.all_y).sum(dim=1)
-        img = negative_logits(yx.T, pos, s, self.all_ids, self.local_ids)  # all_x @ y^T
-        txt = negative_logits(xy.T, pos, s, self.all_ids, self.local_ids)  # all_y @ x^T
-        return img, txt
+        return tuple(  # type: ignore[return-value]
+            log_mean_exp_negatives(negative_logits(sim, pos, scale, self.local_ids, self.all_ids)) for sim in (xy, yx)
+        )
 
     def weighted_negatives(
         self,
-        anchor: tuple[torch.Tensor, torch.Tensor],
-        candidate: tuple[torch.Tensor, torch.Tensor],
+        scale: torch.Tensor,
+        products: tuple[torch.Tensor, torch.Tensor],
         log_den_local: tuple[torch.Tensor, torch.Tensor],
         log_den_all: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         """The rank's share of `1/2 [mean_i g_i / sg(u_i) + mean_j h_j / sg(v_j)]` (SogCLR's gradient estimator).
 
-        `log_den_*` are the (image, text) anchors' log denominators (log u, or NeuCLIP's alpha), detached,
-        for the local anchors and for all anchors of the global batch. Scaled by 1/(2 B (N-1)) so that the
-        ranks' gradients, averaged by DDP, are the 1-process gradient of the concatenated batch.
+        Four terms, two per product: the local anchors against all candidates (rows; graph into the anchors,
+        their positives and s) and all anchors, detached and with sg(s), against the local candidates
+        (columns; the gradient reaches a local sample as a negative of any anchor, once). `log_den_*` are the
+        (image, text) anchors' log denominators (log u, or NeuCLIP's alpha), detached, for the local anchors
+        and for all anchors of the global batch. Scaled by 1/(2 B (N-1)) so that the ranks' gradients,
+        averaged by DDP, are the 1-process gradient of the concatenated batch.
         """
-        total = anchor[0].new_zeros(())
-        for logits, log_den in zip((*anchor, *candidate), (*log_den_local, *log_den_all)):
-            total = total + torch.exp(logits - log_den.detach()[:, None]).sum()
+        xy, yx = products
+        pos_local = (self.x * self.y).sum(dim=1)
+        pos_all = (self.all_x * self.all_y).sum(dim=1)
+        own = self.local_ids[:, None] == self.all_ids[None, :]
+        s_detached = scale.detach()
+        terms = (  # (similarities, positives, s, log denominators, anchors along rows (0) or columns (1))
+            (xy, pos_local, scale, log_den_local[0], 0),  # image anchors x_i vs texts
+            (yx, pos_local, scale, log_den_local[1], 0),  # text anchors y_j vs images
+            (yx, pos_all, s_detached, log_den_all[0], 1),  # every image anchor vs the local texts
+            (xy, pos_all, s_detached, log_den_all[1], 1),  # every text anchor vs the local images
+        )
+        total = sum(ExpWeightSum.apply(sim, pos, sc, den.detach(), own, axis) for sim, pos, sc, den, axis in terms)
         return total / (2 * self.local_size * (self.size - 1))
+
+
+class ExpWeightSum(torch.autograd.Function):
+    """`sum_ij exp(s (S_ij - p_a) - d_a)` over the pairs that are not `own`, a the anchor of the pair (the row
+    index i for axis 0, the column index j for axis 1); one B x N buffer of weights, no intermediate graph.
+
+    The same value and gradients as the composition of autograd ops (tests compare the two): w = the
+    weights, d/dS = s w, d/dp_a = -s sum(w over a's pairs), d/ds = sum(w (S - p)). `d` gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, sim: torch.Tensor, pos: torch.Tensor, scale: torch.Tensor, log_den: torch.Tensor,
+                own: torch.Tensor, axis: int) -> torch.Tensor:
+        shape = (-1, 1) if axis == 0 else (1, -1)
+        diff = sim - pos.view(shape)
+        weights = diff * scale
+        weights.sub_(log_den.view(shape)).exp_().masked_fill_(own, 0.0)
+        ctx.save_for_backward(weights, diff if ctx.needs_input_grad[2] else None, scale)
+        ctx.axis = axis
+        return weights.sum()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        weights, diff, scale = ctx.saved_tensors
+        g = weights * grad
+        grad_scale = (g * diff).sum().reshape(scale.shape) if ctx.needs_input_grad[2] else None
+        grad_pos = g.sum(dim=1 - ctx.axis).mul_(-scale) if ctx.needs_input_grad[1] else None
+        grad_sim = g.mul_(scale) if ctx.needs_input_grad[0] else None
+        return grad_sim, grad_pos, grad_scale, None, None, None
 
 
 def with_value(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
@@ -335,14 +362,11 @@ class SogCLRObjective(Objective):
             batch = GlobalBatch.build(image_features, text_features)
             s = self.effective_scale(scale).to(batch.x.dtype)
             products = batch.products()
-            anchor = batch.anchor_logits(s, products)
-            log_g_img = log_mean_exp_negatives(anchor[0].detach())
-            log_g_txt = log_mean_exp_negatives(anchor[1].detach())
+            log_g_img, log_g_txt = batch.anchor_log_g(s, products)
             gamma = self.gamma(epoch)
             lu_img, lu_txt, lu_img_all, lu_txt_all, first = self.update_estimators(indices, log_g_img, log_g_txt, gamma)
-            candidate = batch.candidate_logits(s, products)
-            del products  # the two B x N products are not kept for backward: free them before the weighting
-            surrogate = batch.weighted_negatives(anchor, candidate, (lu_img, lu_txt), (lu_img_all, lu_txt_all))
+            surrogate = batch.weighted_negatives(s, products, (lu_img, lu_txt), (lu_img_all, lu_txt_all))
+            del products
             gcl = 0.5 * (log_g_img.mean() + log_g_txt.mean())
             loss = with_value(gcl, surrogate)
             extra = self.temperature_term(lu_img, lu_txt, s)
