@@ -36,3 +36,16 @@ def test_siglip_overrides_reach_open_clip():
     model, *_ = create_model("micro-vit", **get("siglip").model_overrides)
     assert model.logit_scale.exp().item() == pytest.approx(10.0)
     assert model.logit_bias.item() == pytest.approx(-10.0)
+
+
+def test_random_init_notice_is_not_printed(caplog):
+    """open_clip's "No pretrained weights loaded" warning is dropped (pretraining from scratch is the point);
+    other warnings still pass."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        create_model("micro-vit")
+        logging.warning("an unrelated warning")
+    messages = [r.getMessage() for r in caplog.records]
+    assert "an unrelated warning" in messages
+    assert not any("No pretrained weights loaded" in m for m in messages)

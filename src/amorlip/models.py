@@ -1,8 +1,10 @@
 """open_clip model construction (any config name, plus tiny CPU configs) and parameter groups."""
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import open_clip
 import torch
@@ -39,15 +41,34 @@ def model_config(name: str) -> dict[str, Any]:
     return cfg
 
 
+class _DropRandomInitNotice(logging.Filter):
+    """open_clip warns "No pretrained weights loaded ... initialized randomly" for pretrained=None, which is
+    what pretraining from scratch always asks for."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_random_init() -> Iterator[None]:
+    notice, root = _DropRandomInitNotice(), logging.getLogger()
+    root.addFilter(notice)
+    try:
+        yield
+    finally:
+        root.removeFilter(notice)
+
+
 def create_model(name: str, device: torch.device | str = "cpu", **overrides: Any):
     """Build `name` with random weights (pretrained=None). Returns (model, train_transform, eval_transform, tokenizer).
 
     `overrides` go to open_clip's constructor (e.g. init_logit_scale, init_logit_bias, force_image_size).
     """
     model_config(name)
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        name, pretrained=None, device=device, **overrides
-    )
+    with _quiet_random_init():
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            name, pretrained=None, device=device, **overrides
+        )
     tokenizer = open_clip.get_tokenizer(name)
     return model, preprocess_train, preprocess_val, tokenizer
 
