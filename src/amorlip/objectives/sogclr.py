@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -131,16 +132,11 @@ def negative_logits(
     similarities: torch.Tensor,
     positive_sim: torch.Tensor,
     scale: torch.Tensor,
-    anchor_ids: torch.Tensor,
-    candidate_ids: torch.Tensor,
+    own: torch.Tensor,
 ) -> torch.Tensor:
-    """`s (a_i.c_j - a_i.p_i)` from the anchors-by-candidates similarities `a_i.c_j`, with -inf where
-    candidate j is anchor i's own positive (same batch position).
-
-    `positive_sim` is a_i.p_i; `anchor_ids`/`candidate_ids` are positions in the global batch.
-    """
+    """`s (a_i.c_j - a_i.p_i)` from the anchors-by-candidates similarities `a_i.c_j`, with -inf where `own`
+    marks candidate j as anchor i's own positive. `positive_sim` is a_i.p_i."""
     logits = scale * (similarities - positive_sim[:, None])
-    own = anchor_ids[:, None] == candidate_ids[None, :]
     return logits.masked_fill(own, float("-inf"))
 
 
@@ -173,6 +169,11 @@ class GlobalBatch:
     def local_size(self) -> int:
         return self.x.shape[0]
 
+    @cached_property
+    def own(self) -> torch.Tensor:
+        """(B, N) True where global candidate j is local anchor i's own positive (made once per step)."""
+        return self.local_ids[:, None] == self.all_ids[None, :]
+
     @property
     def size(self) -> int:
         return self.all_x.shape[0]
@@ -200,7 +201,7 @@ class GlobalBatch:
         xy, yx = products
         pos = (self.x * self.y).sum(dim=1)
         return tuple(  # type: ignore[return-value]
-            log_mean_exp_negatives(negative_logits(sim, pos, scale, self.local_ids, self.all_ids)) for sim in (xy, yx)
+            log_mean_exp_negatives(negative_logits(sim, pos, scale, self.own)) for sim in (xy, yx)
         )
 
     def weighted_negatives(
@@ -222,7 +223,6 @@ class GlobalBatch:
         xy, yx = products
         pos_local = (self.x * self.y).sum(dim=1)
         pos_all = (self.all_x * self.all_y).sum(dim=1)
-        own = self.local_ids[:, None] == self.all_ids[None, :]
         s_detached = scale.detach()
         terms = (  # (similarities, positives, s, log denominators, anchors along rows (0) or columns (1))
             (xy, pos_local, scale, log_den_local[0], 0),  # image anchors x_i vs texts
@@ -230,7 +230,7 @@ class GlobalBatch:
             (yx, pos_all, s_detached, log_den_all[0], 1),  # every image anchor vs the local texts
             (xy, pos_all, s_detached, log_den_all[1], 1),  # every text anchor vs the local images
         )
-        total = sum(ExpWeightSum.apply(sim, pos, sc, den.detach(), own, axis) for sim, pos, sc, den, axis in terms)
+        total = sum(ExpWeightSum.apply(sim, pos, sc, den.detach(), self.own, axis) for sim, pos, sc, den, axis in terms)
         return total / (2 * self.local_size * (self.size - 1))
 
 
