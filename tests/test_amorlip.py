@@ -90,20 +90,21 @@ def test_combine_with_previous_is_eq12_in_log_space():
 
 
 def dense_stage2(x, y, s, b, log_lam_img, log_lam_txt, pos_coef):
-    """Eq. 6 written out with explicit sums: -(2/B) sum_i E_ii + (1/B) sum_i (1/N) sum_j w_ij e^E_ij / lambda_i + cols."""
+    """Eq. 6 written out with explicit sums: -(2/B) sum_i s x_i.y_i + (1/B) sum_i (1/N) sum_j w_ij e^E_ij / lambda_i
+    + cols, E_ij = s x_i.y_j + b (the bias in the partitions only, as Eq. 6 and the release)."""
     n = x.shape[0]
     e = s * x @ y.T + (b if b is not None else 0.0)
     w = torch.ones(n, n, dtype=x.dtype) + (pos_coef - 1.0) * torch.eye(n, dtype=x.dtype)
     rows = (w * torch.exp(e)).sum(1) / n / torch.exp(log_lam_img)
     cols = (w * torch.exp(e)).sum(0) / n / torch.exp(log_lam_txt)
-    return -2.0 / n * torch.diagonal(e).sum() + rows.mean() + cols.mean()
+    return -2.0 / n * s * sum(x[i] @ y[i] for i in range(n)) + rows.mean() + cols.mean()
 
 
 def stage2(x, y, s, b, log_lam_img, log_lam_txt, pos_coef, max_log_ratio=None):
     n = x.shape[0]
     logits = s * x @ y.T + (b if b is not None else 0.0)
     idx = torch.arange(n)
-    return amortized_nce_loss(torch.diagonal(logits), log_partition(logits, idx, pos_coef),
+    return amortized_nce_loss(s * (x * y).sum(1), log_partition(logits, idx, pos_coef),
                               log_partition(logits.T, idx, pos_coef), log_lam_img, log_lam_txt, max_log_ratio)
 
 
@@ -136,7 +137,8 @@ def infonce_sum(x, y, s, b=None):
 
 
 def test_gradient_identity_with_exact_log_partition():
-    """Amortizer = this batch's log partition (stop-grad) => Stage-II gradient = InfoNCE gradient (fp64)."""
+    """Amortizer = this batch's log partition (stop-grad) => Stage-II gradient = InfoNCE gradient (fp64) w.r.t.
+    features and s; a logit bias, absent from Eq. 6's positive term, gets 2 (InfoNCE's: 0)."""
     x, y = features(n=10, seed=4)
     s = torch.tensor(12.0, dtype=torch.float64)
     b = torch.tensor(0.7, dtype=torch.float64)
@@ -146,13 +148,39 @@ def test_gradient_identity_with_exact_log_partition():
         logits = ours_in[2] * ours_in[0] @ ours_in[1].T + (ours_in[3] if bias is not None else 0.0)
         idx = torch.arange(10)
         lz_i, lz_t = log_partition(logits, idx), log_partition(logits.T, idx)
-        ours = amortized_nce_loss(torch.diagonal(logits), lz_i, lz_t, lz_i.detach(), lz_t.detach())
+        pos = ours_in[2] * (ours_in[0] * ours_in[1]).sum(1)
+        ours = amortized_nce_loss(pos, lz_i, lz_t, lz_i.detach(), lz_t.detach())
         ref = infonce_sum(*ref_in)
         ours.backward()
         ref.backward()
+        for a, r in zip(ours_in[:3], ref_in[:3]):
+            torch.testing.assert_close(a.grad, r.grad, rtol=1e-10, atol=1e-12)
+        if bias is not None:
+            torch.testing.assert_close(ours_in[3].grad, torch.tensor(2.0, dtype=torch.float64))
+
+
+def test_objective_stage2_positive_term_has_no_bias():
+    """Through the objective with a logit bias: the loss and every gradient are Eq. 6's (bias in the partitions,
+    not in the positive term), whatever the bias."""
+    x, y = features(n=8, seed=21)
+    s = torch.tensor(9.0, dtype=torch.float64)
+    g = torch.Generator().manual_seed(22)
+    lam_i = torch.randn(8, generator=g, dtype=torch.float64) + 4
+    lam_t = torch.randn(8, generator=g, dtype=torch.float64) + 4
+    obj = make(d=16, b=8, divide_by="target", max_log_ratio=None)
+    obj.eval()
+    obj.on_epoch_start(0)
+    obj.target_net["image"], obj.target_net["text"] = FixedOutput(lam_i), FixedOutput(lam_t)
+    for bias in (-1.5, 2.0):
+        ours_in = leaves(x, y, s, torch.tensor(bias, dtype=torch.float64))
+        ref_in = leaves(x, y, s, torch.tensor(bias, dtype=torch.float64))
+        ours = obj(*ours_in, torch.arange(8), step=0, epoch=0).loss
+        ref = dense_stage2(*ref_in, lam_i, lam_t, 1.0)
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+        ours.backward()
+        ref.backward()
         for a, r in zip(ours_in, ref_in):
-            if a is not None:
-                torch.testing.assert_close(a.grad, r.grad, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(a.grad, r.grad, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("divide_by", ["comb", "target", "online"])
@@ -225,6 +253,27 @@ def test_fdiv_loss_is_the_monte_carlo_estimate_of_eq8(fdiv, f):
     ours.backward()
     ref.backward()
     torch.testing.assert_close(lam_a.grad, lam_b.grad)
+
+
+def test_fdiv_regulariser_value_and_the_presets_release_weight():
+    """The f-div loss adds l2_coef x Eq. 10 = l2_coef / 2 x MSE; the f-div presets' 0.2 is the release's 0.1 x MSE
+    (F.mse_loss(log lambda, log target))."""
+    x, y = features(seed=23)
+    logits = 7.0 * x @ y.T
+    log_z = log_partition(logits, torch.arange(8))
+    lam = log_z + torch.linspace(-1.5, 1.0, 8, dtype=torch.float64)
+    eq10 = 0.5 * ((lam - log_z) ** 2).mean()
+    mse = F.mse_loss(lam, log_z)
+    for fdiv in ("kl", "js"):
+        base = amortization_loss(lam, log_z, log_z, "f-div", fdiv, l2_coef=0.0)
+        for coef in (0.1, 0.2):
+            reg = amortization_loss(lam, log_z, log_z, "f-div", fdiv, l2_coef=coef) - base
+            torch.testing.assert_close(reg, coef * eq10)
+    for name in ("cc3m-rn50-amorlip-fdiv", "cc12m-vitb32-amorlip-fdiv"):
+        amor = build_config(name).section("amor")
+        assert amor.loss == "f-div" and amor.fdiv_l2_coef == 0.2
+        torch.testing.assert_close(amor.fdiv_l2_coef * eq10, 0.1 * mse)
+    assert AmorConfig().fdiv_l2_coef == 0.1  # the dataclass keeps the paper's text: 0.1 x Eq. 10
 
 
 @pytest.mark.parametrize("loss,fdiv,l2,offset", [
@@ -494,7 +543,7 @@ def test_loaded_copy_does_not_share_optimizer_state():
 # ---------------------------------------------------------------- config and presets
 
 PRESETS = ["cc3m-rn50-amorlip-l2log", "cc3m-rn50-amorlip-fdiv", "cc12m-vitb32-amorlip-l2log",
-           "cc12m-vitb32-amorlip-fdiv", "tiny-amorlip"]
+           "cc12m-vitb32-amorlip-fdiv", "cc12m-vitb32-amorlip-l2log-rho-release", "tiny-amorlip"]
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -513,14 +562,17 @@ def test_presets_load_and_validate(name):
         assert (cfg.model.name, cfg.train.batch_size, cfg.train.epochs) == ("ViT-B-32", 2048, 33)
         assert (cfg.optim.lr, amor.dim_factor, amor.t_online, amor.alpha) == (4e-4, 1.0, 1, 0.92)
         assert (cfg.temperature.rho, cfg.temperature.rho_final) == (8.5, -8.5)
-        assert cfg.temperature.rho_final_fraction == pytest.approx(1 / 3, abs=1e-6)
+        fraction = 2 / 3 if name.endswith("rho-release") else 1 / 3  # the release's rho_list / the paper
+        assert cfg.temperature.rho_final_fraction == pytest.approx(fraction, abs=1e-6)
         assert (cfg.optim.warmup_steps, amor.beta_decay_epochs, cfg.data.dataset_size) == (10000, 16, 8059642)
     if name.startswith("cc"):
         assert (amor.t_lambda, amor.t_target, amor.beta_final, amor.lr) == (3, 2, 0.8, 1e-3)
         assert (cfg.optim.beta1, cfg.optim.beta2, cfg.optim.eps, cfg.optim.grad_clip) == (0.9, 0.98, 1e-6, 1.0)
         assert (cfg.temperature.scheme, cfg.model.precision, cfg.data.source) == ("rescaled", "bf16", "wds")
         assert cfg.optim.lr_temperature == 1e-4 and cfg.data.train_path
+        assert cfg.optim.lr_temperature_schedule == "const" and cfg.optim.temperature_step_thresh
         assert amor.loss == ("f-div" if name.endswith("fdiv") else "l2-log")
+        assert amor.fdiv_l2_coef == (0.2 if name.endswith("fdiv") else 0.1)
     else:
         assert (cfg.model.name, cfg.data.source, cfg.train.batch_size) == ("tiny-vit", "synthetic", 64)
 

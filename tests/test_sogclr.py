@@ -216,36 +216,131 @@ def test_fastclip_gamma_schedule():
     assert out.metrics["gamma"] == pytest.approx(obj.gamma(2))
 
 
-def test_fastclip_v3_first_visit_is_rgcl_g_gradient():
-    """u = g on first visits: L / sg(s) + rho / s + extra has the gradient of tau * GCL + rho * tau, tau = 1/s."""
-    obj = make("fastclip")
+def dense_release_blocks(x, y, s):
+    """The released FastCLIP code's two blocks on one process, by explicit sums (float64):
+
+    block 1: each anchor (with grad, and its own positive) against the candidates, detached;
+    block 2: each anchor, detached with its positive, against the candidates, with grad;
+    s with grad in both. Returns (g1, h1, g2, h2): image / text anchors' means over the negatives."""
+    n = x.shape[0]
+    xd, yd = x.detach(), y.detach()
+
+    def means(anchors, cands, pos):
+        sim = anchors @ cands.T
+        return torch.stack([sum(torch.exp(s * (sim[a, j] - pos[a])) for j in range(n) if j != a) / (n - 1)
+                            for a in range(n)])
+
+    pos1, pos2 = (x * y).sum(1), (xd * yd).sum(1)
+    return means(x, yd, pos1), means(y, xd, pos1), means(xd, y, pos2), means(yd, x, pos2)
+
+
+def release_reference(x, y, s, u, v, rho, eps):
+    """The released RGCL-g loss: (mean(g1/(u+eps) + h1/(v+eps)) + mean(g2/(u+eps) + h2/(v+eps))) / 2, divided by
+    sg(s), + rho / s + mean(log u + log v) / 2 / s (log without eps)."""
+    g1, h1, g2, h2 = dense_release_blocks(x, y, s)
+    pair = 0.5 * ((g1 / (u + eps) + h1 / (v + eps)).mean() + (g2 / (u + eps) + h2 / (v + eps)).mean())
+    return pair / s.detach() + rho / s + 0.5 * (u.log() + v.log()).mean() / s
+
+
+def exact_reference(x, y, s, u, v, rho, eps):
+    """RGCL-g's gradient with g -> u: d/d(theta, s) of tau GCL_eps + rho tau, tau = 1/s, where the 1/(eps + g) of
+    d log(eps + g) is 1/(eps + u) and GCL_eps's value in the tau' term is 1/2 mean(log(eps + u) + log(eps + v))."""
+    g, h = dense_g(x, y, s)
+    surrogate = 0.5 * ((g / (u + eps)).mean() + (h / (v + eps)).mean())
+    return surrogate / s.detach() + rho / s + 0.5 * ((u + eps).log() + (v + eps).log()).mean() / s
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.05])
+def test_fastclip_v3_exact_first_visit_is_rgcl_g_gradient(eps):
+    """exact, u = g on first visits: L / sg(s) + rho / s + extra has the gradient of tau * GCL_eps + rho * tau."""
+    obj = make("fastclip", temperature_grad="exact", eps=eps)
     x, y = features(seed=11)
     s = torch.tensor(9.0, dtype=torch.float64)
     out, gx, gy, gs = run_step(obj, x, y, s, torch.arange(8), scheme="rescaled", rho=6.5)
     xr, yr, sr = leaves(x, y, s)
     g, h = dense_g(xr, yr, sr)
-    (0.5 * (g.log().mean() + h.log().mean()) / sr + 6.5 / sr).backward()
+    gcl_eps = 0.5 * ((eps + g).log().mean() + (eps + h).log().mean())
+    torch.testing.assert_close(out.loss.detach(), gcl_eps.detach(), rtol=1e-6, atol=1e-7)  # value: log(eps + g)
+    (gcl_eps / sr + 6.5 / sr).backward()
     for ours, ref in ((gx, xr.grad), (gy, yr.grad), (gs, sr.grad)):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-7)  # u is stored in float32
 
 
-def test_fastclip_v3_later_step_temperature_gradient():
-    """With u != g: d/ds = (1/s) d/ds[1/2 mean(g/u + h/v)] - (mean log u + mean log v) / (2 s^2) - rho / s^2."""
-    obj = make("fastclip", gamma_min=0.5, gamma_decay_epochs=1)
-    x0, y0 = features(seed=12)
-    run_step(obj, x0, y0, torch.tensor(5.0, dtype=torch.float64), torch.arange(8), scheme="rescaled")
-    x, y = features(seed=13)
-    s = torch.tensor(12.0, dtype=torch.float64)
-    out, gx, gy, gs = run_step(obj, x, y, s, torch.arange(8), epoch=3, scheme="rescaled", rho=-2.0)
-    assert out.metrics["gamma"] == 0.5
-    u, v = stored_u(obj, torch.arange(8))
-    xr, yr, sr = leaves(x, y, s)
-    g, h = dense_g(xr, yr, sr)
-    surrogate = 0.5 * ((g / u).mean() + (h / v).mean())
-    ref = surrogate / sr.detach() - 2.0 / sr + 0.5 * (u.log().mean() + v.log().mean()) / sr
-    ref.backward()
-    for ours, r in ((gx, xr.grad), (gy, yr.grad), (gs, sr.grad)):
-        torch.testing.assert_close(ours, r, rtol=1e-9, atol=1e-12)
+@pytest.mark.parametrize("mode", ["release", "exact"])
+@pytest.mark.parametrize("eps", [0.0, 0.05])
+def test_fastclip_v3_temperature_gradient_equals_its_dense_reference(mode, eps):
+    """Later step (u != g, half the anchors revisited): every gradient, logit_scale's included, equals the mode's
+    own dense float64 reference; the two modes share the features' gradient and differ in s's."""
+    grads = {}
+    for m in ("release", "exact"):
+        obj = make("fastclip", gamma_min=0.5, gamma_decay_epochs=1, temperature_grad=m, eps=eps)
+        x0, y0 = features(seed=12)
+        run_step(obj, x0, y0, torch.tensor(5.0, dtype=torch.float64), torch.arange(8), scheme="rescaled")
+        x, y = features(seed=13)
+        idx = torch.tensor([0, 1, 2, 3, 20, 21, 22, 23])
+        s = torch.tensor(12.0, dtype=torch.float64)
+        ls = leaves(s.log())[0]  # differentiate w.r.t. logit_scale, as the optimizer does
+        xs, ys = leaves(x, y)
+        out = obj(xs, ys, ls.exp(), None, idx, step=0, epoch=3)
+        (apply_temperature_scheme(out.loss, ls.exp(), "rescaled", -2.0) + out.extra_loss).backward()
+        grads[m] = (xs.grad, ys.grad, ls.grad)
+        if m == mode:
+            u, v = stored_u(obj, idx)
+            assert not torch.allclose(u, dense_g(x, y, s)[0], rtol=1e-3)
+            xr, yr = leaves(x, y)
+            lr_ = leaves(s.log())[0]
+            ref_fn = release_reference if m == "release" else exact_reference
+            ref_fn(xr, yr, lr_.exp(), u, v, -2.0, eps).backward()
+            for ours, ref in zip(grads[m], (xr.grad, yr.grad, lr_.grad)):
+                torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(grads["release"][0], grads["exact"][0], rtol=1e-12, atol=1e-14)
+    assert abs(float(grads["release"][2] - grads["exact"][2])) > 1e-3 * abs(float(grads["exact"][2]))
+
+
+def test_fastclip_release_counts_the_pair_term_twice_in_ds():
+    """v0 (plain scheme, no temperature term): release's d/ds is exactly twice exact's; features unchanged."""
+    x, y = features(seed=14)
+    s = torch.tensor(7.0, dtype=torch.float64)
+    _, gx_r, gy_r, gs_r = run_step(make("fastclip", version=0, temperature_grad="release"), x, y, s, torch.arange(8))
+    _, gx_e, gy_e, gs_e = run_step(make("fastclip", version=0, temperature_grad="exact"), x, y, s, torch.arange(8))
+    torch.testing.assert_close(gs_r, 2 * gs_e, rtol=1e-12, atol=0)
+    torch.testing.assert_close(gx_r, gx_e, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(gy_r, gy_e, rtol=1e-12, atol=1e-14)
+
+
+def tight_pairs(n=8, d=8, seed=15):
+    """Positives at similarity ~0.99: at s = 100 most anchors' g fall far below eps = 1e-14, some stay above."""
+    g = torch.Generator().manual_seed(seed)
+    x = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
+    y = F.normalize(x + 0.1 * torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
+    return x, y
+
+
+@pytest.mark.parametrize("name,options", [("fastclip", {"version": 3, "temperature_grad": "exact"}),
+                                          ("sogclr", {"temperature": None})])
+def test_eps_weights_are_one_over_u_plus_eps(name, options):
+    """Weights exp(s (S - p)) / (u + eps): at s = 100, where g << eps for some anchors, the features' gradient
+    follows 1/(u + eps), not 1/u;
+    the reported value is 1/2 [mean log(eps + g) + mean log(eps + h)]."""
+    x, y = tight_pairs()
+    s = torch.tensor(100.0, dtype=torch.float64)
+    idx = torch.arange(8)
+    results = {}
+    for eps in (0.0, 1e-14):
+        obj = make(name, eps=eps, **options)
+        out, gx, gy, _ = run_step(obj, x, y, s, idx)  # plain scheme: the surrogate's own gradient
+        u, v = stored_u(obj, idx)
+        xr, yr, sr = leaves(x, y, s)
+        g, h = dense_g(xr, yr, sr)
+        assert bool((g.detach() < 1e-18).sum() >= 4) and bool((g.detach() > 1e-12).any())  # eps matters for some
+        torch.testing.assert_close(out.loss.detach(), 0.5 * ((eps + g).log().mean() + (eps + h).log().mean()).detach(),
+                                   rtol=1e-6, atol=0)
+        (0.5 * ((g / (u + eps)).mean() + (h / (v + eps)).mean())).backward()
+        torch.testing.assert_close(gx, xr.grad, rtol=1e-4, atol=1e-300)  # log u is float32
+        torch.testing.assert_close(gy, yr.grad, rtol=1e-4, atol=1e-300)
+        results[eps] = gx
+    # anchors with g << eps get weights ~g/eps instead of ~1: the features' gradient changes
+    assert not torch.allclose(results[1e-14], results[0.0], rtol=0.1, atol=0)
 
 
 def test_fastclip_versions():
@@ -265,6 +360,14 @@ def test_fastclip_versions():
         build_config("tiny-fastclip", [("fastclip.version", "2")])
     with pytest.raises(ValueError, match="gamma"):
         SogCLRConfig(gamma=0.0).validate()
+    with pytest.raises(ConfigError, match="temperature_grad"):
+        build_config("tiny-fastclip", [("fastclip.temperature_grad", "both")])
+    with pytest.raises(ConfigError, match="eps"):
+        build_config("tiny-fastclip", [("fastclip.eps", "-1")])
+    with pytest.raises(ValueError, match="eps"):
+        SogCLRConfig(eps=-1e-3).validate()
+    assert FastCLIPConfig().temperature_grad == "release" and FastCLIPConfig().eps == 1e-14
+    assert SogCLRConfig().eps == 0.0
 
 
 # -- state ------------------------------------------------------------------------------------------------
@@ -311,6 +414,11 @@ def test_fastclip_presets():
     assert (cc12m.model.name, cc12m.train.batch_size, cc12m.train.epochs) == ("ViT-B-32", 2048, 33)
     assert cc12m.optim.lr == 4e-4 and cc12m.temperature.rho == 8.5 and cc12m.data.dataset_size == 8059642
     assert cc12m.section("fastclip").gamma_decay_epochs == 16
+    assert cc12m.optim.lr_temperature == 1e-4  # the FastCLIP README's CC12M v3 command
     tiny = build_config("tiny-fastclip")
     assert tiny.objective == "fastclip" and tiny.temperature.scheme == "rescaled"
+    for cfg in (cc3m, cc12m, tiny):  # the release's temperature machinery
+        fc = cfg.section("fastclip")
+        assert (fc.temperature_grad, fc.eps) == ("release", 1e-14)
+        assert cfg.optim.lr_temperature_schedule == "const" and not cfg.optim.temperature_step_thresh_latch
     assert build_config("tiny-sogclr").objective == "sogclr"

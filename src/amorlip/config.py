@@ -68,7 +68,11 @@ class OptimConfig:
     lr_temperature: float | None = None
     """Learning rate of logit_scale (and logit_bias); None = same as lr."""
     temperature_step_thresh: bool = False
-    """Divide the temperature lr by 3 once the temperature 1/s falls to 0.03 or below."""
+    """Divide the temperature lr by 3 while the temperature 1/s is 0.03 or below (re-checked every step)."""
+    temperature_step_thresh_latch: bool = False
+    """step_thresh: once 1/s has reached 0.03, keep the lower rate for the rest of the run (no re-check)."""
+    lr_temperature_schedule: str | None = None
+    """const | same-as-lr (warm-up + cosine); None: const when lr_temperature is set (releases), else same-as-lr."""
 
 
 @dataclass

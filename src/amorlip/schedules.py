@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -24,6 +25,61 @@ def cosine_ramp(t: float, t_max: float, start: float, end: float) -> float:
     if t_max <= 0 or t >= t_max:
         return end
     return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * t / t_max))
+
+
+TEMPERATURE_LR_SCHEDULES = ("const", "same-as-lr")
+STEP_THRESH_TEMPERATURE = 0.03
+"""step_thresh: the temperature group's lr is divided by STEP_THRESH_DIVISOR while 1/s <= this (both releases)."""
+STEP_THRESH_DIVISOR = 3.0
+
+
+def temperature_lr_schedule(schedule: str | None, lr_temperature: float | None) -> str:
+    """The temperature group's schedule: `schedule` itself, or, when None, `const` if a separate
+    `lr_temperature` is given (the AmorLIP and FastCLIP releases) and `same-as-lr` otherwise (open_clip)."""
+    if schedule is None:
+        return "const" if lr_temperature is not None else "same-as-lr"
+    if schedule not in TEMPERATURE_LR_SCHEDULES:
+        raise ValueError(
+            f"optim.lr_temperature_schedule={schedule!r} is not one of: {', '.join(TEMPERATURE_LR_SCHEDULES)}"
+        )
+    return schedule
+
+
+def param_group_lr(group: dict, step: int, optim: Any, total_steps: int, thresh_hit: bool) -> float:
+    """The learning rate of one optimizer param group at `step` (a pure function of its arguments).
+
+    Encoder groups: `base_lr` times the warm-up + cosine factor. The temperature group (`group == "temperature"`,
+    logit_scale and logit_bias): `base_lr` constant (`const`, no warm-up, no decay) or times the same factor
+    (`same-as-lr`), see `temperature_lr_schedule`; divided by 3 when `thresh_hit` (step_thresh).
+    `optim` is the run's OptimConfig (warmup_steps, lr_temperature, lr_temperature_schedule).
+    """
+    lr = float(group["base_lr"])
+    if group.get("group") != "temperature":
+        return lr * warmup_cosine_lr(step, 1.0, optim.warmup_steps, total_steps)
+    if temperature_lr_schedule(optim.lr_temperature_schedule, optim.lr_temperature) == "same-as-lr":
+        lr *= warmup_cosine_lr(step, 1.0, optim.warmup_steps, total_steps)
+    return lr / STEP_THRESH_DIVISOR if thresh_hit else lr
+
+
+def watch_temperature(optim: Any, thresh_hit: bool) -> bool:
+    """Whether the trainer must read the temperature after this step for step_thresh (a GPU sync): every step
+    while step_thresh is on, except once a latching threshold has been reached."""
+    return bool(optim.temperature_step_thresh) and not (optim.temperature_step_thresh_latch and thresh_hit)
+
+
+def step_thresh_hit(optim: Any, temperature: float, thresh_hit: bool) -> bool:
+    """step_thresh after a step, from the temperature 1/s it left: on while `temperature <= 0.03`.
+
+    Re-checked every step (the releases: the rate goes back up if the temperature rises again), or, with
+    `optim.temperature_step_thresh_latch`, kept on for the rest of the run once reached. Always False when
+    `optim.temperature_step_thresh` is off. The re-checked flag is a function of the saved logit_scale, so a
+    resume reproduces it; the latched one is history and travels in the checkpoint.
+    """
+    if not optim.temperature_step_thresh:
+        return False
+    if optim.temperature_step_thresh_latch and thresh_hit:
+        return True
+    return temperature <= STEP_THRESH_TEMPERATURE
 
 
 def rho_at(step: int, total_steps: int, rho: float, rho_final: float | None, final_fraction: float) -> float:

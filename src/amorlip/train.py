@@ -26,7 +26,7 @@ from amorlip import distributed, objectives, reclip
 from amorlip.config import Config, ConfigError, describe
 from amorlip.models import clamp_logit_scale, create_model, model_config, param_groups, unwrap
 from amorlip.objectives.base import ObjectiveContext
-from amorlip.schedules import apply_temperature_scheme, rho_at, warmup_cosine_lr
+from amorlip.schedules import apply_temperature_scheme, param_group_lr, rho_at, step_thresh_hit, watch_temperature
 
 STEP_THRESH_TEMPERATURE = 0.03
 
@@ -282,12 +282,9 @@ def train(cfg: Config, stream: Any | None = None) -> RunResult:
             texts = batch["text"].to(device, non_blocking=True)
             indices = batch["index"].to(device, non_blocking=True)
 
-            # Schedules are pure functions of the step.
-            lr_factor = warmup_cosine_lr(step, 1.0, cfg.optim.warmup_steps, total_steps)
+            # Schedules are pure functions of the step (step_thresh: of the temperature the last step left).
             for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * lr_factor
-                if group.get("group") == "temperature" and temp_thresh_hit:
-                    group["lr"] /= 3.0
+                group["lr"] = param_group_lr(group, step, cfg.optim, total_steps, temp_thresh_hit)
             rho = rho_at(step, total_steps, cfg.temperature.rho, cfg.temperature.rho_final, cfg.temperature.rho_final_fraction)
 
             with autocast_context(cfg, device):
@@ -320,11 +317,10 @@ def train(cfg: Config, stream: Any | None = None) -> RunResult:
             step += 1
             samples_since += images.shape[0] * dist_info.world_size
             log_now = step % cfg.train.log_every == 0 or step == total_steps
-            if log_now or (cfg.optim.temperature_step_thresh and not temp_thresh_hit):
+            if log_now or watch_temperature(cfg.optim, temp_thresh_hit):
                 # reading the temperature waits for the GPU: only when it is logged or the threshold is watched
                 temperature = 1.0 / float(unwrap(model).logit_scale.detach().exp())
-                if cfg.optim.temperature_step_thresh and temperature <= STEP_THRESH_TEMPERATURE:
-                    temp_thresh_hit = True
+                temp_thresh_hit = step_thresh_hit(cfg.optim, temperature, temp_thresh_hit)
 
             if log_now:
                 now = time.perf_counter()

@@ -263,13 +263,16 @@ def amortized_nce_loss(
 ) -> torch.Tensor:
     """Stage II, Eq. 6 with both directions summed:
 
-        L = -(2/B) sum_i (s x_i.y_i + b) + (1/B) sum_i exp(log Z_img_i - log lambda_img_i)
-                                         + (1/B) sum_i exp(log Z_txt_i - log lambda_txt_i)
+        L = -(2/B) sum_i s x_i.y_i + (1/B) sum_i exp(log Z_img_i - log lambda_img_i)
+                                   + (1/B) sum_i exp(log Z_txt_i - log lambda_txt_i)
+
+    `pos_logits`: `s x_i.y_i` WITHOUT the logit bias (Eq. 6 and the release; the bias enters the partitions only).
 
     `log_z_*` (with gradient): the anchors' batch log partitions (`log_partition`, mean convention), so
     `exp(log Z_i - log lambda_i)` is `(1/N) sum_j exp(E_ij) / lambda_i`, the per-anchor term of Eq. 6.
     `log_lambda_*` are detached (stop-grad, Eq. 5); `max_log_ratio` floors them at `log Z - max_log_ratio`.
-    With `log lambda = sg(log Z)` the gradient equals that of the summed two-way InfoNCE.
+    With `log lambda = sg(log Z)` the gradient equals that of the summed two-way InfoNCE (w.r.t. features and s;
+    a logit bias b gets 2 from the partitions and nothing from the positive).
     """
 
     def term(log_z: torch.Tensor, log_lambda: torch.Tensor) -> torch.Tensor:
@@ -496,7 +499,7 @@ class AmorLIPObjective(Objective):
             if bias is not None:
                 logits_txt = logits_txt + _upcast(bias)
         pos_index = torch.arange(b, device=x.device) + offset
-        pos_logits = logits_img[torch.arange(b, device=x.device), pos_index]
+        pos_logits = scale * (x * y).sum(dim=1)  # Eq. 6's positive term: no logit bias (as the release)
         log_z = {"image": log_partition(logits_img, pos_index, cfg.pos_coef),
                  "text": log_partition(logits_txt, pos_index, cfg.pos_coef)}
 

@@ -20,7 +20,9 @@ and the encoders follow the gradient of GCL with the 1/g factor replaced by 1/u 
 
 which is the gradient of the surrogate `1/2 [mean_i g_i / sg(u_i) + mean_j h_j / sg(v_j)]`. The surrogate's
 value is ~1 and says nothing, so the objective's `loss` reports the batch GCL `1/2 [mean log g + mean log h]`
-and carries the surrogate's gradient (value + surrogate - sg(surrogate)).
+and carries the surrogate's gradient (value + surrogate - sg(surrogate)). With `eps` > 0 (FastCLIP's default
+1e-14, its release's `--fastclip_eps`) the objective is `log(eps + g)`: the weights are `1/(u + eps)` and the
+reported value `1/2 [mean log(eps + g) + mean log(eps + h)]`.
 
 We keep log u (float32, one per sample and modality) rather than u: the same memory, and exp(2 s) at
 s = 100 overflows float32; every weight is computed as exp(logit - log u).
@@ -28,7 +30,8 @@ s = 100 overflows float32; every weight is computed as exp(logit - log u).
 Multi-process (FastCLIP's scheme): features are gathered WITHOUT gradient; rank r back-propagates through
 its local features only, as anchors (its rows against all candidates) and as candidates (all anchors, detached,
 against its local columns), with the temperature detached in the second term so that every (anchor, candidate)
-pair reaches s exactly once over the ranks. With the local batch B and global batch N = W B, the rank's
+pair reaches s exactly once over the ranks (FastCLIP's `temperature_grad exact`; `release` keeps s attached in
+both terms, as the released FastCLIP code does, so every pair reaches s twice). With the local batch B and global batch N = W B, the rank's
 surrogate is scaled by W/N = 1/B, so after DDP averages the gradients every parameter, s included, sees the
 1-process gradient of the concatenated batch. The updated log u of the local anchors are all-gathered with
 their indices, so every rank holds identical buffers (and the remote anchors' weights use them).
@@ -38,7 +41,8 @@ FastCLIP versions (`fastclip.version`), all with gamma cosine-decayed from 1 to 
   1: GCL, constant temperature (`fastclip.temperature`);
   3: RGCL-g (the default; the temperature update of FastCLIP Alg. 1, line 11): temperature.scheme
      rescaled gives `L / sg(s) + rho / s`, and this objective's `extra_loss = (mean log u + mean log v) / (2 s)`
-     completes the gradient of `tau * GCL + rho * tau`.
+     completes the gradient of `tau * GCL + rho * tau` (`temperature_grad exact`; `release`, the default, counts
+     the surrogate's pair term twice in d/ds and takes log u without eps, as the released code does).
   2 (individual per-sample temperatures, iSogCLR's RGCL) is not implemented.
 """
 from __future__ import annotations
@@ -69,15 +73,20 @@ class SogCLRConfig:
     default for its constant-temperature scheme). None: use the model's learnable s instead."""
     u_on_cpu: bool | None = None
     """Keep the u buffers in CPU memory. None: only when the dataset has more than 1M samples."""
+    eps: float = 0.0
+    """Objective log(eps + g), weights 1/(u + eps). 0: none (SogCLR's own code divides by u alone)."""
 
     def validate(self) -> None:
         if not 0.0 < self.gamma <= 1.0:
             raise ValueError(f"gamma={self.gamma} must be in (0, 1] (the moving-average rate of u)")
         if self.temperature is not None and not self.temperature > 0:
             raise ValueError(f"temperature={self.temperature} must be positive (or None for the learnable one)")
+        if not self.eps >= 0.0:
+            raise ValueError(f"eps={self.eps} must be >= 0")
 
 
 FASTCLIP_VERSIONS = (0, 1, 3)
+TEMPERATURE_GRADS = ("release", "exact")
 
 
 @dataclass
@@ -95,6 +104,12 @@ class FastCLIPConfig:
     """Constant temperature of version 1 (the released code's default)."""
     u_on_cpu: bool | None = None
     """Keep the u buffers in CPU memory. None: only when the dataset has more than 1M samples."""
+    eps: float = 1e-14
+    """Objective log(eps + g), weights 1/(u + eps) (the release's --fastclip_eps default 1e-14; 0: none)."""
+    temperature_grad: str = "release"
+    """Gradient of the learnt s (versions 0, 3). release: as the released code, s attached in the row and
+    the column block (each pair's term counted twice in d/ds) and log u without eps in the v3 term, the setting
+    its rho values were tuned with. exact: the gradient of RGCL-g (v3: tau GCL_eps + rho tau) with g -> u."""
 
     def validate(self) -> None:
         if self.version == 2:
@@ -110,6 +125,10 @@ class FastCLIPConfig:
             raise ValueError(f"gamma_decay_epochs={self.gamma_decay_epochs} must be >= 0")
         if not self.temperature > 0:
             raise ValueError(f"temperature={self.temperature} must be positive")
+        if not self.eps >= 0.0:
+            raise ValueError(f"eps={self.eps} must be >= 0")
+        if self.temperature_grad not in TEMPERATURE_GRADS:
+            raise ValueError(f"temperature_grad={self.temperature_grad!r} is not one of: {', '.join(TEMPERATURE_GRADS)}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -143,6 +162,13 @@ def negative_logits(
 def log_mean_exp_negatives(logits: torch.Tensor) -> torch.Tensor:
     """log( 1/(C-1) sum_{j != i} exp(logits_ij) ): the log of g_i, for rows masked by `negative_logits`."""
     return torch.logsumexp(logits, dim=1) - math.log(logits.shape[1] - 1)
+
+
+def log_eps_plus(log_g: torch.Tensor, eps: float) -> torch.Tensor:
+    """log(eps + g) from log g (log g itself for eps = 0)."""
+    if eps <= 0.0:
+        return log_g
+    return torch.logaddexp(log_g, torch.full_like(log_g, math.log(eps)))
 
 
 def log_partition_from_log_g(log_g: torch.Tensor, positive_logit: torch.Tensor, n: int) -> torch.Tensor:
@@ -210,12 +236,14 @@ class GlobalBatch:
         products: tuple[torch.Tensor, torch.Tensor],
         log_den_local: tuple[torch.Tensor, torch.Tensor],
         log_den_all: tuple[torch.Tensor, torch.Tensor],
+        column_scale_grad: bool = False,
     ) -> torch.Tensor:
         """The rank's share of `1/2 [mean_i g_i / sg(u_i) + mean_j h_j / sg(v_j)]` (SogCLR's gradient estimator).
 
         Four terms, two per product: the local anchors against all candidates (rows; graph into the anchors,
         their positives and s) and all anchors, detached and with sg(s), against the local candidates
-        (columns; the gradient reaches a local sample as a negative of any anchor, once). `log_den_*` are the
+        (columns; the gradient reaches a local sample as a negative of any anchor, once). `column_scale_grad`
+        keeps s attached in the columns too (the released FastCLIP code): every pair then reaches s twice. `log_den_*` are the
         (image, text) anchors' log denominators (log u, or NeuCLIP's alpha), detached, for the local anchors
         and for all anchors of the global batch. Scaled by 1/(2 B (N-1)) so that the ranks' gradients,
         averaged by DDP, are the 1-process gradient of the concatenated batch.
@@ -223,7 +251,7 @@ class GlobalBatch:
         xy, yx = products
         pos_local = (self.x * self.y).sum(dim=1)
         pos_all = (self.all_x * self.all_y).sum(dim=1)
-        s_detached = scale.detach()
+        s_detached = scale if column_scale_grad else scale.detach()
         terms = (  # (similarities, positives, s, log denominators, anchors along rows (0) or columns (1))
             (xy, pos_local, scale, log_den_local[0], 0),  # image anchors x_i vs texts
             (yx, pos_local, scale, log_den_local[1], 0),  # text anchors y_j vs images
@@ -325,6 +353,10 @@ class SogCLRObjective(Objective):
     ) -> torch.Tensor | None:
         return None
 
+    def column_scale_grad(self) -> bool:
+        """Whether s keeps its gradient in the column block (FastCLIP's `temperature_grad release`)."""
+        return False
+
     # -- the step --------------------------------------------------------------------------------------
     def update_estimators(
         self, indices: torch.Tensor, log_g_img: torch.Tensor, log_g_txt: torch.Tensor, gamma: float
@@ -365,9 +397,13 @@ class SogCLRObjective(Objective):
             log_g_img, log_g_txt = batch.anchor_log_g(s, products)
             gamma = self.gamma(epoch)
             lu_img, lu_txt, lu_img_all, lu_txt_all, first = self.update_estimators(indices, log_g_img, log_g_txt, gamma)
-            surrogate = batch.weighted_negatives(s, products, (lu_img, lu_txt), (lu_img_all, lu_txt_all))
+            eps = float(self.cfg.eps)  # weights 1/(u + eps): log denominators log(eps + u)
+            surrogate = batch.weighted_negatives(
+                s, products, (log_eps_plus(lu_img, eps), log_eps_plus(lu_txt, eps)),
+                (log_eps_plus(lu_img_all, eps), log_eps_plus(lu_txt_all, eps)), self.column_scale_grad(),
+            )
             del products
-            gcl = 0.5 * (log_g_img.mean() + log_g_txt.mean())
+            gcl = 0.5 * (log_eps_plus(log_g_img, eps).mean() + log_eps_plus(log_g_txt, eps).mean())
             loss = with_value(gcl, surrogate)
             extra = self.temperature_term(lu_img, lu_txt, s)
         metrics = {
@@ -412,14 +448,20 @@ class FastCLIPObjective(SogCLRObjective):
             return scale * 0.0 + 1.0 / self.cfg.temperature
         return scale
 
+    def column_scale_grad(self) -> bool:
+        return self.cfg.temperature_grad == "release"
+
     def temperature_term(
         self, log_u_img: torch.Tensor, log_u_txt: torch.Tensor, scale: torch.Tensor
     ) -> torch.Tensor | None:
-        """RGCL-g's temperature term `(mean log u + mean log v) / (2 s)` (v3 only; u, v detached).
+        """RGCL-g's temperature term `(mean log(eps + u) + mean log(eps + v)) / (2 s)` (v3 only; u, v detached).
 
-        With the trainer's `L / sg(s) + rho / s` it makes d/ds the derivative of `tau GCL(tau) + rho tau`
-        (tau = 1/s) with g replaced by u, and leaves the encoders' gradient `L / s` unchanged.
+        With the trainer's `L / sg(s) + rho / s` it makes d/ds the derivative of `tau GCL_eps(tau) + rho tau`
+        (tau = 1/s) with g replaced by u (`exact`), and leaves the encoders' gradient `L / s` unchanged.
+        `release` takes `log u` without eps, as the released code does.
         """
         if self.cfg.version != 3:
             return None
-        return (log_u_img.detach().mean() + log_u_txt.detach().mean()) / (2.0 * scale)
+        eps = 0.0 if self.cfg.temperature_grad == "release" else float(self.cfg.eps)
+        log_u = log_eps_plus(log_u_img.detach(), eps).mean() + log_eps_plus(log_u_txt.detach(), eps).mean()
+        return log_u / (2.0 * scale)
