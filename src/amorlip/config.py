@@ -100,14 +100,21 @@ class TrainConfig:
     name: str | None = None
     """Run folder name under output_dir (default: objective-model-seed)."""
     checkpoint_every: int = 0
-    """Save a checkpoint every N steps (0 = only at the end)."""
+    """Save a checkpoint every N steps (0 = by time only, see checkpoint_minutes, and at the end)."""
+    checkpoint_minutes: float = 30.0
+    """Also save a checkpoint when this many minutes have passed since the last one (0 = off). SIGTERM and
+    SIGUSR1 (pre-emption) always save one before the run exits."""
     keep_checkpoints: int = 2
     eval_every: int = 0
     """Evaluate every N steps (0 = only at the end)."""
     log_every: int = 10
     tensorboard: bool = False
     resume: str | None = None
-    """`latest` (the run folder's newest checkpoint) or a checkpoint path."""
+    """`latest` (the run folder's newest checkpoint), `auto` (latest if there is one, else start fresh) or a
+    checkpoint path. Refused when the checkpoint was made with settings that change results."""
+    resume_allow_changes: str | None = None
+    """Comma-separated keys a resume may change (e.g. optim.lr,train.steps; `all` for any; world_size for
+    another process count); others that differ from the checkpoint's settings are an error."""
     stop_at: int | None = None
     """Stop after this global step (checkpoint saved; schedules still span the whole run): for time-limited jobs."""
     progress: bool = True

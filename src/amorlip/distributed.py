@@ -119,6 +119,21 @@ def broadcast_(x: torch.Tensor, src: int = 0) -> torch.Tensor:
     return x
 
 
+def any_ranks(flags: list[bool], device: torch.device) -> list[bool]:
+    """Element-wise OR of `flags` over all processes (one small all-reduce; none with one process), so that
+    every process takes the same decision (save, stop) at the same step."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [bool(f) for f in flags]
+    t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` is true on any process."""
+    return any_ranks([flag], device)[0]
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()

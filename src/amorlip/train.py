@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from amorlip import checkpoint as ckpt
 from amorlip import distributed, objectives, reclip
+from amorlip import resume as resume_check
+from amorlip.progress import Progress
+from amorlip.signals import StopRequest
 from amorlip.config import Config, ConfigError, describe
 from amorlip.models import clamp_logit_scale, create_model, model_config, param_groups, unwrap
 from amorlip.objectives.base import ObjectiveContext
@@ -60,10 +64,14 @@ def autocast_context(cfg: Config, device: torch.device):
 class MetricsLogger:
     """JSONL always (main rank), TensorBoard when asked."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, fresh: bool = False) -> None:
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
+        if enabled and fresh:  # a new run never mixes its lines with a failed earlier run's
+            self.path.unlink(missing_ok=True)
+            for old in (run_dir / "tensorboard").glob("events.out.tfevents.*"):
+                old.unlink(missing_ok=True)
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -80,11 +88,18 @@ class MetricsLogger:
                 if isinstance(v, float):
                     self.tb.add_scalar(k, v, step)
 
-    def truncate_after(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint (they will be logged again)."""
+    def truncate_after(self, step: int, drop_eval_at_step: bool = False) -> None:
+        """On resume, drop lines logged after the checkpoint (they will be logged again); with
+        `drop_eval_at_step` also the evaluation at the checkpoint's step (a finished run evaluates again)."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+
+        def keep(row: dict[str, Any]) -> bool:
+            if row["step"] == step and drop_eval_at_step:
+                return not any(k.startswith("eval/") for k in row)
+            return row["step"] <= step
+
+        kept = [line for line in self.path.read_text().splitlines() if line.strip() and keep(json.loads(line))]
         ckpt.atomic_write_text("".join(line + "\n" for line in kept), self.path)
 
     def close(self) -> None:
@@ -128,8 +143,14 @@ def train(cfg: Config, stream: Any | None = None) -> RunResult:
     """Train according to `cfg`; returns the run folder, final step and final metrics.
 
     `stream` (a `TrainStream` for this rank) replaces the one built from `cfg.data`: `amorlip bench` passes
-    pre-made batches to time the real training step.
+    pre-made batches to time the real training step. SIGTERM / SIGUSR1 during the run save a checkpoint and
+    exit 128 + signal (amorlip.signals).
     """
+    with StopRequest() as stop:
+        return _train(cfg, stream, stop)
+
+
+def _train(cfg: Config, stream: Any | None, stop: StopRequest) -> RunResult:
     from amorlip.data.loader import build_train_stream
 
     dist_info = distributed.init_distributed(cfg.train.device)
@@ -193,11 +214,13 @@ def train(cfg: Config, stream: Any | None = None) -> RunResult:
         )
     if resume_path is not None:
         state = ckpt.load_checkpoint(resume_path, map_location=device)
+        _check_resume_settings(state, cfg, dist_info.world_size, resume_path, is_main)
         reclip.load_model_state(model, state["model"], optimizer)  # at the resolution it was saved at
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         objective.load_state_dict(state["objective"])
-        ckpt.set_rng_state(state["rng"][dist_info.rank] if isinstance(state["rng"], list) else state["rng"])
+        rng = state["rng"]
+        ckpt.set_rng_state(rng[dist_info.rank % len(rng)] if isinstance(rng, list) else rng)
         step = int(state["step"])
         temp_thresh_hit = bool(state.get("temp_thresh_hit", False))
         stream.stats.__dict__.update(state.get("data_stats", {}))
@@ -215,12 +238,15 @@ def train(cfg: Config, stream: Any | None = None) -> RunResult:
     if is_main and resolution.enabled:
         print(f"step {step}: {resolution.describe()}")
 
-    logger = MetricsLogger(run_dir, is_main, cfg.train.tensorboard)
+    logger = MetricsLogger(run_dir, is_main, cfg.train.tensorboard, fresh=resume_path is None)
     if is_main:
+        print(f"run folder: {run_dir}", flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
+        for tmp in ckpt.remove_stale_temporaries(ckpt.checkpoint_dir(run_dir)):
+            print(f"removed {tmp.name}, left by an interrupted checkpoint write")
         ckpt.atomic_write_text(describe(cfg), run_dir / "config.yaml")
         if resume_path is not None:
-            logger.truncate_after(step)
+            logger.truncate_after(step, drop_eval_at_step=step >= total_steps)
             print(f"resumed from {resume_path} at step {step}")
     eval_sets = build_eval_sets(cfg) if is_main and (cfg.eval.zeroshot or cfg.eval.retrieval) else ([], None)
 
@@ -241,23 +267,34 @@ def train(cfg: Config, stream: Any | None = None) -> RunResult:
             "temp_thresh_hit": temp_thresh_hit,
             "data_stats": dict(stream.stats.__dict__),
             "config": cfg.to_dict(),
+            "world_size": dist_info.world_size,
         }
 
     last_saved = step if resume_path is not None else -1
+    last_good = resume_path  # the newest checkpoint known to hold finite weights
+    last_save_time = time.monotonic()
 
-    def save() -> None:
-        nonlocal last_saved
+    def save() -> Path | None:
+        """Write a checkpoint of the current step; never one whose weights or optimizer state are not finite."""
+        nonlocal last_saved, last_good, last_save_time
         state = checkpoint_state()  # collective under DDP: every rank takes part
+        bad = ckpt.non_finite_tensors({k: state[k] for k in ("model", "optimizer", "objective")})
+        if distributed.any_rank(bool(bad), device):
+            raise FloatingPointError(
+                f"the weights or optimizer state became non-finite by step {step} "
+                f"({len(bad)} tensors{', e.g. ' + ', '.join(bad[:3]) if bad else ' on another process'}); "
+                f"not saved. Lower --optim.lr (or check the data); {_last_good_text(last_good)}"
+            )
+        path = None
         if is_main:
-            ckpt.save_checkpoint(run_dir, step, state, keep=cfg.train.keep_checkpoints)
-        last_saved = step
+            path = ckpt.save_checkpoint(run_dir, step, state, keep=cfg.train.keep_checkpoints)
+            last_good = path
+        last_saved, last_save_time = step, time.monotonic()
         distributed.barrier()
+        return path
 
-    progress = None
-    if is_main and cfg.train.progress:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=total_steps, initial=step, desc=f"{cfg.objective}", unit="step", dynamic_ncols=True)
+    progress = Progress(total_steps, step, cfg.objective, bar=None if cfg.train.progress else False) if is_main else None
+    checkpoint_seconds = 60.0 * cfg.train.checkpoint_minutes
 
     # Sources that can drop unreadable samples (csv, wds) may give ranks batches of different sizes, which
     # the feature gathers cannot take: trim every rank's batch to the smallest (one scalar all-reduce per step,
@@ -303,8 +340,8 @@ def train(cfg: Config, stream: Any | None = None) -> RunResult:
             # while the host launches the backward pass; still before any parameter changes.
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"loss is {loss.item()} at step {step}; lower --optim.lr or check the data (last good checkpoint: "
-                    f"{ckpt.latest_checkpoint(run_dir)})"
+                    f"loss is {loss.item()} at step {step}; lower --optim.lr or check the data; "
+                    f"{_last_good_text(last_good)}"
                 )
             if cfg.optim.grad_clip > 0:
                 scaler.unscale_(optimizer)
@@ -340,11 +377,17 @@ def train(cfg: Config, stream: Any | None = None) -> RunResult:
                     **{f"obj/{k}": _to_float(v) for k, v in result.metrics.items()},
                 }
                 logger.log(step, values)
-                if progress is not None:
-                    progress.set_postfix(loss=f"{float(loss.detach()):.3f}", T=f"{temperature:.3f}", sps=f"{rate:.0f}")
             if progress is not None:
-                progress.update(1)
-            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total_steps:
+                progress.update(step, {**values, "loss": float(values["loss"])} if log_now else None)
+            # pre-emption and the time-based checkpoint: every process decides the same (one tiny all-reduce
+            # per step, only with several processes)
+            signalled, time_due = distributed.any_ranks(
+                [stop.signum is not None,
+                 checkpoint_seconds > 0 and time.monotonic() - last_save_time >= checkpoint_seconds], device)
+            if signalled:
+                path = save() if last_saved != step else last_good
+                _exit_on_signal(stop, step, path, is_main)
+            if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 or time_due) and step < total_steps:
                 save()
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
                 if is_main and (eval_sets[0] or eval_sets[1] is not None):
@@ -378,6 +421,37 @@ def train(cfg: Config, stream: Any | None = None) -> RunResult:
     if is_main:
         finish_run(result, cfg, data_stats)
     return result
+
+
+def _last_good_text(path: Path | None) -> str:
+    if path is None:
+        return "no checkpoint was saved before this (start again)"
+    return (f"last good checkpoint: {path} (continue from it with --train.resume {path} and "
+            f"--train.resume-allow-changes KEYS for the settings you change, e.g. optim.lr)")
+
+
+def _exit_on_signal(stop: StopRequest, step: int, path: Path | None, is_main: bool) -> None:
+    """After a stop signal: say what was saved and exit 128 + the signal's number (the shell's convention)."""
+    if is_main:
+        print(f"received {stop.name} at step {step}: checkpoint {path} saved; continue with --train.resume latest",
+              file=sys.stderr, flush=True)
+    distributed.teardown()
+    raise SystemExit(128 + int(stop.signum or 0))
+
+
+def _check_resume_settings(state: dict[str, Any], cfg: Config, world_size: int, path: Path, is_main: bool) -> None:
+    """Refuse a resume whose checkpoint was made with settings that change results (see amorlip.resume)."""
+    saved = state.get("config")
+    if not isinstance(saved, dict):
+        return  # a checkpoint without its settings (not made by this trainer): nothing to compare
+    try:
+        accepted = resume_check.check_resume(saved, cfg.to_dict(), state.get("world_size"), world_size,
+                                             cfg.train.resume_allow_changes, f"checkpoint {path}")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if accepted and is_main:
+        print("resuming with changed settings (accepted by --train.resume-allow-changes): " + ", ".join(
+            f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(accepted.items())))
 
 
 def _summed_stats(stats, world_size: int) -> dict[str, Any]:

@@ -1,0 +1,354 @@
+"""Faults a user causes or meets while training, each injected for real: divergence, a changed setting on resume,
+pre-emption (SIGTERM / SIGUSR1, also under torchrun), a full disk, a kill during a checkpoint write, an old
+log in the run folder, file modes, progress on a non-TTY. Every subprocess has a timeout, so a regression fails
+instead of hanging."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from amorlip import checkpoint as ckpt
+
+TINY = ["--model.name", "micro-vit", "--data.synthetic-size", "256", "--train.batch-size", "16",
+        "--optim.warmup-steps", "2", "--train.threads", "1", "--eval.zeroshot", "false", "--eval.retrieval", "false"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+TIMEOUT = 240
+
+
+def train_cmd(out: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "amorlip.cli", "train", "--train.output-dir", str(out), *TINY, *args]
+
+
+def run(out: Path, *args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(train_cmd(out, *args), env=ENV, capture_output=True, text=True, timeout=TIMEOUT, **kw)
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in lines if line.startswith("amorlip train: error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    return errors[0]
+
+
+def state_of(path: Path) -> dict:
+    return ckpt.load_checkpoint(path)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, deadline_s: float = TIMEOUT) -> None:
+    """Poll metrics.jsonl until it holds `step` (the run is then past its set-up and mid-training)."""
+    path = run_dir / "metrics.jsonl"
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < deadline_s:
+        assert proc.poll() is None, f"the run ended early (exit {proc.returncode})"
+        if path.exists():
+            steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+            if steps and max(steps) >= step:
+                return
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"no step {step} within {deadline_s} s")
+
+
+# --- 2: a diverged run never saves non-finite weights, and names a finite checkpoint --------------------------
+
+
+def test_divergence_never_saves_non_finite_weights(tmp_path):
+    proc = run(tmp_path, "--train.steps", "40", "--optim.lr", "1e3", "--train.checkpoint-every", "1",
+               "--train.keep-checkpoints", "100", "--train.name", "nan")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    line = one_error_line(proc)
+    assert "lower --optim.lr" in line
+    files = sorted((tmp_path / "nan" / "checkpoints").glob("step_*.pt"))
+    for f in files:  # every checkpoint written is finite
+        assert not ckpt.non_finite_tensors({k: state_of(f)[k] for k in ("model", "optimizer", "objective")}), f
+    if files:
+        assert str(files[-1]) in line, "the message names the newest (finite) checkpoint"
+    else:
+        assert "no checkpoint was saved" in line
+
+
+def test_non_finite_state_is_found():
+    good = {"model": {"w": torch.ones(3)}, "optimizer": {"state": {0: {"exp_avg": torch.zeros(2), "step": 3}}}}
+    assert ckpt.non_finite_tensors(good) == []
+    bad = {"model": {"w": torch.tensor([1.0, float("nan")])},
+           "optimizer": {"state": {0: {"exp_avg": torch.tensor([float("inf")])}}}, "objective": [torch.ones(1)]}
+    assert ckpt.non_finite_tensors(bad) == ["model.w", "optimizer.state.0.exp_avg"]
+
+
+# --- 3: a resume never silently mixes settings ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    proc = run(out, "--train.steps", "4", "--train.name", "base", "--train.checkpoint-every", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+def test_resume_with_other_settings_is_refused(finished_run, tmp_path):
+    run_dir = finished_run / "base"
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    proc = run(finished_run, "--train.steps", "4", "--train.name", "base", "--train.checkpoint-every", "2",
+               "--optim.lr", "0.01", "--train.batch-size", "32", "--train.resume", "latest")
+    assert proc.returncode == 2
+    line = one_error_line(proc)
+    assert "optim.lr 0.001 -> 0.01" in line and "train.batch_size 16 -> 32" in line
+    assert "--train.resume-allow-changes optim.lr,train.batch_size" in line
+    after = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    assert after == before, "a refused resume must not touch the run folder (config.yaml, metrics)"
+
+
+def test_resume_with_another_objective_is_a_clear_error(finished_run):
+    proc = run(finished_run, "--train.steps", "4", "--train.name", "base", "--objective", "siglip",
+               "--train.resume", "latest", "--train.resume-allow-changes", "all")
+    assert proc.returncode == 2
+    assert "another objective" in one_error_line(proc)
+
+
+def test_accepted_change_and_neutral_keys(tmp_path):
+    assert run(tmp_path, "--train.steps", "4", "--train.name", "r").returncode == 0
+    # neutral keys (logging, cadence, evaluation, threads) may always change
+    proc = run(tmp_path, "--train.steps", "4", "--train.name", "r", "--train.resume", "latest", "--train.log-every", "3",
+               "--train.checkpoint-every", "1", "--eval.batch-size", "8")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run(tmp_path, "--train.steps", "6", "--train.name", "r", "--train.resume", "latest",
+               "--train.resume-allow-changes", "train.steps")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "train.steps 4 -> 6" in proc.stdout
+    assert state_of(ckpt.latest_checkpoint(tmp_path / "r"))["step"] == 6
+
+
+def test_resume_with_another_process_count_is_refused(tmp_path):
+    assert run(tmp_path, "--train.steps", "2", "--train.name", "w").returncode == 0
+    path = ckpt.latest_checkpoint(tmp_path / "w")
+    state = state_of(path)
+    state["world_size"] = 2  # as a 2-process run writes it
+    torch.save(state, path)
+    proc = run(tmp_path, "--train.steps", "2", "--train.name", "w", "--train.resume", "latest")
+    assert proc.returncode == 2 and "world_size 2 -> 1" in one_error_line(proc)
+    proc = run(tmp_path, "--train.steps", "2", "--train.name", "w", "--train.resume", "latest",
+               "--train.resume-allow-changes", "world_size")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_config_hash_ignores_neutral_keys():
+    from amorlip.config import build_config
+    from amorlip.resume import config_hash
+
+    a = build_config(None, [("train.log_every", "3"), ("train.name", "x"), ("eval.batch_size", "8")]).to_dict()
+    b = build_config(None, []).to_dict()
+    c = build_config(None, [("optim.lr", "0.01")]).to_dict()
+    assert config_hash(a) == config_hash(b) != config_hash(c)
+
+
+# --- 4: pre-emption saves a checkpoint; the resumed run equals an uninterrupted one ------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_stop_signal_saves_and_resume_is_exact(tmp_path, sig):
+    common = ["--train.steps", "80", "--train.log-every", "1"]
+    log = open(tmp_path / "log.txt", "w")
+    proc = subprocess.Popen(train_cmd(tmp_path, *common, "--train.name", "cut"), env=ENV, stdout=log,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_step(tmp_path / "cut", 3, proc)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+        log.close()
+    assert proc.returncode == 128 + sig, err[-2000:]
+    assert f"received {signal.Signals(sig).name}" in err and "--train.resume latest" in err
+    saved = state_of(ckpt.latest_checkpoint(tmp_path / "cut"))
+    assert 3 <= saved["step"] < 80
+    assert run(tmp_path, *common, "--train.name", "cut", "--train.resume", "latest").returncode == 0
+    assert run(tmp_path, *common, "--train.name", "straight").returncode == 0
+    assert_same_weights(state_of(ckpt.latest_checkpoint(tmp_path / "cut")),
+                        state_of(ckpt.latest_checkpoint(tmp_path / "straight")))
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_saves(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "amorlip.cli",
+           "train", "--train.output-dir", str(tmp_path), *TINY, "--train.steps", "400", "--train.log-every", "1",
+           "--train.name", "ddp", "--train.device", "cpu"]
+    log = open(tmp_path / "log.txt", "w")
+    proc = subprocess.Popen(cmd, env=ENV, stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_step(tmp_path / "ddp", 3, proc)
+        proc.send_signal(signal.SIGTERM)  # to the launcher, as a scheduler does; it forwards it to the workers
+        proc.wait(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+        log.close()
+    text = (tmp_path / "log.txt").read_text()
+    assert "received SIGTERM" in text, text[-3000:]
+    saved = state_of(ckpt.latest_checkpoint(tmp_path / "ddp"))
+    assert saved["world_size"] == 2 and 3 <= saved["step"] < 400
+    assert len(saved["rng"]) == 2
+
+
+def test_time_based_checkpoints(tmp_path):
+    proc = run(tmp_path, "--train.steps", "12", "--train.name", "t", "--train.checkpoint-minutes", "0.0001",
+               "--train.keep-checkpoints", "100")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    steps = sorted(int(p.stem.split("_")[1]) for p in (tmp_path / "t" / "checkpoints").glob("step_*.pt"))
+    assert len(steps) >= 6 and steps[-1] == 12, steps
+
+
+def test_default_checkpoint_cadence_is_time_based():
+    from amorlip.config import build_config
+
+    cfg = build_config(None, [])
+    assert cfg.train.checkpoint_minutes == 30.0
+
+
+# --- 5: a full disk (or file size limit) is one clear line; earlier checkpoints stay; no temporaries ----------
+
+
+def _limit_file_size(limit: int):
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed, like a full disk's ENOSPC
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_full_disk_is_a_clear_error_and_keeps_earlier_checkpoints(tmp_path):
+    assert run(tmp_path, "--train.steps", "2", "--train.name", "d").returncode == 0
+    first = ckpt.latest_checkpoint(tmp_path / "d")
+    first_bytes = first.read_bytes()
+    proc = run(tmp_path, "--train.steps", "4", "--train.name", "d", "--train.resume", "latest",
+               "--train.resume-allow-changes", "train.steps", preexec_fn=_limit_file_size(2 * 2**20))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = one_error_line(proc)
+    assert "could not write" in line and "free disk space" in line
+    ckdir = ckpt.checkpoint_dir(tmp_path / "d")
+    assert ckpt.latest_checkpoint(tmp_path / "d") == first and first.read_bytes() == first_bytes
+    assert not list(ckdir.glob(".*.tmp")), "temporary file left behind"
+    assert state_of(first)["step"] == 2
+
+
+def test_temporaries_of_a_killed_write_are_removed(tmp_path):
+    assert run(tmp_path, "--train.steps", "2", "--train.name", "k").returncode == 0
+    ckdir = ckpt.checkpoint_dir(tmp_path / "k")
+    stale = ckdir / ".step_00000004.pt.x1y2z3.tmp"
+    stale.write_bytes(b"\0" * 1000)
+    proc = run(tmp_path, "--train.steps", "4", "--train.name", "k", "--train.resume", "latest",
+               "--train.resume-allow-changes", "train.steps")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not stale.exists() and "interrupted checkpoint write" in proc.stdout
+
+
+def test_kill_during_checkpoint_write_leaves_latest_intact(tmp_path):
+    """kill -9 while torch.save writes (a slowed-down writer makes the window wide): the previous checkpoint
+    stays the latest and loads; the next run cleans up the temporary file and resumes."""
+    slow = tmp_path / "slow_save.py"
+    slow.write_text(
+        "import sys, time, torch\n"
+        "from amorlip.cli import main\n"
+        "_save = torch.save\n"
+        "calls = []\n"
+        "def slow(obj, f, *a, **k):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 2:\n"
+        "        f.write(b'partial' * 1000); f.flush(); print('WRITING', flush=True); time.sleep(60)\n"
+        "    return _save(obj, f, *a, **k)\n"
+        "torch.save = slow\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    args = ["train", "--train.output-dir", str(tmp_path), *TINY, "--train.steps", "4", "--train.checkpoint-every", "2",
+            "--train.name", "w"]
+    proc = subprocess.Popen([sys.executable, str(slow), *args], env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # noqa: B007 - read until the second write is under way
+            if "WRITING" in line:
+                break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    ckdir = ckpt.checkpoint_dir(tmp_path / "w")
+    assert list(ckdir.glob(".*.tmp")), "the interrupted write should have left its temporary file"
+    assert ckpt.latest_checkpoint(tmp_path / "w").name == "step_00000002.pt"
+    proc = run(tmp_path, "--train.steps", "4", "--train.checkpoint-every", "2", "--train.name", "w",
+               "--train.resume", "latest")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not list(ckdir.glob(".*.tmp"))
+    assert state_of(ckpt.latest_checkpoint(tmp_path / "w"))["step"] == 4
+
+
+# --- 8: a fresh run starts a fresh log; a finished run evaluated again logs its evaluation once ------------
+
+
+def test_fresh_run_starts_a_fresh_log(tmp_path):
+    run_dir = tmp_path / "f"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 99, "loss": 123.0}) + "\n")  # a failed run's
+    assert run(tmp_path, "--train.steps", "3", "--train.name", "f", "--train.log-every", "1").returncode == 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+
+
+def test_rerunning_a_finished_run_does_not_duplicate_its_evaluation(tmp_path):
+    args = ["--train.steps", "2", "--train.name", "e", "--eval.retrieval", "true", "--data.val-size", "32",
+            "--train.resume", "auto"]
+    for _ in range(2):
+        proc = run(tmp_path, *args)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "e" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(any(k.startswith("eval/") for k in r) for r in rows) == 1
+
+
+# --- 9: files follow the umask ------------------------------------------------------------------------------
+
+
+def test_files_follow_the_umask(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os, sys; os.umask(0o027); from amorlip.cli import main; sys.exit(main(sys.argv[1:]))",
+         "train", "--train.output-dir", str(tmp_path), *TINY, "--train.steps", "2", "--train.name", "m"],
+        env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_dir = tmp_path / "m"
+    files = [run_dir / n for n in ("config.yaml", "summary.json", "metrics.jsonl")]
+    files += list(ckpt.checkpoint_dir(run_dir).iterdir())
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o640, (f, oct(f.stat().st_mode))
+    old = os.umask(0o022)
+    try:
+        out, config = ckpt.export_open_clip(run_dir, tmp_path / "exported")
+    finally:
+        os.umask(old)
+    for f in (out, config):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+
+
+# --- 10: progress on a non-TTY is plain lines ------------------------------------------------------------------
+
+
+def test_progress_on_a_non_tty_is_plain_lines(tmp_path):
+    proc = run(tmp_path, "--train.steps", "6", "--train.name", "p", "--train.log-every", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "\r" not in proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"run folder: {tmp_path / 'p'}"
+    steps = [line for line in lines if line.startswith("step ")]
+    assert [s.split()[1] for s in steps] == ["2/6", "4/6", "6/6"]
+    assert all("loss" in s and "lr" in s and "samples/s" in s and "ETA" in s for s in steps)
