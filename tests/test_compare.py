@@ -51,5 +51,28 @@ def test_compare_entry_can_be_a_preset(tmp_path):
                "--model.name", "micro-vit", "--data.synthetic-size", "64", "--data.val-size", "16",
                "--data.eval-size", "16", "--train.batch-size", "16", "--train.progress", "false"])
     assert rc == 0
-    config = (out / "runs" / "tiny-fastclip_train.steps_2-s0" / "config.yaml").read_text()
+    (run_dir,) = (out / "runs").glob("tiny-fastclip_train.steps_2-s0-*")  # name-seed-settings hash
+    config = (run_dir / "config.yaml").read_text()
     assert "scheme: rescaled" in config and "objective: fastclip" in config
+
+
+def test_compare_never_reuses_runs_made_with_other_settings(tmp_path):
+    """Run names carry a hash of the result-changing settings: a rerun with another lr trains anew, a rerun with
+    the same settings reuses its finished run (and neutral keys such as log_every do not matter)."""
+    out = tmp_path / "cmp"
+    common = ["compare", "--objectives", "clip", "--out", str(out), "--model.name", "micro-vit",
+              "--data.synthetic-size", "64", "--data.val-size", "16", "--data.eval-size", "16",
+              "--train.batch-size", "16", "--train.steps", "2", "--train.progress", "false"]
+    assert main([*common, "--optim.lr", "1e-3"]) == 0
+    assert main([*common, "--optim.lr", "1e-3", "--train.log-every", "1"]) == 0
+    assert len(list((out / "runs").iterdir())) == 1
+    assert main([*common, "--optim.lr", "2e-3"]) == 0
+    runs = sorted((out / "runs").iterdir())
+    assert len(runs) == 2 and all(r.name.startswith("clip-s0-") for r in runs)
+    assert {yaml_lr(r) for r in runs} == {0.001, 0.002}
+
+
+def yaml_lr(run_dir):
+    import yaml
+
+    return yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["lr"]

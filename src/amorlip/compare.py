@@ -24,6 +24,7 @@ from typing import Any
 
 from amorlip.checkpoint import atomic_write_text
 from amorlip.config import ConfigError, build_config, parse_overrides
+from amorlip.resume import config_hash
 
 
 @dataclass
@@ -172,7 +173,6 @@ def run_compare(args: argparse.Namespace, extra: list[str]) -> int:
         raise ConfigError("--objectives is empty")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     # Validate every entry up front, so a typo in the last entry does not surface after an hour of training.
     configs = {}
     from amorlip import objectives
@@ -188,9 +188,12 @@ def run_compare(args: argparse.Namespace, extra: list[str]) -> int:
                               f"({', '.join(objectives.REGISTRY)}) nor a preset ({', '.join(preset_names())})")
         for seed in seeds:
             overrides = [*head, *common, *entry.overrides, ("train.seed", str(seed)),
-                         ("train.output_dir", str(out / "runs")), ("train.name", f"{safe_name(entry.label)}-s{seed}"),
-                         ("train.resume", "auto")]
-            configs[(entry.label, seed)] = build_config(base, overrides)
+                         ("train.output_dir", str(out / "runs")), ("train.resume", "auto")]
+            cfg = build_config(base, overrides)
+            # the settings' hash in the name: an ablation (or a changed default) never reuses another's run
+            cfg.train.name = f"{safe_name(entry.label)}-s{seed}-{config_hash(cfg.to_dict())}"
+            configs[(entry.label, seed)] = cfg
+    out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict[str, float]]] = {e.label: [] for e in entries}
     histories: dict[str, list[list[dict[str, Any]]]] = {e.label: [] for e in entries}
     total = len(configs)
