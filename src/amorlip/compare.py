@@ -171,7 +171,19 @@ def run_compare(args: argparse.Namespace, extra: list[str]) -> int:
     entries = [parse_entry(e) for e in split_entries(args.objectives)]
     if not entries:
         raise ConfigError("--objectives is empty")
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    seeds = []
+    for s in args.seeds.split(","):
+        if not s.strip():
+            continue
+        try:
+            seeds.append(int(s))
+        except ValueError:
+            raise ConfigError(f"--seeds {args.seeds}: {s.strip()!r} is not an integer "
+                              "(pass comma-separated integers, e.g. --seeds 0,1,2)") from None
+    if not seeds:
+        raise ConfigError(f"--seeds {args.seeds!r} names no seed (pass comma-separated integers, e.g. --seeds 0,1,2)")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {args.seeds} repeats a seed (pass each seed once, e.g. --seeds 0,1,2)")
     out = Path(args.out)
     # Validate every entry up front, so a typo in the last entry does not surface after an hour of training.
     configs = {}
