@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,9 @@ import torch
 from amorlip import checkpoint as ckpt
 from amorlip.config import Config, ConfigError, config_from_dict
 from amorlip.distributed import pick_device
+
+DATA_SOURCES = ("synthetic", "fashion-mnist", "csv", "wds")
+"""`--data` choices (csv / wds have no labelled held-out data: they evaluate on the embedded synthetic tasks)."""
 
 
 @dataclass
@@ -102,14 +106,83 @@ def run_normalizer_diagnostics(loaded: LoadedModel, device: torch.device, batch_
                                   seed=cfg.train.seed)
 
 
+def _check_writable(path: Path, flag: str) -> None:
+    """`path` (a file to write) can be created: its folder is, or can be made, a writable folder."""
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder (pass a file name, e.g. {path / 'eval.json'})")
+    existing = next((p for p in path.parents if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {path} lies under {existing}, which is a file (pass another {flag})")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: cannot write in {existing} (pass a writable {flag})")
+
+
+def _check_args(args: argparse.Namespace, extra: list[str]) -> None:
+    """Reject bad options before any model is loaded or evaluated (each message names the fix)."""
+    if extra:
+        raise ConfigError(f"unexpected arguments for eval: {' '.join(extra)} (see `amorlip eval --help`)")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size} must be at least 1 (pass e.g. --batch-size 256)")
+    device = args.device
+    if device != "auto":
+        try:
+            kind = torch.device(device).type
+        except RuntimeError:
+            raise ConfigError(f"--device {device!r} is not a device (pass --device auto, cpu or cuda)") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(
+                f"--device {device} but no CUDA device is visible (pass --device cpu, or --device auto to use a GPU "
+                "only when there is one)"
+            )
+    if args.data is not None and args.data not in DATA_SOURCES:
+        raise ConfigError(f"--data {args.data!r} is not one of: {', '.join(DATA_SOURCES)} (pass e.g. --data synthetic)")
+    if args.model is not None:
+        from amorlip.models import model_names
+
+        if args.model not in model_names():
+            raise ConfigError(f"--model {args.model!r} is not a known model config (`amorlip models` lists them)")
+    if args.datacomp_tasks and not args.datacomp:
+        raise ConfigError("--datacomp-tasks needs --datacomp ROOT (the folder of the clip_benchmark wds datasets)")
+    if args.datacomp:
+        from amorlip.evaluate.datacomp import DATACOMP_TASKS, find_task_dir, get_task
+
+        root = Path(args.datacomp)
+        if not root.exists():
+            raise ConfigError(f"--datacomp {root} does not exist (pass the folder holding the DataComp wds datasets)")
+        if not root.is_dir():
+            raise ConfigError(f"--datacomp {root} is not a folder (pass the folder holding the DataComp wds datasets)")
+        selected = list(DATACOMP_TASKS)
+        if args.datacomp_tasks:
+            try:
+                selected = [get_task(t.strip()) for t in args.datacomp_tasks.split(",") if t.strip()]
+            except KeyError as e:
+                raise ConfigError(f"--datacomp-tasks: {e.args[0]} (pass comma-separated DataComp keys)") from None
+            if not selected:
+                raise ConfigError("--datacomp-tasks names no task (pass comma-separated DataComp keys, e.g. vtab/cifar10)")
+        if all(find_task_dir(root, t)[0] is None for t in selected):
+            example = selected[0]
+            raise ConfigError(
+                f"--datacomp {root} holds none of the {len(selected)} selected DataComp tasks (pass the folder with "
+                f"one wds folder per task, e.g. {root / example.folder_names[0] / 'test' / 'nshards.txt'})"
+            )
+    if args.out:
+        _check_writable(Path(args.out), "--out")
+
+
 def run_eval(args: argparse.Namespace, extra: list[str]) -> int:
     from amorlip.evaluate import evaluate_model
     from amorlip.evaluate.report import format_table, write_json
 
-    if extra:
-        raise ConfigError(f"unexpected arguments for eval: {' '.join(extra)}")
+    _check_args(args, extra)
     device = pick_device(args.device)
     loaded = load_for_eval(args.checkpoint, args.model, device)
+    if args.normalizers and loaded.config is None:
+        raise ConfigError(f"--normalizers needs a training checkpoint or run folder; {loaded.source} is an export "
+                          "(pass the run folder it came from)")
+    out = Path(args.out) if args.out else (
+        loaded.source.parent.parent / "eval.json" if loaded.config else loaded.source.with_suffix(".eval.json"))
+    if not args.out:
+        _check_writable(out, "--out")
     seed = loaded.config.train.seed if loaded.config else 0
     tasks, retrieval = _eval_data(loaded, args.data, seed)
     results: dict[str, Any] = {"checkpoint": str(loaded.source), "step": loaded.state.get("step")}
@@ -119,21 +192,22 @@ def run_eval(args: argparse.Namespace, extra: list[str]) -> int:
     if args.datacomp:
         from amorlip.evaluate.datacomp import aggregate, run_datacomp
 
-        subset = args.datacomp_tasks.split(",") if args.datacomp_tasks else None
+        subset = [t.strip() for t in args.datacomp_tasks.split(",") if t.strip()] if args.datacomp_tasks else None
         dc = run_datacomp(loaded.model, loaded.eval_transform, loaded.tokenizer, args.datacomp, device,
                           tasks=subset, batch_size=args.batch_size, progress=True)
         results["datacomp"] = dc
         results["datacomp_summary"] = aggregate(dc)
         summary = results["datacomp_summary"]
-        label = "partial average" if summary["partial"] else "average"
-        print(f"DataComp {label} over {summary['n_tasks']} tasks: {100 * summary['average']:.2f}"
-              + (f" (missing: {', '.join(summary['missing'])})" if summary["missing"] else ""))
+        if summary["average"] is None:
+            print(f"DataComp: no task scored (missing or failed: {', '.join(summary['missing'])})")
+        else:
+            label = "partial average" if summary["partial"] else "average"
+            print(f"DataComp {label} over {summary['n_tasks']} tasks: {100 * summary['average']:.2f}"
+                  + (f" (missing: {', '.join(summary['missing'])})" if summary["missing"] else ""))
     if args.normalizers:
         diag = run_normalizer_diagnostics(loaded, device, args.batch_size)
         results["normalizers"] = diag
         print(json.dumps(diag, indent=2))
-    out = Path(args.out) if args.out else (
-        loaded.source.parent.parent / "eval.json" if loaded.config else loaded.source.with_suffix(".eval.json"))
     write_json(out, results)
     print(f"wrote {out}")
     return 0
