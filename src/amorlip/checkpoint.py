@@ -212,9 +212,28 @@ def export_open_clip(checkpoint: str | Path, out: str | Path) -> tuple[Path, Pat
     from amorlip.models import model_config
     from amorlip.reclip import state_dict_at_image_size
 
-    ck = load_checkpoint(resolve_checkpoint(checkpoint))
-    name = ck["config"]["model"]["name"]
+    # Check the destination before reading anything: a path under a file or in a read-only folder fails here,
+    # with nothing written, rather than after the checkpoint has been loaded and converted.
     out = Path(out)
+    folder = out.parent if out.suffix == ".pt" else out
+    if out.suffix == ".pt" and out.is_dir():
+        raise CheckpointError(f"cannot export to {out}: it is a folder (pass a .pt file name or a folder as --out)")
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"cannot export to {out}: {folder} is a file (pass a .pt file name or a folder as --out)")
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise CheckpointError(f"cannot export to {out}: {existing} is a file, not a folder (pass another --out)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot export to {out}: {existing} is not writable (pass a writable --out)")
+
+    source = resolve_checkpoint(checkpoint)
+    ck = load_checkpoint(source)
+    if not isinstance(ck, dict) or "config" not in ck or "model" not in ck:
+        raise CheckpointError(
+            f"{source} is not an amorlip training checkpoint (no config or model weights; "
+            "export a run folder or one of its checkpoints/step_*.pt)"
+        )
+    name = ck["config"]["model"]["name"]
     if out.suffix != ".pt":
         out = out / f"{name}.pt"
     # a checkpoint saved in a low-resolution RECLIP phase is exported at the model's native resolution
