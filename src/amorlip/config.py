@@ -366,12 +366,38 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 def _check_choice(value: str, choices: tuple[str, ...], key: str) -> None:
     if value not in choices:
-        raise ConfigError(f"{key}={value!r} is not one of: {', '.join(choices)}")
+        raise ConfigError(
+            f"{key}={value!r} is not one of: {', '.join(choices)} (pass --{key.replace('_', '-')} {choices[0]}, "
+            f"or another of them)"
+        )
 
 
 def validate(cfg: Config) -> None:
-    """Reject inconsistent values up front, before anything is built."""
+    """Reject inconsistent values up front, before anything is built or written.
+
+    Every message names the key, the rule and, in parentheses, the fix: the CLI prints it as one line
+    (`amorlip train: error: ...`) and exits 2.
+    """
+    import os
+
     from amorlip import objectives
+
+    def flag(key: str) -> str:
+        return "--" + key.replace("_", "-")
+
+    def at_least(key: str, value: Any, low: float, meaning: str = "") -> None:
+        """`value` (None = unset, allowed) must be a finite number >= low."""
+        if value is None:
+            return
+        if not (math.isfinite(value) and value >= low):
+            raise ConfigError(f"{key}={value} must be at least {low} (pass {flag(key)} {low} or more{meaning})")
+
+    def positive(key: str, value: Any, example: str) -> None:
+        """`value` (None = unset, allowed) must be a finite number > 0."""
+        if value is None:
+            return
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{key}={value} must be a positive, finite number (pass e.g. {flag(key)} {example})")
 
     if cfg.objective not in objectives.REGISTRY:
         raise ConfigError(f"unknown objective {cfg.objective!r}; choose one of: {', '.join(objectives.REGISTRY)}")
@@ -379,20 +405,107 @@ def validate(cfg: Config) -> None:
     _check_choice(cfg.model.precision, ("fp32", "bf16", "fp16"), "model.precision")
     _check_choice(cfg.temperature.scheme, ("plain", "rescaled"), "temperature.scheme")
     _check_choice(cfg.train.device, ("auto", "cpu", "cuda"), "train.device")
+
+    # train
     if cfg.train.batch_size < 2:
-        raise ConfigError("train.batch_size must be at least 2 (contrastive losses need negatives)")
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} must be at least 2 (contrastive losses need negatives; "
+            "pass --train.batch-size 2 or more)"
+        )
     if cfg.train.steps is None and cfg.train.epochs is None:
-        raise ConfigError("set train.steps or train.epochs")
-    if cfg.train.steps is not None and cfg.train.steps < 1:
-        raise ConfigError("train.steps must be positive")
-    if cfg.train.epochs is not None and cfg.train.epochs < 1:
-        raise ConfigError("train.epochs must be positive")
-    if cfg.optim.lr <= 0 or not math.isfinite(cfg.optim.lr):
-        raise ConfigError("optim.lr must be a positive number")
+        raise ConfigError("train.steps and train.epochs are both unset (pass --train.steps N or --train.epochs N)")
+    at_least("train.steps", cfg.train.steps, 1)
+    at_least("train.epochs", cfg.train.epochs, 1)
+    at_least("train.log_every", cfg.train.log_every, 1)
+    at_least("train.checkpoint_every", cfg.train.checkpoint_every, 0, "; 0 = by time and at the end only")
+    at_least("train.checkpoint_minutes", cfg.train.checkpoint_minutes, 0, "; 0 = off")
+    at_least("train.keep_checkpoints", cfg.train.keep_checkpoints, 0, "; 0 = keep all")
+    at_least("train.eval_every", cfg.train.eval_every, 0, "; 0 = only at the end")
+    at_least("train.threads", cfg.train.threads, 0, "; 0 = torch's default")
+    if cfg.train.stop_at is not None:
+        if cfg.train.stop_at < 1:
+            raise ConfigError(
+                f"train.stop_at={cfg.train.stop_at} must be a step of at least 1 (pass --train.stop-at 1 or more, "
+                "or --train.stop-at none)"
+            )
+        if cfg.train.steps is not None and cfg.train.stop_at > cfg.train.steps:
+            raise ConfigError(
+                f"train.stop_at={cfg.train.stop_at} is past the last step, train.steps={cfg.train.steps} "
+                "(lower --train.stop-at, raise --train.steps, or pass --train.stop-at none)"
+            )
+    if cfg.train.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "train.device=cuda but no CUDA device is visible (pass --train.device cpu, or --train.device auto "
+                "to use a GPU only when there is one)"
+            )
+    out_dir = Path(cfg.train.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"train.output_dir={str(out_dir)!r} is a file, not a folder (pass another --train.output-dir)")
+    existing = next((p for p in (out_dir, *out_dir.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise ConfigError(
+            f"train.output_dir={str(out_dir)!r} lies under {str(existing)!r}, which is a file "
+            "(pass another --train.output-dir)"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"train.output_dir={str(out_dir)!r}: cannot write in {str(existing)!r} (pass a writable --train.output-dir)"
+        )
+
+    # model
+    from amorlip.models import model_names
+
+    names = model_names()
+    if cfg.model.name not in names:
+        import difflib
+
+        close = difflib.get_close_matches(cfg.model.name, names, n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ConfigError(
+            f"model.name={cfg.model.name!r} is not a known model config ({hint}`amorlip models` lists them, "
+            "e.g. tiny-vit, RN50, ViT-B-32)"
+        )
+
+    # optim
+    if not (math.isfinite(cfg.optim.lr) and cfg.optim.lr > 0):
+        raise ConfigError(f"optim.lr={cfg.optim.lr} must be a positive, finite number (pass e.g. --optim.lr 1e-3)")
+    positive("optim.lr_temperature", cfg.optim.lr_temperature, "1e-4, or none for optim.lr")
+    positive("optim.eps", cfg.optim.eps, "1e-6")
+    at_least("optim.weight_decay", cfg.optim.weight_decay, 0)
+    at_least("optim.warmup_steps", cfg.optim.warmup_steps, 0)
+    at_least("optim.grad_clip", cfg.optim.grad_clip, 0, "; 0 = no clipping")
+    for key, beta, example in (("optim.beta1", cfg.optim.beta1, "0.9"), ("optim.beta2", cfg.optim.beta2, "0.98")):
+        if not 0 <= beta < 1:
+            raise ConfigError(f"{key}={beta} must be in [0, 1) (pass e.g. {flag(key)} {example})")
+
+    # temperature
     if not 0 < cfg.temperature.rho_final_fraction <= 1:
-        raise ConfigError("temperature.rho_final_fraction must be in (0, 1]")
+        raise ConfigError(
+            f"temperature.rho_final_fraction={cfg.temperature.rho_final_fraction} must be in (0, 1] "
+            "(pass e.g. --temperature.rho-final-fraction 0.25)"
+        )
+    # (rho may be negative: the released AmorLIP CC12M schedule ends at rho_final = -8.5)
+
+    # data
     if cfg.data.source in ("csv", "wds") and not cfg.data.train_path:
         raise ConfigError(f"data.source={cfg.data.source} needs --data.train-path (a CSV file or shard pattern)")
+    if cfg.data.source in ("synthetic", "fashion-mnist") and cfg.data.train_path:
+        raise ConfigError(
+            f"data.train_path={cfg.data.train_path!r} is set but data.source={cfg.data.source} does not read it "
+            "(pass --data.source csv or --data.source wds, or drop --data.train-path)"
+        )
+    at_least("data.dataset_size", cfg.data.dataset_size, 1, ", or none")
+    at_least("data.synthetic_size", cfg.data.synthetic_size, 1)
+    at_least("data.val_size", cfg.data.val_size, 1)
+    at_least("data.eval_size", cfg.data.eval_size, 1)
+    at_least("data.workers", cfg.data.workers, 0, "; 0 = load in the training process")
+
+    # eval
+    at_least("eval.batch_size", cfg.eval.batch_size, 1)
+
     for name, value in cfg.sections.items():
         check = getattr(value, "validate", None)
         if callable(check):
