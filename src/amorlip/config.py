@@ -514,6 +514,16 @@ def validate(cfg: Config) -> None:
             except ValueError as e:
                 raise ConfigError(f"[{name}] {e}") from None
 
+    # objective x temperature scheme
+    fastclip = cfg.sections.get("fastclip")
+    if cfg.objective == "fastclip" and fastclip is not None and fastclip.version == 3 \
+            and cfg.temperature.scheme != "rescaled":
+        raise ConfigError(
+            f"fastclip.version=3 (RGCL-g) learns its temperature through the rescaled scheme, not "
+            f"temperature.scheme={cfg.temperature.scheme} (pass --temperature.scheme rescaled, or --fastclip.version 0 "
+            "for GCL with the plain gradient)"
+        )
+
 
 def describe(cfg: Config) -> str:
     """YAML text of the resolved config (written to every run folder)."""
