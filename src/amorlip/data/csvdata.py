@@ -32,7 +32,7 @@ class CsvCaptions(Dataset):
         if not path.is_file():
             raise DataError(
                 f"CSV file {str(path)!r} not found; pass --data.train-path pointing to an existing CSV with "
-                f"image-path and caption columns (amorlip data write-csv makes an example)"
+                f"image-path and caption columns (`amorlip data csv --out DIR` writes an example)"
             )
         separator = _SEPARATOR_NAMES.get(separator, separator)
         if len(separator) != 1:
@@ -56,6 +56,7 @@ class CsvCaptions(Dataset):
             rows = rows[:limit]
         self.path = path
         self.root = path.parent
+        self.img_key, self.caption_key = img_key, caption_key
         self.image_paths = [p.strip() for p, _ in rows]
         self.captions = [c.strip() for _, c in rows]
 
@@ -80,3 +81,28 @@ class CsvCaptions(Dataset):
                 return im.convert("RGB"), caption
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             return None, caption
+
+    def describe(self, index: int, kind: str = "corrupt") -> str:
+        """A bad sample's name in messages: its image file, or the CSV line of a row without caption/path."""
+        line = f"{self.path.name} line {int(index) + 2}"  # the header is line 1
+        if kind == "no_caption":
+            return f"{line} (no caption)"
+        return str(self.resolve(index)) if self.image_paths[index] else f"{line} (no image path)"
+
+    def hint(self, corrupt: list[int], no_caption: list[int]) -> str:
+        """The fix for the bad rows seen so far (looks at the first few image files again)."""
+        fixes = []
+        if corrupt:
+            missing = [i for i in corrupt if self.image_paths[i] and not self.resolve(i).is_file()]
+            if missing:
+                fixes.append(
+                    f"{len(missing)} of the {len(corrupt)} bad rows checked name image files that do not exist "
+                    f"(e.g. {self.resolve(missing[0])}); relative paths in column {self.img_key!r} are resolved "
+                    f"against the CSV's folder {self.root}: correct them (or use absolute paths), or choose the "
+                    f"right column with --data.csv-img-key")
+            if len(missing) < len(corrupt):
+                fixes.append("the other bad images exist but are not readable images: re-create them or drop their rows")
+        if no_caption:
+            fixes.append(f"rows with an empty column {self.caption_key!r} have no caption: fill it in, or choose the "
+                         f"caption column with --data.csv-caption-key")
+        return "; ".join(fixes) or "check the CSV's image paths and captions"

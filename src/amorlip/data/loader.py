@@ -13,8 +13,16 @@ Determinism (exact mid-epoch resume):
   sample's pixels do not depend on the worker that made it, on the number of workers, or on what ran
   before; the caller's RNG states are restored after each batch.
 * a sample without caption, or whose image cannot be read, is dropped in the collate function and
-  counted in `stream.stats` (never a crash). That batch is then smaller than b; a batch left with no
-  sample at all is not yielded (counted in `stats.extra['empty_batches']`).
+  counted in `stream.stats` (never a crash). That batch is then smaller than b.
+
+Unusable data is an error, never a hang (`_GuardedStream`): `iterate` yields exactly one batch per batch due
+(so the trainer's step stays the batch position and resume stays exact) or raises `DataError`:
+* a batch left with no usable sample is replaced by the next usable batch of the epoch (the last one before
+  it at the epoch's end), counted in `stats.extra['empty_batches']`; `data.max_empty_batches` such batches in
+  a row, or an epoch without any usable batch, raise a DataError naming the first unusable items and the fix;
+* once `SKIP_CHECK_MIN_SAMPLES` samples (or one epoch's worth) were read, more than `data.max_skip_fraction`
+  of them unusable (every visit counted; lost samples of unreadable shards included) raises a DataError.
+Healthy data is untouched by all this: same batches, same order.
 """
 from __future__ import annotations
 
@@ -30,6 +38,10 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from amorlip.data.types import Batch, DataError, DataStats, RetrievalSplit, ZeroShotTask
 
 OK, NO_CAPTION, CORRUPT = 0, 1, 2
+DEFAULT_MAX_EMPTY_BATCHES = 20
+DEFAULT_MAX_SKIP_FRACTION = 0.5
+SKIP_CHECK_MIN_SAMPLES = 1000
+"""The skip fraction is checked once this many samples (or one epoch of this rank, if fewer) were read."""
 _TAG_PERM, _TAG_AUG, _TAG_LOADER = 1, 2, 3
 
 
@@ -143,17 +155,20 @@ def prepare_sample(image: Any, caption: Any, index: int, transform: Callable, se
 class Collate:
     """Drop skipped samples, stack images, tokenize captions (tokenizer(list[str]) -> (b, L) tokens).
 
-    Returns (batch or None when nothing is left, {'corrupt': n, 'no_caption': n}).
+    Returns (batch or None when nothing is left, counts) with counts = {'seen': n, 'corrupt': [ids],
+    'no_caption': [ids]}: a sample's id is its 'ref' (webdataset: 'url:key') else its index. The counts travel
+    with the batch out of DataLoader workers and are added to `stream.stats` in the main process.
     """
 
     def __init__(self, tokenizer: Callable):
         self.tokenizer = tokenizer
 
-    def __call__(self, samples: Sequence[dict[str, Any]]) -> tuple[Batch | None, dict[str, int]]:
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> tuple[Batch | None, dict[str, Any]]:
         good = [s for s in samples if s["status"] == OK]
         counts = {
-            "corrupt": sum(s["status"] == CORRUPT for s in samples),
-            "no_caption": sum(s["status"] == NO_CAPTION for s in samples),
+            "seen": len(samples),
+            "corrupt": [s.get("ref", s["index"]) for s in samples if s["status"] == CORRUPT],
+            "no_caption": [s.get("ref", s["index"]) for s in samples if s["status"] == NO_CAPTION],
         }
         if not good:
             return None, counts
@@ -169,11 +184,11 @@ def _identity(x: Any) -> Any:
     return x
 
 
-def update_stats(stats: DataStats, counts: dict[str, int], empty: bool) -> None:
-    stats.skipped_corrupt += int(counts.get("corrupt", 0))
-    stats.skipped_no_caption += int(counts.get("no_caption", 0))
+def update_stats(stats: DataStats, counts: dict[str, Any], empty: bool) -> None:
+    """Add a collate's counts to `stats` (see `DataStats.record`); `empty`: the batch had no usable sample."""
+    stats.record(counts)
     if empty:
-        stats.extra["empty_batches"] = stats.extra.get("empty_batches", 0) + 1
+        stats.note_empty_batch()
 
 
 def check_batch_size(batch_size: int, world_size: int) -> int:
@@ -186,6 +201,93 @@ def check_batch_size(batch_size: int, world_size: int) -> int:
             f"use a multiple of {world_size} for --train.batch-size"
         )
     return batch_size // world_size
+
+
+def check_limits(max_empty_batches: Any, max_skip_fraction: Any) -> tuple[int, float]:
+    """`data.max_empty_batches` (>= 1) and `data.max_skip_fraction` (in [0, 1]) checked; None: the defaults."""
+    empty = DEFAULT_MAX_EMPTY_BATCHES if max_empty_batches is None else max_empty_batches
+    frac = DEFAULT_MAX_SKIP_FRACTION if max_skip_fraction is None else max_skip_fraction
+    if isinstance(empty, bool) or not isinstance(empty, int) or empty < 1:
+        raise DataError(f"data.max_empty_batches={max_empty_batches!r} must be a whole number >= 1 "
+                        f"(pass e.g. --data.max-empty-batches {DEFAULT_MAX_EMPTY_BATCHES})")
+    try:
+        frac = float(frac)
+    except (TypeError, ValueError):
+        frac = float("nan")
+    if not 0.0 <= frac <= 1.0:
+        raise DataError(f"data.max_skip_fraction={max_skip_fraction!r} must be in [0, 1] "
+                        f"(pass e.g. --data.max-skip-fraction {DEFAULT_MAX_SKIP_FRACTION}; 1 disables the check)")
+    return int(empty), frac
+
+
+class _GuardedStream:
+    """What every training stream shares: skip counters and the checks that turn unusable data into a
+    `DataError` instead of an endless loop (see the module docstring)."""
+
+    name: str
+    stats: DataStats
+
+    def _init_checks(self, max_empty_batches: Any, max_skip_fraction: Any, samples_per_epoch: int) -> None:
+        self.max_empty_batches, self.max_skip_fraction = check_limits(max_empty_batches, max_skip_fraction)
+        self.check_after = max(1, min(SKIP_CHECK_MIN_SAMPLES, int(samples_per_epoch)))
+        self.stats = DataStats()
+
+    def _item_name(self, kind: str, sample_id: Any) -> str:
+        return str(sample_id)
+
+    def _hint(self) -> str:
+        return "check the data"
+
+    def _unusable(self, what: str, fix: str = "") -> DataError:
+        return DataError(f"{self.name}: {what}; {self.stats.describe()}. Fix: {self._hint()}{fix}")
+
+    def _check_fraction(self) -> None:
+        st, limit = self.stats, self.max_skip_fraction
+        if limit < 1.0 and st.read >= self.check_after and st.skip_fraction > limit:
+            raise self._unusable(
+                f"{st.skipped_visits} of the {st.read} samples read ({st.skip_fraction:.0%}) are unusable, more "
+                f"than data.max_skip_fraction={limit:g}",
+                " (or raise --data.max-skip-fraction; 1 disables this check)" if st.skip_fraction < 1 else "")
+
+    def _guarded(self, items: Iterator[tuple[Batch | None, dict[str, Any]]], epoch: int, due: int,
+                 look_back: Callable[[], Batch | None]) -> Iterator[Batch]:
+        """Yield exactly `due` batches from the loader's (batch | None, counts) items, or raise DataError.
+
+        An item whose counts carry 'error' (a worker found its data unusable) raises at once.
+        """
+        pending, last, received, warned = 0, None, 0, False
+        for batch, counts in items:
+            self.stats.record(counts, self._item_name)
+            if counts.get("error"):  # with 'hint': a data problem (counted); without: a message complete in itself
+                if counts.get("hint"):
+                    raise DataError(f"{counts['error']}; {self.stats.describe()}. Fix: {self._hint()}")
+                raise DataError(str(counts["error"]))
+            received += 1
+            self._check_fraction()
+            if batch is None:
+                self.stats.note_empty_batch()
+                pending += 1
+                if pending >= self.max_empty_batches:
+                    raise self._unusable(
+                        f"{pending} batches in a row of epoch {epoch} held no usable sample "
+                        f"(data.max_empty_batches={self.max_empty_batches})")
+                if not warned:
+                    warnings.warn(f"{self.name}: a whole batch of epoch {epoch} was unusable; the next usable batch "
+                                  f"takes its place (stream.stats counts it)")
+                    warned = True
+                continue
+            for _ in range(pending + 1):
+                yield batch
+            last, pending = batch, 0
+        if received < due:
+            raise self._unusable(f"epoch {epoch} ended after {received} of its {due} batches")
+        if pending:
+            if last is None:
+                last = look_back()
+            if last is None:
+                raise self._unusable(f"epoch {epoch} gave no usable batch (of the {due} due)")
+            for _ in range(pending):
+                yield last
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -220,15 +322,18 @@ class _EpochSamples(Dataset):
         return prepare_sample(image, caption, index, self.transform, seed)
 
 
-class MapStream:
+class MapStream(_GuardedStream):
     """`TrainStream` over a map-style dataset whose items are `(PIL image | None, caption)`.
 
     Epoch order: a permutation from a torch.Generator seeded with (seed, epoch); drop_last; this rank
     takes slice `rank` of each global batch. Loading runs in a torch DataLoader with `workers` workers.
+    The dataset may offer `describe(index, kind)` (a bad sample's name in messages) and
+    `hint(corrupt_ids, no_caption_ids)` (the fix to suggest), as `CsvCaptions` does.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 workers: int = 0, name: str = "map", pin_memory: bool = False):
+                 workers: int = 0, name: str = "map", pin_memory: bool = False, *,
+                 max_empty_batches: int | None = None, max_skip_fraction: float | None = None):
         self.local_batch_size = check_batch_size(batch_size, world_size)
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside [0, {world_size})")
@@ -242,7 +347,18 @@ class MapStream:
                 f"{name}: {self.dataset_size} samples is less than one global batch of {batch_size}; "
                 f"lower --train.batch-size or use more data"
             )
-        self.stats = DataStats()
+        self._init_checks(max_empty_batches, max_skip_fraction, self.steps_per_epoch * self.local_batch_size)
+
+    def _item_name(self, kind: str, sample_id: Any) -> str:
+        describe = getattr(self.dataset, "describe", None)
+        return describe(int(sample_id), kind) if describe is not None else f"{self.name} sample {sample_id}"
+
+    def _hint(self) -> str:
+        hint = getattr(self.dataset, "hint", None)
+        st = self.stats
+        if hint is not None:
+            return hint(sorted(st.bad_ids.get("corrupt", ()))[:20], sorted(st.bad_ids.get("no_caption", ()))[:20])
+        return "check the images and captions of the samples named above"
 
     def epoch_permutation(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, _TAG_PERM))
@@ -259,6 +375,17 @@ class MapStream:
         local = self.global_batches(epoch)[skip_batches:, self.rank * b : (self.rank + 1) * b]
         return local.tolist()
 
+    def _look_back(self, epoch: int, skip_batches: int, transform: Callable, tokenizer: Callable) -> Batch | None:
+        """The last usable batch before position `skip_batches` (at most max_empty_batches back), not counted:
+        what an uninterrupted run used for the epoch's trailing unusable batches."""
+        earlier = self.rank_batches(epoch)[max(0, skip_batches - self.max_empty_batches) : skip_batches]
+        samples, collate = _EpochSamples(self.dataset, transform, self.seed, epoch), Collate(tokenizer)
+        for indices in reversed(earlier):
+            batch, _ = collate(samples.__getitems__(indices))
+            if batch is not None:
+                return batch
+        return None
+
     def iterate(self, epoch: int, skip_batches: int, transform: Callable, tokenizer: Callable) -> Iterator[Batch]:
         if skip_batches < 0:
             raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
@@ -274,12 +401,8 @@ class MapStream:
             # a private generator: building the loader must not consume the caller's global RNG
             generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch, _TAG_LOADER)),
         )
-        for batch, counts in loader:
-            update_stats(self.stats, counts, empty=batch is None)
-            if batch is None:
-                warnings.warn(f"{self.name}: a whole batch of epoch {epoch} was unusable and is skipped")
-                continue
-            yield batch
+        yield from self._guarded(iter(loader), epoch, len(batches),
+                                 lambda: self._look_back(epoch, skip_batches, transform, tokenizer))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -288,23 +411,31 @@ class MapStream:
 
 
 def build_train_stream(cfg: Any, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                       pin_memory: bool = False):
+                       pin_memory: bool = False, needs_indices: bool = True):
     """The training stream of `cfg.source` (a `DataConfig`); every error is raised here, before any model.
 
     `batch_size` is the GLOBAL batch size; each rank receives `batch_size // world_size` samples per batch.
     `pin_memory` (set when training on CUDA): batches arrive in page-locked memory, so the copy to the GPU
-    runs asynchronously (as open_clip's loaders do).
+    runs asynchronously (as open_clip's loaders do). `needs_indices` (the objective's `needs_indices`):
+    whether every sample must carry a stable index in [0, dataset_size); without it webdataset samples
+    that have none get running ids. Map-style sources always index by row.
     """
     check_batch_size(batch_size, world_size)
     source = cfg.source
     workers = int(getattr(cfg, "workers", 0) or 0)
+    limits = {"max_empty_batches": getattr(cfg, "max_empty_batches", None),
+              "max_skip_fraction": getattr(cfg, "max_skip_fraction", None)}
+    check_limits(**limits)
+    if source != "wds" and getattr(cfg, "train_num_samples", None):
+        raise DataError(f"data.train_num_samples applies to data.source=wds only; for {source} an epoch is the "
+                        f"whole dataset (limit it with --data.dataset-size)")
     if source == "synthetic":
         from amorlip.data.synthetic import SyntheticScenes
 
         size = cfg.dataset_size or cfg.synthetic_size
         dataset = SyntheticScenes(size, seed=seed, split="train", render_size=int(getattr(cfg, "synthetic_render_size", 64)))
         return MapStream(dataset, batch_size, seed, rank, world_size, workers, name="synthetic",
-                         pin_memory=pin_memory)
+                         pin_memory=pin_memory, **limits)
     if source == "csv":
         from amorlip.data.csvdata import CsvCaptions
 
@@ -313,17 +444,18 @@ def build_train_stream(cfg: Any, batch_size: int, seed: int, rank: int = 0, worl
         dataset = CsvCaptions(cfg.train_path, cfg.csv_img_key, cfg.csv_caption_key, cfg.csv_separator,
                               limit=cfg.dataset_size)
         return MapStream(dataset, batch_size, seed, rank, world_size, workers, name=f"csv {cfg.train_path}",
-                         pin_memory=pin_memory)
+                         pin_memory=pin_memory, **limits)
     if source == "fashion-mnist":
         from amorlip.data.fashion_mnist import FashionMNISTPairs
 
         dataset = FashionMNISTPairs(cfg.fmnist_root, seed=seed, size=cfg.dataset_size)
         return MapStream(dataset, batch_size, seed, rank, world_size, workers, name="fashion-mnist",
-                         pin_memory=pin_memory)
+                         pin_memory=pin_memory, **limits)
     if source == "wds":
         from amorlip.data.wds import WdsStream
 
-        return WdsStream.from_config(cfg, batch_size, seed, rank, world_size, pin_memory=pin_memory)
+        return WdsStream.from_config(cfg, batch_size, seed, rank, world_size, pin_memory=pin_memory,
+                                     needs_indices=needs_indices)
     raise DataError(f"unknown data.source {source!r}; choose synthetic, csv, wds or fashion-mnist")
 
 

@@ -2,9 +2,13 @@
 
 Shards hold samples `KEY.{jpg,jpeg,png,webp}` + `KEY.txt` (caption) (+ `KEY.json`). `data.train_path` is
 a brace pattern (`shards/{00000..00009}.tar`), several patterns joined with `::`, or a directory (all its
-`*.tar`). Each sample needs a stable integer index in [0, dataset_size): the json's `"index"` key, else a
-numeric `__key__` (e.g. `00001234`). `dataset_size` is `data.dataset_size`, else the sum over the shards
-of a `sizes.json` next to them (open_clip's convention: `{"shard-00000.tar": 1000, ...}`).
+`*.tar`). A sample's index is the json's `"index"` key, else a numeric `__key__` (e.g. `00001234`).
+Objectives with per-sample state (`needs_indices`: SogCLR, FastCLIP) need it on every sample, in
+[0, dataset_size); for the others a sample without one gets a running id (unique within the epoch).
+`dataset_size` (distinct samples, the index range) is `data.dataset_size`, else the sum over the shards of a
+`sizes.json` next to them (open_clip's convention: `{"shard-00000.tar": 1000, ...}`), else (objectives
+without indices) `data.train_num_samples`. An epoch is `data.train_num_samples` samples when given (open_clip's
+`--train-num-samples`, with `--data.resampled true` its `--dataset-resampled`), else `dataset_size`.
 
 Epoch structure (rank r of R, W = max(1, data.workers) loader workers, local batch b, S steps per epoch):
 * non-resampled: the shard list is shuffled with (seed, epoch) and split by node (`shards[r::R]`), then by
@@ -16,7 +20,10 @@ Epoch structure (rank r of R, W = max(1, data.workers) loader workers, local bat
   seeded with (seed, epoch, r, worker): an infinite stream cut at S batches per epoch.
 * a sample whose image is missing or cannot be decoded, or whose caption is missing or empty, is dropped
   and counted in `stream.stats`; its batch is then smaller (the batch boundaries are fixed before
-  decoding). A broken tar member is skipped with a warning (webdataset's `warn_and_continue`).
+  decoding). A shard that cannot be read to its end (truncated, zero-byte, not a tar) is counted per shard
+  in `stream.stats` with its url and the samples it lost (its sizes.json count minus those read), and
+  reading goes on with the next shard. A worker whose shards give no sample at all, and the checks of
+  `loader._GuardedStream` (too many unusable samples or batches), raise a `DataError`.
 
 Mid-epoch resume (`iterate(epoch, skip_batches, ...)`): the pipeline is rebuilt with the same seeds, each
 worker discards the raw samples of its batches before `skip_batches` (read, never decoded), and the
@@ -41,16 +48,17 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from amorlip.data.loader import (
+    OK,
     Collate,
+    _GuardedStream,
     _identity,
     check_batch_size,
     mix_seed,
     prepare_sample,
     preserved_rng,
     sample_seeds,
-    update_stats,
 )
-from amorlip.data.types import Batch, DataError, DataStats
+from amorlip.data.types import Batch, DataError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _TAG_SHARDS, _TAG_SHUFFLE, _TAG_RESAMPLE, _TAG_LOADER = 11, 12, 13, 14
@@ -75,7 +83,7 @@ def expand_shards(train_path: str) -> list[str]:
         if not _is_remote(part) and Path(part).expanduser().is_dir():
             found = sorted(str(p) for p in Path(part).expanduser().glob("*.tar"))
             if not found:
-                raise DataError(f"folder {part!r} has no .tar shards; write some with `amorlip data wds` or point elsewhere")
+                raise DataError(f"folder {part!r} has no .tar shards; write some with `amorlip data wds --out DIR` or point elsewhere")
             urls.extend(found)
         else:
             urls.extend(braceexpand.braceexpand(part))
@@ -117,6 +125,28 @@ def dataset_size_from_sizes_json(urls: list[str]) -> int:
     return total
 
 
+def shard_sizes(urls: list[str]) -> dict[str, int]:
+    """Each local shard's sample count from the sizes.json next to it, where there is a readable one (used
+    to count the samples an unreadable shard loses; never an error)."""
+    out: dict[str, int] = {}
+    tables: dict[Path, dict[str, Any]] = {}
+    for url in urls:
+        if _is_remote(url):
+            continue
+        folder = Path(url).parent
+        if folder not in tables:
+            try:
+                table = json.loads((folder / "sizes.json").read_text())
+                tables[folder] = table if isinstance(table, dict) else {}
+            except (OSError, ValueError):
+                tables[folder] = {}
+        try:
+            out[url] = int(tables[folder][Path(url).name])
+        except (KeyError, TypeError, ValueError):
+            pass
+    return out
+
+
 def sample_index(sample: dict[str, Any]) -> int | None:
     """The stable index of a raw sample: json "index", else a numeric key; None when neither exists."""
     raw = sample.get("json")
@@ -138,30 +168,52 @@ _INDEX_HELP = (
 )
 
 
-def check_first_sample(url: str) -> None:
-    """Read the first sample of a local shard and check that it carries an index (fails early and clearly)."""
+def check_first_sample(url: str, needs_indices: bool = True) -> None:
+    """Read the first sample of a local shard and (`needs_indices`) check that it carries an index (fails
+    early and clearly)."""
     if _is_remote(url):
         return
     try:
         first = next(iter(wds.tarfile_samples(iter([{"url": url}]))), None)
     except Exception as e:  # a truncated or non-tar file
-        raise DataError(f"cannot read shard {url} as a tar archive ({e}); re-create it") from None
+        raise DataError(f"cannot read shard {url} as a tar archive ({_error_text(e)}); re-create it") from None
     if first is None:
         raise DataError(f"shard {url} holds no samples; remove it from --data.train-path")
-    if sample_index(first) is None:
+    if needs_indices and sample_index(first) is None:
         raise DataError(f"shard {url}: sample {first.get('__key__')!r} has no index; {_INDEX_HELP}")
 
 
-def decode_sample(sample: dict[str, Any], dataset_size: int) -> tuple[Image.Image | None, str | None, int]:
-    """(image or None if missing/undecodable, caption or None, index) of a raw tar sample."""
+def _error_text(e: BaseException) -> str:
+    """`ReadError: unexpected end of data`, without the stream objects webdataset appends to the args."""
+    msg = str(e.args[0]) if getattr(e, "args", None) else str(e)
+    return f"{type(e).__name__}: {msg.split(' @ <', 1)[0]}"
+
+
+def sample_ref(sample: dict[str, Any]) -> str:
+    """A raw sample's name in counters and messages: `shard-url:key`."""
+    return f"{sample.get('__url__')}:{sample.get('__key__')}"
+
+
+def decode_sample(sample: dict[str, Any], dataset_size: int, needs_indices: bool = True,
+                  running_id: int | None = None) -> tuple[Image.Image | None, str | None, int]:
+    """(image or None if missing/undecodable, caption or None, index) of a raw tar sample.
+
+    With `needs_indices` the index must exist and lie in [0, dataset_size); without, a sample that has
+    none takes `running_id`.
+    """
     index = sample_index(sample)
-    if index is None:
-        raise DataError(f"sample {sample.get('__key__')!r} in {sample.get('__url__')} has no index; {_INDEX_HELP}")
-    if not 0 <= index < dataset_size:
-        raise DataError(
-            f"sample {sample.get('__key__')!r} in {sample.get('__url__')} has index {index}, outside "
-            f"[0, {dataset_size}); fix the indices or --data.dataset-size / sizes.json"
-        )
+    if needs_indices:
+        if index is None:
+            raise DataError(f"sample {sample.get('__key__')!r} in {sample.get('__url__')} has no index; {_INDEX_HELP}")
+        if not 0 <= index < dataset_size:
+            raise DataError(
+                f"sample {sample.get('__key__')!r} in {sample.get('__url__')} has index {index}, outside "
+                f"[0, {dataset_size}); fix the indices or --data.dataset-size / sizes.json"
+            )
+    elif index is None:
+        if running_id is None:
+            raise ValueError("decode_sample: a sample without index needs a running_id")
+        index = running_id
     caption = None
     if sample.get("txt") is not None:
         try:
@@ -180,17 +232,67 @@ def decode_sample(sample: dict[str, Any], dataset_size: int) -> tuple[Image.Imag
     return image, caption, index
 
 
+class _ShardReader:
+    """Reads shards one at a time (webdataset's tar reader), keeping what went wrong with each: a shard read
+    that raised, gave no sample, or fewer than its sizes.json count becomes an event
+    {'url', 'error', 'lost'} in `events` (handed to the main process with the next batch)."""
+
+    def __init__(self, sizes: dict[str, int]):
+        self.sizes, self.events = sizes, []
+
+    def read(self, url: str) -> Iterator[dict[str, Any]]:
+        errors: list[BaseException] = []
+
+        def keep_going(exn: BaseException) -> bool:
+            errors.append(exn)
+            return True
+
+        n = 0
+        for sample in wds.tarfile_samples(iter([{"url": url}]), handler=keep_going):
+            n += 1
+            yield sample
+        expected = self.sizes.get(url)
+        lost = max(0, expected - n) if expected is not None else 0
+        if errors or n == 0 or lost:
+            if errors:
+                error = _error_text(errors[0])
+            elif n == 0:
+                error = "no samples"
+            else:
+                error = f"holds {n} of the {expected} samples its sizes.json lists"
+            self.events.append({"url": url, "error": f"{error} after {n} samples" if errors and n else error,
+                                "lost": lost})
+
+    def read_all(self, shards: Iterator[dict[str, str]]) -> Iterator[dict[str, Any]]:
+        for shard in shards:
+            yield from self.read(shard["url"])
+
+    def take(self) -> list[dict[str, Any]]:
+        events, self.events = self.events, []
+        return events
+
+
 def _buffer_shuffle(src: Iterator[Any], bufsize: int, rng: random.Random) -> Iterator[Any]:
     """webdataset's shuffle stage with our own seeded generator."""
     return wds.shuffle(bufsize=bufsize, initial=bufsize, rng=rng)(src)
 
 
 class _WdsEpoch(IterableDataset):
-    """One epoch of one rank; each DataLoader worker makes its share of the batches (see module doc)."""
+    """One epoch of one rank; each DataLoader worker makes its share of the batches (see module doc).
+
+    Yields (batch | None, counts) as `Collate` does, counts also carrying 'shards' (the unreadable-shard
+    events since the last batch); when the worker cannot go on, one last (None, {'error': message}).
+    """
 
     def __init__(self, stream: "WdsStream", epoch: int, skip_batches: int, transform: Callable, tokenizer: Callable):
         self.s, self.epoch, self.skip = stream, epoch, skip_batches
         self.transform, self.collate = transform, Collate(tokenizer)
+
+    def _my_urls(self, w: int, n_workers: int) -> list[str]:
+        s = self.s
+        urls = list(s.urls)
+        random.Random(mix_seed(s.seed, self.epoch, _TAG_SHARDS)).shuffle(urls)
+        return urls[s.rank :: s.world_size][w::n_workers]
 
     def _shards(self, w: int, n_workers: int) -> Iterator[dict[str, str]]:
         s = self.s
@@ -198,26 +300,36 @@ class _WdsEpoch(IterableDataset):
             rng = random.Random(mix_seed(s.seed, self.epoch, s.rank, w, _TAG_RESAMPLE))
             while True:
                 yield {"url": s.urls[rng.randrange(len(s.urls))]}
-        urls = list(s.urls)
-        random.Random(mix_seed(s.seed, self.epoch, _TAG_SHARDS)).shuffle(urls)
-        mine = urls[s.rank :: s.world_size][w::n_workers]
+        mine = self._my_urls(w, n_workers)
         for _ in count():
             for u in mine:
                 yield {"url": u}
 
-    def _samples(self, w: int, n_workers: int, rng: random.Random) -> Iterator[dict[str, Any]]:
+    def _resampled_read(self, shards: Iterator[dict[str, str]], reader: _ShardReader) -> Iterator[dict[str, Any]]:
+        """The drawn shards' samples; ends when `s.max_dry_draws` drawn shards in a row gave no sample."""
+        dry = 0
+        for shard in shards:
+            n = 0
+            for sample in reader.read(shard["url"]):
+                n += 1
+                yield sample
+            dry = 0 if n else dry + 1
+            if dry >= self.s.max_dry_draws:
+                return
+
+    def _samples(self, w: int, n_workers: int, rng: random.Random, reader: _ShardReader) -> Iterator[dict[str, Any]]:
         """This worker's raw samples through the seeded shuffle buffer.
 
         Non-resampled: one pass over the worker's shards; only when the consumer wants more than a pass
-        holds is the pass repeated (a new, drained shuffle buffer each pass).
+        holds is the pass repeated (a new, drained shuffle buffer each pass). A pass without any sample
+        ends the stream.
         """
         s = self.s
         shards = self._shards(w, n_workers)
-        read = wds.tarfile_to_samples(handler=wds.warn_and_continue)
         if s.resampled:
-            yield from _buffer_shuffle(read(shards), s.shuffle_buffer, rng)
+            yield from _buffer_shuffle(self._resampled_read(shards, reader), s.shuffle_buffer, rng)
             return
-        n_shards = len(s.urls[s.rank :: s.world_size][w::n_workers])
+        n_shards = len(self._my_urls(w, n_workers))
         for p in count():
             if p == 1:
                 warnings.warn(
@@ -225,13 +337,23 @@ class _WdsEpoch(IterableDataset):
                     f"{self.epoch}; starting over on them (use equal-size shards, at least world_size x workers)"
                 )
             n = 0
-            for sample in _buffer_shuffle(read(islice(shards, n_shards)), s.shuffle_buffer, rng):
+            for sample in _buffer_shuffle(reader.read_all(islice(shards, n_shards)), s.shuffle_buffer, rng):
                 n += 1
                 yield sample
             if n == 0:
                 return
 
-    def __iter__(self) -> Iterator[tuple[Batch | None, dict[str, int]]]:
+    def _dry_message(self, w: int, n_workers: int) -> str:
+        s = self.s
+        where = f"webdataset rank {s.rank} worker {w} of {n_workers}"
+        if s.resampled:
+            return f"{where}: the last {s.max_dry_draws} shards it drew gave no readable sample in epoch {self.epoch}"
+        mine = self._my_urls(w, n_workers)
+        more = f" and {len(mine) - 3} more" if len(mine) > 3 else ""
+        return (f"{where}: its shards ({', '.join(mine[:3])}{more}) gave no readable sample in epoch {self.epoch}, "
+                f"so it cannot make its share of the batches")
+
+    def __iter__(self) -> Iterator[tuple[Batch | None, dict[str, Any]]]:
         s = self.s
         info = get_worker_info()
         physical, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -241,31 +363,58 @@ class _WdsEpoch(IterableDataset):
             return
         skipped = len(range(w, self.skip, n_workers))
         rng = random.Random(mix_seed(s.seed, self.epoch, s.rank, w, _TAG_SHUFFLE))
-        stream = islice(self._samples(w, n_workers, rng), skipped * s.local_batch_size, None)
+        reader = _ShardReader(s.shard_sizes)
         b = s.local_batch_size
-        for _ in range(quota):
-            raw = list(islice(stream, b))
-            if len(raw) < b:
-                return
-            decoded = [decode_sample(sample, s.dataset_size) for sample in raw]
-            seeds = sample_seeds(s.seed, self.epoch, [index for _, _, index in decoded])
-            with preserved_rng():
-                prepared = [prepare_sample(image, caption, index, self.transform, seed)
-                            for (image, caption, index), seed in zip(decoded, seeds)]
-            yield self.collate(prepared)
+        # running ids for samples without index: unique within the epoch over ranks and workers, and the
+        # same after a resume (k counts this role's raw samples from the epoch's start)
+        stride, offset = s.world_size * n_workers, s.rank * n_workers + w
+        stream = enumerate(self._samples(w, n_workers, rng, reader))
+        try:
+            if skipped:  # the batches before the resume point: read, never decoded, counted before the resume
+                for _ in islice(stream, skipped * b):
+                    pass
+                reader.take()
+            for _ in range(quota):
+                raw = list(islice(stream, b))
+                if len(raw) < b:
+                    yield None, {"error": self._dry_message(w, n_workers), "hint": True, "shards": reader.take()}
+                    return
+                decoded = [decode_sample(sample, s.dataset_size, s.needs_indices, k * stride + offset)
+                           for k, sample in raw]
+                seeds = sample_seeds(s.seed, self.epoch, [index for _, _, index in decoded])
+                with preserved_rng():
+                    prepared = [prepare_sample(image, caption, index, self.transform, seed)
+                                for (image, caption, index), seed in zip(decoded, seeds)]
+                for item, (_, sample) in zip(prepared, raw):
+                    if item["status"] != OK:
+                        item["ref"] = sample_ref(sample)
+                batch, counts = self.collate(prepared)
+                counts["shards"] = reader.take()
+                yield batch, counts
+        except DataError as e:  # raised in the main process (a worker's traceback would bury the message)
+            yield None, {"error": str(e), "shards": reader.take()}
 
 
-class WdsStream:
-    """`TrainStream` over webdataset shards (see the module docstring for order, resume and limits)."""
+class WdsStream(_GuardedStream):
+    """`TrainStream` over webdataset shards (see the module docstring for order, resume and limits).
+
+    `dataset_size`: distinct samples (the index range when `needs_indices`); `train_num_samples`: samples
+    per epoch (default dataset_size); `shard_sizes`: url -> sample count (sizes.json), to count the samples
+    an unreadable shard loses.
+    """
 
     def __init__(self, urls: list[str], dataset_size: int, batch_size: int, seed: int, rank: int = 0,
                  world_size: int = 1, workers: int = 0, resampled: bool = False, shuffle_buffer: int = 1000,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, *, needs_indices: bool = True, train_num_samples: int | None = None,
+                 shard_sizes: dict[str, int] | None = None, max_empty_batches: int | None = None,
+                 max_skip_fraction: float | None = None):
         self.local_batch_size = check_batch_size(batch_size, world_size)
         if not urls:
             raise DataError("the webdataset shard list is empty; check --data.train-path")
-        if dataset_size < 1:
+        if not dataset_size or dataset_size < 1:
             raise DataError(f"dataset_size must be positive, got {dataset_size}")
+        if train_num_samples is not None and train_num_samples < 1:
+            raise DataError(f"data.train_num_samples must be positive, got {train_num_samples}")
         n_workers = max(1, workers)
         if not resampled and len(urls) < world_size * n_workers:
             raise DataError(
@@ -275,32 +424,60 @@ class WdsStream:
         self.urls, self.dataset_size, self.batch_size, self.seed = list(urls), int(dataset_size), batch_size, seed
         self.rank, self.world_size, self.workers, self.resampled = rank, world_size, max(0, workers), resampled
         self.shuffle_buffer, self.pin_memory = max(1, shuffle_buffer), pin_memory
-        self.steps_per_epoch = self.dataset_size // batch_size
+        self.needs_indices = bool(needs_indices)
+        self.train_num_samples = int(train_num_samples) if train_num_samples else None
+        self.shard_sizes = dict(shard_sizes or {})
+        self.max_dry_draws = max(50, 3 * len(self.urls))  # resampled: shards in a row without a sample
+        self.name = "webdataset"
+        per_epoch = self.train_num_samples or self.dataset_size
+        self.steps_per_epoch = per_epoch // batch_size
         if self.steps_per_epoch < 1:
             raise DataError(
-                f"webdataset: {self.dataset_size} samples is less than one global batch of {batch_size}; "
+                f"webdataset: {per_epoch} samples per epoch is less than one global batch of {batch_size}; "
                 f"lower --train.batch-size or use more data"
             )
-        self.stats = DataStats()
+        self._init_checks(max_empty_batches, max_skip_fraction, self.steps_per_epoch * self.local_batch_size)
 
     @classmethod
     def from_config(cls, cfg: Any, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                    pin_memory: bool = False) -> "WdsStream":
+                    pin_memory: bool = False, needs_indices: bool = True) -> "WdsStream":
         urls = expand_shards(cfg.train_path)
-        size = cfg.dataset_size if cfg.dataset_size else dataset_size_from_sizes_json(urls)
-        check_first_sample(urls[0])
+        per_epoch = getattr(cfg, "train_num_samples", None)
+        size = cfg.dataset_size
+        if not size:
+            try:
+                size = dataset_size_from_sizes_json(urls)
+            except DataError as e:
+                if needs_indices:
+                    why = (" (the objective keeps per-sample state: it needs the range of the samples' indices)"
+                           if per_epoch else "")
+                    raise DataError(f"{e}{why}") from None
+                if not per_epoch:
+                    raise DataError(f"{e}; or give the samples per epoch with --data.train-num-samples N") from None
+                size = per_epoch
+        check_first_sample(urls[0], needs_indices)
         return cls(urls, size, batch_size, seed, rank, world_size, workers=int(cfg.workers or 0),
                    resampled=bool(cfg.resampled), shuffle_buffer=int(getattr(cfg, "shuffle_buffer", 1000)),
-                   pin_memory=pin_memory)
+                   pin_memory=pin_memory, needs_indices=needs_indices, train_num_samples=per_epoch,
+                   shard_sizes=shard_sizes(urls), max_empty_batches=getattr(cfg, "max_empty_batches", None),
+                   max_skip_fraction=getattr(cfg, "max_skip_fraction", None))
 
-    def iterate(self, epoch: int, skip_batches: int, transform: Callable, tokenizer: Callable) -> Iterator[Batch]:
-        if skip_batches < 0:
-            raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
-        if skip_batches >= self.steps_per_epoch:
-            return
+    def _hint(self) -> str:
+        st, fixes = self.stats, []
+        if st.unreadable_shards:
+            fixes.append("re-create the unreadable shards named above or drop them from --data.train-path (a "
+                         "worker whose shards are all unreadable cannot make its batches: keep at least "
+                         "world_size x workers readable shards, or use --data.resampled true)")
+        if st.skipped_no_caption:
+            fixes.append("every sample needs a non-empty caption KEY.txt next to its image")
+        if st.skipped_corrupt:
+            fixes.append(f"every sample needs a decodable image KEY.{{{','.join(IMAGE_EXTS)}}}")
+        return "; ".join(fixes) or "check the shards"
+
+    def _loader(self, epoch: int, skip_batches: int, transform: Callable, tokenizer: Callable) -> DataLoader:
         import torch
 
-        loader = DataLoader(
+        return DataLoader(
             _WdsEpoch(self, epoch, skip_batches, transform, tokenizer),
             batch_size=None,
             num_workers=self.workers,
@@ -308,16 +485,23 @@ class WdsStream:
             pin_memory=self.pin_memory,
             generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch, _TAG_LOADER)),
         )
-        n = 0
-        for batch, counts in loader:
-            n += 1
-            update_stats(self.stats, counts, empty=batch is None)
-            if batch is None:
-                warnings.warn(f"webdataset: a whole batch of epoch {epoch} was unusable and is skipped")
-                continue
-            yield batch
-        if n < self.steps_per_epoch - skip_batches:
-            warnings.warn(
-                f"webdataset rank {self.rank}: epoch {epoch} ended after {n} of {self.steps_per_epoch - skip_batches} "
-                f"batches (shards with no readable samples?)"
-            )
+
+    def _look_back(self, epoch: int, skip_batches: int, transform: Callable, tokenizer: Callable) -> Batch | None:
+        """The last usable batch before position `skip_batches` (at most max_empty_batches back), not counted."""
+        start = max(0, skip_batches - self.max_empty_batches)
+        last = None
+        for _, (batch, counts) in zip(range(skip_batches - start), self._loader(epoch, start, transform, tokenizer)):
+            if counts.get("error"):
+                return None
+            if batch is not None:
+                last = batch
+        return last
+
+    def iterate(self, epoch: int, skip_batches: int, transform: Callable, tokenizer: Callable) -> Iterator[Batch]:
+        if skip_batches < 0:
+            raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
+        if skip_batches >= self.steps_per_epoch:
+            return
+        loader = self._loader(epoch, skip_batches, transform, tokenizer)
+        yield from self._guarded(iter(loader), epoch, self.steps_per_epoch - skip_batches,
+                                 lambda: self._look_back(epoch, skip_batches, transform, tokenizer))
