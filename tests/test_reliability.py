@@ -206,6 +206,60 @@ def test_sigterm_under_torchrun_saves(tmp_path):
     assert len(saved["rng"]) == 2
 
 
+def test_sigterm_to_the_process_group_with_loader_workers(tmp_path):
+    """A scheduler signals every process of the job, data-loader workers included: they leave the signal to the
+    main process, which still gets its batches, saves and exits 143."""
+    proc = subprocess.Popen(train_cmd(tmp_path, "--train.steps", "200", "--train.log-every", "1", "--data.workers", "2",
+                                      "--train.name", "g"), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for_step(tmp_path / "g", 3, proc)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    assert 3 <= state_of(ckpt.latest_checkpoint(tmp_path / "g"))["step"] < 200
+
+
+def test_skipped_samples_are_reported_while_training(tmp_path):
+    from amorlip.data.writers import write_synthetic_csv
+
+    csv_path = write_synthetic_csv(tmp_path / "csv", 64, 0)
+    sorted((tmp_path / "csv").rglob("*.png"))[3].write_bytes(b"garbage")
+    proc = run(tmp_path, "--data.source", "csv", "--data.train-path", str(csv_path), "--train.steps", "8",
+               "--train.log-every", "2", "--train.name", "s")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("data: skipped")]
+    assert lines and ".png" in lines[0], proc.stdout[-2000:]  # names the offending file
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert summary["data_skipped"]["skipped_corrupt"] == 1  # one distinct sample, however often it was read
+    assert summary["data_skipped"]["corrupt_visits"] >= 2  # 8 steps of 16 = 2 epochs of 64
+
+
+@pytest.mark.slow
+def test_two_process_resume_keeps_every_ranks_counts(tmp_path):
+    """Each rank restores its own counters: after a 2-process stop + resume the counts equal an uninterrupted run's."""
+    from amorlip.data.writers import write_synthetic_csv
+
+    csv_path = write_synthetic_csv(tmp_path / "csv", 64, 0)
+    for i in (1, 7, 30, 45):
+        sorted((tmp_path / "csv").rglob("*.png"))[i].write_bytes(b"garbage")
+
+    def torchrun(*args):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "amorlip.cli", "train", "--train.output-dir", str(tmp_path), *TINY, "--train.steps", "12",
+               "--data.source", "csv", "--data.train-path", str(csv_path), "--train.device", "cpu", *args]
+        proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    torchrun("--train.name", "straight")
+    torchrun("--train.name", "cut", "--train.stop-at", "5")
+    torchrun("--train.name", "cut", "--train.resume", "latest")
+    a, b = (json.loads((tmp_path / n / "summary.json").read_text())["data_skipped"] for n in ("straight", "cut"))
+    assert a == b and a["skipped_corrupt"] == 4, (a, b)
+
+
 def test_time_based_checkpoints(tmp_path):
     proc = run(tmp_path, "--train.steps", "12", "--train.name", "t", "--train.checkpoint-minutes", "0.0001",
                "--train.keep-checkpoints", "100")

@@ -1,44 +1,151 @@
-"""Command line: amorlip train | eval | export | compare | bench | data | presets | models."""
+"""Command line: amorlip train | eval | export | compare | bench | data | presets | models.
+
+`train` and `compare` parse their words with the config parser (jsonargparse, `amorlip.config.config_parser`):
+`--section.key VALUE` for every config key, with help from the dataclass docstrings. The other commands are
+small argparse parsers. Every one rejects unknown flags, and every expected error is one line
+`amorlip <cmd>: error: ... (fix)` with exit status 2, before any work starts. `amorlip --help`, `presets` and
+`models` do not import torch.
+"""
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import ast
+import importlib.util
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 from amorlip import __version__
 
-
-def _config_keys_help() -> str:
-    from amorlip.config import all_section_types
-
-    lines = ["config keys (override any with --section.key VALUE):", "  --objective NAME"]
-    for section, typ in all_section_types().items():
-        for f in dataclasses.fields(typ):
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-            lines.append(f"  --{section}.{f.name.replace('_', '-')} (default: {default})")
-    return "\n".join(lines)
+TRAIN_DESCRIPTION = (
+    "Train an open_clip model with the chosen objective. Values come from the defaults, then the preset "
+    "(--config), then the command line. Runs unchanged under `torchrun --nproc_per_node N -m amorlip.cli train ...`."
+)
+COMPARE_DESCRIPTION = (
+    "Train several objectives side by side (same model, data, batch and seeds), evaluate each, and write a "
+    "table and plots. Config keys given here apply to every entry; an entry's own [key=value] overrides come last."
+)
+BENCH_COMMANDS = ("overhead", "loss", "throughput", "data", "comm", "flops")
 
 
-def _build_config(args: argparse.Namespace, extra: list[str]):
-    from amorlip.config import build_config, parse_overrides
-
-    overrides = parse_overrides(extra)
-    if getattr(args, "objective", None):
-        overrides.insert(0, ("objective", args.objective))
-    return build_config(args.config, overrides)
+# ----------------------------------------------------------------------------------------------------
+# train, compare: the config parser
 
 
-def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+def _train_options(parser: Any) -> None:
+    parser.add_argument("--config", metavar="PRESET|FILE",
+                        help="preset name (`amorlip presets` lists them) or YAML file; the command line overrides it")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved configuration (YAML) and exit without training")
+
+
+def _compare_options(parser: Any) -> None:
+    _train_options(parser)
+    parser.add_argument("--objectives", default="clip,amorlip", metavar="ENTRIES",
+                        help="comma-separated objectives or presets; an entry may carry overrides, e.g. "
+                             "'clip,clip[temperature.scheme=rescaled],amorlip[amor.divide_by=target]' "
+                             "(default: clip,amorlip)")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (mean and spread when more than one)")
+    parser.add_argument("--out", default="runs/compare", help="output folder for the table and plots")
+
+
+def cmd_train(words: list[str]) -> int:
+    from amorlip.config import build_config, describe, parse_config_args
+
+    own, overrides = parse_config_args(words, "amorlip train", TRAIN_DESCRIPTION, _train_options)
+    cfg = build_config(own["config"], overrides)
+    if own["print_config"]:
+        print(describe(cfg), end="")
+        return 0
     from amorlip.train import main_worker
 
-    cfg = _build_config(args, extra)
     main_worker(cfg)
     return 0
 
 
-def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
+def _compare_configs(args: argparse.Namespace, common: list[tuple[str, Any]]) -> dict[tuple[str, int], Any]:
+    """What `compare` would run (entry label, seed) -> config, for --print-config."""
+    from amorlip import objectives
+    from amorlip.compare import parse_entry, split_entries
+    from amorlip.config import ConfigError, build_config, preset_names
+
+    out = {}
+    seeds = [s.strip() for s in args.seeds.split(",") if s.strip()]
+    for entry in (parse_entry(e) for e in split_entries(args.objectives)):
+        if entry.objective in objectives.REGISTRY:
+            base, head = args.config, [("objective", entry.objective)]
+        elif entry.objective in preset_names() or Path(entry.objective).is_file():
+            base, head = entry.objective, []
+        else:
+            raise ConfigError(f"entry {entry.label!r}: {entry.objective!r} is neither an objective "
+                              f"({', '.join(objectives.REGISTRY)}) nor a preset (`amorlip presets` lists them)")
+        for seed in seeds:
+            out[(entry.label, seed)] = build_config(base, [*head, *common, *entry.overrides, ("train.seed", seed)])
+    return out
+
+
+def cmd_compare(words: list[str]) -> int:
+    from amorlip.config import describe, override_words, parse_config_args
+
+    own, overrides = parse_config_args(words, "amorlip compare", COMPARE_DESCRIPTION, _compare_options)
+    args = argparse.Namespace(**own)
+    if args.print_config:
+        for (label, seed), cfg in _compare_configs(args, overrides).items():
+            print(f"# --- {label}, seed {seed}\n{describe(cfg)}", end="")
+        return 0
+    from amorlip.compare import run_compare
+
+    return run_compare(args, override_words(overrides))
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench: forwards to amorlip.bench (each benchmark has its own parser)
+
+
+def _bench_summary(what: str) -> str:
+    """The first sentence of a bench module's docstring, read without importing it (or torch)."""
+    spec = importlib.util.find_spec(f"amorlip.bench.{what}")
+    doc = ast.get_docstring(ast.parse(Path(spec.origin).read_text())) if spec and spec.origin else ""
+    text = " ".join((doc or "").split("\n\n")[0].split())
+    text = text.split(": ", 1)[1] if text.startswith("`amorlip bench") and ": " in text else text
+    return text
+
+
+def bench_help() -> str:
+    lines = ["usage: amorlip bench {" + ",".join(BENCH_COMMANDS) + "} [options] [--SECTION.KEY VALUE ...]", "",
+             "Efficiency benchmarks: figures measured side by side in one run (docs/benchmarks.md).", "",
+             "benchmarks:"]
+    for what in BENCH_COMMANDS:
+        lines.append(f"  {what:<11} {_bench_summary(what)}")
+    lines += ["", "`amorlip bench WHAT --help` lists one benchmark's options. They all take --config, --model "
+              "(= --model.name), --batch-size (= --train.batch-size), --device (= --train.device), --precision "
+              "(= --model.precision), --threads (= --train.threads), and any --section.key VALUE of "
+              "`amorlip train --help`."]
+    return "\n".join(lines)
+
+
+def cmd_bench(words: list[str]) -> int:
+    from amorlip.config import ConfigError
+
+    if not words:
+        print(bench_help(), file=sys.stderr)
+        return 2
+    if words[0] in ("-h", "--help"):
+        print(bench_help())
+        return 0
+    what, rest = words[0], words[1:]
+    if what not in BENCH_COMMANDS:
+        raise ConfigError(f"unknown benchmark {what!r} (choose one of: {', '.join(BENCH_COMMANDS)})")
+    from amorlip.bench import run_bench
+
+    return run_bench(argparse.Namespace(what=what), rest)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the small commands
+
+
+def cmd_export(args: argparse.Namespace) -> int:
     from amorlip.checkpoint import export_open_clip
 
     out, config_path = export_open_clip(args.checkpoint, args.out)
@@ -50,29 +157,15 @@ def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
+def cmd_eval(args: argparse.Namespace) -> int:
     from amorlip.evaluate.cli import run_eval
 
-    return run_eval(args, extra)
+    return run_eval(args, [])
 
 
-def cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
-    from amorlip.compare import run_compare
-
-    return run_compare(args, extra)
-
-
-def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
-    from amorlip.bench import run_bench
-
-    return run_bench(args, extra)
-
-
-def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
+def cmd_data(args: argparse.Namespace) -> int:
     from amorlip.data.writers import write_synthetic_csv, write_synthetic_wds
 
-    if extra:
-        raise SystemExit(f"unexpected arguments: {' '.join(extra)}")
     out = Path(args.out)
     if args.format == "csv":
         path = write_synthetic_csv(out, args.n, args.seed)
@@ -83,52 +176,66 @@ def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def cmd_presets(args: argparse.Namespace, extra: list[str]) -> int:
-    from amorlip.config import preset_names
+def cmd_presets(args: argparse.Namespace) -> int:
+    from amorlip.config import build_config, describe, preset_description, preset_names
 
-    for name in preset_names():
-        print(name)
+    if args.name:
+        print(describe(build_config(args.name)), end="")
+        return 0
+    names = preset_names()
+    width = max(map(len, names))
+    for name in names:
+        print(f"{name:<{width}}  {preset_description(name)}")
+    print("\n`amorlip presets NAME` prints a preset's resolved configuration; `amorlip train --config NAME` runs it.")
     return 0
 
 
-def cmd_models(args: argparse.Namespace, extra: list[str]) -> int:
-    from amorlip.models import TINY_MODELS, model_names
+def cmd_models(args: argparse.Namespace) -> int:
+    from amorlip.config import model_config_names
 
-    print("tiny CPU configs: " + ", ".join(TINY_MODELS))
-    print("open_clip configs: " + ", ".join(n for n in model_names() if n not in TINY_MODELS))
+    tiny = sorted(p.stem for p in (Path(__file__).parent / "model_configs").glob("*.json"))
+    print("tiny CPU configs: " + ", ".join(tiny))
+    print("open_clip configs: " + ", ".join(n for n in model_config_names() if n not in tiny))
     return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# the top-level parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors as one line `amorlip <cmd>: error: ...` (exit 2) instead of usage + error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="amorlip",
         description="Resource-efficient CLIP pretraining: AmorLIP, CLIP, SigLIP, SogCLR, FastCLIP, NeuCLIP (+ RECLIP schedules).",
+        epilog="`amorlip COMMAND --help` explains each command; config keys are listed by `amorlip train --help`.",
     )
     parser.add_argument("--version", action="version", version=f"amorlip {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
-    p = sub.add_parser(
-        "train",
-        help="train a model (also under torchrun)",
-        description="Train an open_clip model with the chosen objective. Runs unchanged under "
-        "`torchrun --nproc_per_node N -m amorlip.cli train ...`.",
-        epilog=_config_keys_help(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--config", help="preset name (see `amorlip presets`) or YAML file")
-    p.add_argument("--objective", help="clip | siglip | sogclr | fastclip | amorlip | neuclip")
-    p.set_defaults(func=cmd_train)
-
+    # train, compare and bench parse their own words (see main); these entries are for `amorlip --help`
+    sub.add_parser("train", add_help=False, help="train a model (also under torchrun); --help lists every config key")
     p = sub.add_parser("eval", help="evaluate a run folder or checkpoint (zero-shot, retrieval, DataComp, normalizers)")
     p.add_argument("checkpoint", help="run folder (its latest checkpoint), checkpoint file, or exported open_clip .pt")
-    p.add_argument("--model", help="model config name (needed only for an exported checkpoint without config)")
+    p.add_argument("--model", "--model.name", dest="model",
+                   help="model config name (needed only for an exported checkpoint without config)")
     p.add_argument("--datacomp", metavar="ROOT", help="run the DataComp task list on local clip_benchmark wds folders under ROOT")
     p.add_argument("--datacomp-tasks", help="comma-separated subset of DataComp tasks")
     p.add_argument("--normalizers", action="store_true", help="normalizer diagnostics on the held-out split")
-    p.add_argument("--data", default=None, help="evaluation data: synthetic | fashion-mnist (default: the run's training source)")
+    p.add_argument("--data", "--data.source", dest="data", default=None,
+                   help="evaluation data: synthetic | fashion-mnist (default: the run's training source)")
     p.add_argument("--out", help="write results JSON here (default: RUN/eval.json)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", "--eval.batch-size", "--eval.batch_size", dest="batch_size", type=int, default=256,
+                   help="evaluation batch size (eval.batch_size; default: 256)")
+    p.add_argument("--device", "--train.device", dest="device", default="auto",
+                   help="auto | cpu | cuda (train.device; default: auto)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="write a plain open_clip checkpoint (+ config JSON) from a run")
@@ -136,56 +243,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .pt file, or a folder")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("compare", help="train several objectives side by side and tabulate/plot them")
-    p.add_argument("--config", help="base preset for every entry")
-    p.add_argument("--objectives", default="clip,amorlip",
-                   help="comma-separated entries; an entry may carry overrides: 'clip[temperature.scheme=rescaled]'")
-    p.add_argument("--seeds", default="0", help="comma-separated seeds (mean and spread when more than one)")
-    p.add_argument("--out", default="runs/compare", help="output folder for the table and plots")
-    p.set_defaults(func=cmd_compare)
-
-    p = sub.add_parser("bench", add_help=False,
-                       help="efficiency benchmarks (overhead, loss, throughput, data, comm, flops); "
-                            "`amorlip bench WHAT --help` lists each one's options")
-    p.add_argument("what", choices=["overhead", "loss", "throughput", "data", "comm", "flops"])
-    p.set_defaults(func=cmd_bench)
+    sub.add_parser("compare", add_help=False, help="train several objectives side by side and tabulate/plot them")
+    sub.add_parser("bench", add_help=False,
+                   help="efficiency benchmarks (" + ", ".join(BENCH_COMMANDS) + "); `amorlip bench --help` lists them")
 
     p = sub.add_parser("data", help="write the embedded synthetic data as CSV+PNG or webdataset shards")
     p.add_argument("format", choices=["csv", "wds"])
     p.add_argument("--out", required=True)
-    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--n", type=int, default=2000, help="number of pairs (default: 2000)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--shard-size", type=int, default=1000, help="pairs per webdataset shard (default: 1000)")
     p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("presets", help="list built-in presets")
+    p = sub.add_parser("presets", help="list the built-in presets, or print one's resolved configuration")
+    p.add_argument("name", nargs="?", metavar="NAME", help="a preset name or YAML file: print its resolved configuration")
     p.set_defaults(func=cmd_presets)
     p = sub.add_parser("models", help="list model configs")
     p.set_defaults(func=cmd_models)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from amorlip.checkpoint import CheckpointError
+OWN_PARSERS: dict[str, Callable[[list[str]], int]] = {"train": cmd_train, "compare": cmd_compare, "bench": cmd_bench}
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message names the fix (printed as one line, exit 2); the modules that raise them are
+    looked up only if already imported, so that startup does not import torch."""
     from amorlip.config import ConfigError
 
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    out: list[type[BaseException]] = [ConfigError, FileNotFoundError]
+    for module, name in (("amorlip.checkpoint", "CheckpointError"), ("amorlip.data.types", "DataError")):
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type):
+            out.append(cls)
+    return tuple(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv else None
     try:
-        from amorlip.data.types import DataError
-    except ImportError:  # pragma: no cover
-        DataError = ValueError  # type: ignore[misc,assignment]
-    try:
-        return int(args.func(args, extra) or 0)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
-        print(f"amorlip {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        if command in OWN_PARSERS:
+            return int(OWN_PARSERS[command](argv[1:]) or 0)
+        args, extra = build_parser().parse_known_args(argv)
+        if extra:
+            print(f"amorlip {args.command}: error: unrecognized arguments: {' '.join(extra)} "
+                  f"(see `amorlip {args.command} --help`)", file=sys.stderr)
+            return 2
+        return int(args.func(args) or 0)
     except FloatingPointError as e:  # the loss diverged: the message says what to change
-        print(f"amorlip {args.command}: error: {e}", file=sys.stderr)
+        print(f"amorlip {command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; resume with --train.resume latest", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not isinstance(e, _expected_errors()):
+            raise
+        print(f"amorlip {command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -7,10 +7,16 @@ objective's own `Config` dataclass, so adding an objective never touches this fi
 """
 from __future__ import annotations
 
+import argparse
+import difflib
+import functools
+import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from types import UnionType
+from typing import Any, Callable, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -23,9 +29,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    """The model: an open_clip config, its precision, compilation."""
+
     name: str = "tiny-vit"
     """Any open_clip model config name (RN50, ViT-B-32, ...) or a registered tiny config."""
-    precision: str = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """fp32 | bf16 | fp16: autocast precision (bf16/fp16 only on CUDA; the CPU runs fp32)."""
     compile: bool = False
     """Wrap the model in torch.compile."""
@@ -33,7 +41,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"
+    """Training and evaluation data."""
+
+    source: Literal["synthetic", "csv", "wds", "fashion-mnist"] = "synthetic"
     """synthetic | csv | wds | fashion-mnist."""
     train_path: str | None = None
     """CSV file, or webdataset shard pattern (brace notation, `::` joins several), or a shard directory."""
@@ -53,16 +63,12 @@ class DataConfig:
     workers: int = 0
     resampled: bool = False
     """webdataset: sample shards with replacement (infinite stream)."""
-    train_num_samples: int | None = None
-    """webdataset: samples per epoch (open_clip's --train-num-samples); None = dataset_size."""
-    max_empty_batches: int = 20
-    """Stop with an error after this many batches in a row without one usable sample."""
-    max_skip_fraction: float = 0.5
-    """Stop with an error once more than this fraction of the samples read is unusable (1 = never)."""
 
 
 @dataclass
 class OptimConfig:
+    """AdamW and its learning-rate schedule (warm-up, then cosine)."""
+
     lr: float = 1e-3
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -77,13 +83,15 @@ class OptimConfig:
     """Divide the temperature lr by 3 while the temperature 1/s is 0.03 or below (re-checked every step)."""
     temperature_step_thresh_latch: bool = False
     """step_thresh: once 1/s has reached 0.03, keep the lower rate for the rest of the run (no re-check)."""
-    lr_temperature_schedule: str | None = None
+    lr_temperature_schedule: Literal["const", "same-as-lr"] | None = None
     """const | same-as-lr (warm-up + cosine); None: const when lr_temperature is set (releases), else same-as-lr."""
 
 
 @dataclass
 class TemperatureConfig:
-    scheme: str = "plain"
+    """How the learnt temperature 1/s enters the loss."""
+
+    scheme: Literal["plain", "rescaled"] = "plain"
     """plain: optimise L. rescaled: L / sg(s) + rho / s (FastCLIP; AmorLIP App. D)."""
     rho: float = 6.5
     rho_final: float | None = None
@@ -93,6 +101,8 @@ class TemperatureConfig:
 
 @dataclass
 class TrainConfig:
+    """The training run: length, device, run folder, checkpoints, logging."""
+
     batch_size: int = 64
     """Global batch size (split evenly across processes)."""
     steps: int | None = 600
@@ -100,8 +110,8 @@ class TrainConfig:
     epochs: int | None = None
     """Used when steps is None."""
     seed: int = 0
-    device: str = "auto"
-    """auto | cpu | cuda."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: cuda when a GPU is visible, else cpu."""
     output_dir: str = "runs"
     name: str | None = None
     """Run folder name under output_dir (default: objective-model-seed)."""
@@ -134,6 +144,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    """Evaluation during and after training."""
+
     batch_size: int = 256
     zeroshot: bool = True
     retrieval: bool = True
@@ -216,8 +228,11 @@ def _section_obj(cfg: Config, name: str) -> Any:
         return getattr(cfg, name)
     if name in cfg.sections:
         return cfg.sections[name]
+    close = difflib.get_close_matches(name, ["objective", *CORE_SECTIONS, *cfg.sections], n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
     raise ConfigError(
-        f"unknown config section {name!r}; valid sections: {', '.join(['objective', *CORE_SECTIONS, *cfg.sections])}"
+        f"unknown config section {name!r}{hint}; valid sections: "
+        f"{', '.join(['objective', *CORE_SECTIONS, *cfg.sections])}"
     )
 
 
@@ -225,130 +240,358 @@ def _valid_keys(obj: Any) -> list[str]:
     return [f.name for f in fields(obj)]
 
 
-def _coerce(value: Any, typ: Any, key: str) -> Any:
-    """Convert a YAML or command-line value to the field's declared type."""
-    typ_str = str(typ)
-    optional = "None" in typ_str
-    if isinstance(value, str) and optional and value.lower() in ("none", "null", "~"):
-        return None
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{key} cannot be null")
+# ----------------------------------------------------------------------------------------------------
+# The parser: jsonargparse reads the sections' type hints and attribute docstrings, so `--help` shows each
+# key's meaning, type, default and choices, and every value (command line or YAML) is converted and checked
+# by it. We keep three things of our own around it: the `--section.key` spelling with dashes, the open_clip
+# aliases, and one-line error messages that name the fix.
+
+OPEN_CLIP_FLAGS: dict[str, str] = {
+    "batch_size": "train.batch_size",
+    "lr": "optim.lr",
+    "epochs": "train.epochs",
+    "model": "model.name",
+    "train_data": "data.train_path",
+    "dataset_type": "data.source",
+    "resume": "train.resume",
+    "precision": "model.precision",
+    "workers": "data.workers",
+    "seed": "train.seed",
+    "wd": "optim.weight_decay",
+    "warmup": "optim.warmup_steps",
+    "beta1": "optim.beta1",
+    "beta2": "optim.beta2",
+    "eps": "optim.eps",
+    "grad_clip_norm": "optim.grad_clip",
+    "name": "train.name",
+    "logs": "train.output_dir",
+    "device": "train.device",
+}
+"""open_clip's training flags (`--batch-size 32`) that mean one of our keys: accepted as aliases on `train` and
+`compare` (and listed under `amorlip train --help`)."""
+
+
+def flag_of(key: str) -> str:
+    """The command-line spelling of a dotted key: `train.batch_size` -> `--train.batch-size`."""
+    return "--" + key.replace("_", "-")
+
+
+def _section_key_types(sections: dict[str, type]) -> dict[str, Any]:
+    out: dict[str, Any] = {"objective": str}
+    for section, typ in sections.items():
+        hints = get_type_hints(typ)
+        for f in fields(typ):
+            out[f"{section}.{f.name}"] = hints[f.name]
+    return out
+
+
+def _type_name(typ: Any) -> str:
+    if typ is type(None):
+        return "none"
+    if get_origin(typ) is Literal:
+        return " | ".join(str(a) for a in get_args(typ))
+    if get_origin(typ) in (Union, UnionType):
+        return " | ".join(_type_name(a) for a in get_args(typ))
+    return getattr(typ, "__name__", str(typ)) if get_origin(typ) is None else str(typ).replace("typing.", "")
+
+
+def _choices(typ: Any) -> tuple[Any, ...]:
+    if get_origin(typ) is Literal:
+        return get_args(typ)
+    if get_origin(typ) in (Union, UnionType):
+        return tuple(c for a in get_args(typ) for c in _choices(a))
+    return ()
+
+
+def _optional(typ: Any) -> bool:
+    return get_origin(typ) in (Union, UnionType) and type(None) in get_args(typ)
+
+
+def _formatter_class() -> type:
+    from jsonargparse import DefaultHelpFormatter
+
+    class HelpFormatter(DefaultHelpFormatter):
+        """jsonargparse's help, with keys spelled as users type them (`--train.batch-size`)."""
+
+        def _fill_text(self, text: str, width: int, indent: str) -> str:
+            # keep the line breaks of descriptions and epilogs (each line is wrapped on its own)
+            return "\n".join(indent + line if line.startswith("  ") else
+                             super(HelpFormatter, self)._fill_text(line, width, indent) if line.strip() else ""
+                             for line in text.splitlines())
+
+        def _format_action_invocation(self, action: Any) -> str:
+            text = super()._format_action_invocation(action)
+            for opt in action.option_strings:
+                if "." in opt:
+                    text = text.replace(opt, opt.replace("_", "-"))
+            return text
+
+    return HelpFormatter
+
+
+def _objective_names() -> list[str]:
+    from amorlip.objectives import REGISTRY
+
+    return list(REGISTRY)
+
+
+def _aliases_help() -> str:
+    pairs = [f"  --{k.replace('_', '-'):<16} = {flag_of(v)}" for k, v in OPEN_CLIP_FLAGS.items()]
+    return "open_clip's spellings are accepted as aliases:\n" + "\n".join(pairs)
+
+
+def config_parser(prog: str = "amorlip train", description: str | None = None,
+                  add_options: Callable[[Any], None] | None = None) -> Any:
+    """A jsonargparse parser for `prog`: the command's own options (`add_options(parser)`), `--objective` and
+    one group per config section (`--section.key VALUE`, help from the fields' docstrings)."""
+    import jsonargparse
+
+    jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    parser = jsonargparse.ArgumentParser(
+        prog=prog, description=description, exit_on_error=False, formatter_class=_formatter_class(),
+        usage=f"{prog} [options] [--SECTION.KEY VALUE ...]",
+        epilog="Every key is also accepted with underscores (--train.batch_size) and as --key=value; `none` unsets "
+               "a key whose type allows null. Setting one of train.steps / train.epochs derives the other.\n\n"
+               + _aliases_help(),
+    )
+    if add_options is not None:
+        add_options(parser)
+    names = _objective_names()
+    parser.add_argument("--objective", choices=names, metavar="{" + ",".join(names) + "}", default="clip",
+                        help="the training objective; its options are the section of the same name below")
+    for section, typ in all_section_types().items():
+        parser.add_class_arguments(typ, nested_key=section, fail_untyped=False, instantiate=False)
+        group = parser.groups[section]
+        doc = "" if not typ.__doc__ or typ.__doc__.startswith(typ.__name__ + "(") else typ.__doc__
+        doc = re.split(r"(?<=\.)\s", " ".join(doc.split("\n\n")[0].split()), maxsplit=1)[0].rstrip(".")
+        group.title = f"[{section}]" + (f" {doc}" if doc else "")
+        # jsonargparse adds `--section FILE` (load one section from a file): our YAML presets do that job
+        loader = parser._option_string_actions.pop("--" + section, None)
+        if loader is not None:
+            parser._actions.remove(loader)
+            group._group_actions.remove(loader)
+    return parser
+
+
+@functools.lru_cache(maxsize=1)
+def _value_parser(key_set: tuple[str, ...]) -> Any:
+    return config_parser("amorlip")
+
+
+def _key_types() -> dict[str, Any]:
+    return _cached_key_types(tuple(all_section_types().items()))
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_key_types(sections: tuple[tuple[str, type], ...]) -> dict[str, Any]:
+    return _section_key_types(dict(sections))
+
+
+def _value_error(key: str, value: Any, typ: Any) -> ConfigError:
+    choices = _choices(typ)
+    if choices:
+        return ConfigError(
+            f"{key}={value!r} is not one of: {', '.join(map(str, choices))} "
+            f"(pass {flag_of(key)} {choices[0]}, or another of them)"
+        )
+    return ConfigError(f"{key}: cannot read {value!r} as {_type_name(typ)} (see `amorlip train --help`)")
+
+
+def _as_text(value: Any, typ: Any) -> str:
+    """A value as the command line would spell it (YAML values arrive typed; the parser reads text)."""
+    if isinstance(value, str):
+        if _optional(typ) and value.strip().lower() in ("none", "null", "~"):
+            return "null"
+        if value.strip().lower() in ("inf", "+inf", "-inf", "nan") and float in (typ, *get_args(typ)):
+            return value.strip().lower().replace("inf", ".inf").replace("nan", ".nan").lstrip("+")
+        return value
+    if isinstance(value, float) and not math.isfinite(value):
+        return ".nan" if math.isnan(value) else ("-.inf" if value < 0 else ".inf")
+    return json.dumps(value)
+
+
+def convert(key: str, value: Any) -> Any:
+    """`value` (text or a YAML value) converted to the type of the dotted `key` by the parser (ConfigError if not)."""
+    types = _key_types()
+    typ = types[key]
+    if value is None and not _optional(typ):
+        raise ConfigError(f"{key} cannot be null (pass a value, see `amorlip train --help`)")
+    parser = _value_parser(tuple(types))
     try:
-        if typ is bool or typ_str.startswith("bool"):
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("1", "true", "yes", "on"):
-                return True
-            if str(value).lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
-        if typ is int or typ_str.startswith("int"):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if typ is float or typ_str.startswith("float"):
-            return float(value)
-        if typ is str or typ_str.startswith("str"):
-            return str(value)
-        if typ_str.startswith("list"):
-            if isinstance(value, str):
-                value = yaml.safe_load(value)
-            if not isinstance(value, list):
-                raise ValueError(value)
-            return value
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}: cannot read {value!r} as {typ_str}") from None
-    return value
+        ns = parser.parse_args([f"--{key}={_as_text(value, typ)}"], defaults=False)
+    except (argparse.ArgumentError, TypeError, ValueError):
+        raise _value_error(key, value, typ) from None
+    return ns[key]
 
 
-def set_key(cfg: Config, dotted: str, value: Any) -> None:
-    """Set `section.key` (dashes allowed) to `value`, converting it to the declared type."""
+def _set(cfg: Config, dotted: str, value: Any) -> str:
+    """Set `section.key` (dashes allowed); returns the canonical dotted key."""
     dotted = dotted.replace("-", "_")
     if dotted == "objective":
+        names = _objective_names()
+        if str(value) not in names:
+            raise ConfigError(f"unknown objective {value!r}; choose one of: {', '.join(names)}")
         cfg.objective = str(value)
-        return
+        return dotted
     if "." not in dotted:
-        raise ConfigError(f"unknown key {dotted!r}: keys look like section.key, e.g. train.batch_size")
+        target = OPEN_CLIP_FLAGS.get(dotted)
+        hint = f"our key is {target}, " if target else ""
+        raise ConfigError(f"unknown key {dotted!r}: {hint}keys look like section.key, e.g. train.batch_size")
     section, key = dotted.split(".", 1)
     obj = _section_obj(cfg, section)
     if key not in _valid_keys(obj):
+        close = difflib.get_close_matches(key, _valid_keys(obj), n=1)
+        hint = f" (did you mean {section}.{close[0]}?)" if close else ""
         raise ConfigError(
-            f"unknown key {section}.{key}; valid keys in [{section}]: {', '.join(_valid_keys(obj))}"
+            f"unknown key {section}.{key}{hint}; valid keys in [{section}]: {', '.join(_valid_keys(obj))}"
         )
-    hints = get_type_hints(type(obj))
-    setattr(obj, key, _coerce(value, hints[key], f"{section}.{key}"))
+    setattr(obj, key, convert(dotted, value))
+    return dotted
 
 
-def apply_dict(cfg: Config, data: dict[str, Any], origin: str = "config") -> None:
-    """Apply a nested dict (as read from YAML) onto `cfg`."""
+def set_key(cfg: Config, dotted: str, value: Any) -> None:
+    """Set `section.key` (dashes allowed) to `value`, converted to the declared type by the parser."""
+    _set(cfg, dotted, value)
+
+
+def _apply_pairs(cfg: Config, pairs: list[tuple[str, Any]], origin: str, derive: bool = True) -> None:
+    """Apply one layer of settings (a YAML file, or the command line). With `derive`, a layer that sets one of
+    train.steps / train.epochs unsets the other (it is derived from it); setting both is an error."""
+    given: dict[str, Any] = {}
+    for key, value in pairs:
+        canonical = _set(cfg, key, value)
+        given[canonical] = getattr(cfg.train, canonical.split(".", 1)[1]) if canonical in (
+            "train.steps", "train.epochs") else None
+    if not derive:
+        return
+    steps, epochs = given.get("train.steps"), given.get("train.epochs")
+    if steps is not None and epochs is not None:
+        raise ConfigError(
+            f"{origin}: train.steps={steps} and train.epochs={epochs} are both set, but one is derived from the "
+            "other (set only one: --train.steps N, or --train.epochs N)"
+        )
+    if epochs is not None:
+        cfg.train.steps = None
+    elif steps is not None:
+        cfg.train.epochs = None
+
+
+def _dict_pairs(data: dict[str, Any], origin: str) -> list[tuple[str, Any]]:
+    pairs: list[tuple[str, Any]] = []
     for section, values in data.items():
-        if section == "objective":
-            cfg.objective = str(values)
+        if section in ("base", "description"):
             continue
-        if section == "base":
+        if section == "objective":
+            pairs.append(("objective", values))
             continue
         if not isinstance(values, dict):
             raise ConfigError(f"{origin}: section {section!r} must be a mapping of keys to values")
-        for key, value in values.items():
-            set_key(cfg, f"{section}.{key}", value)
+        pairs.extend((f"{section}.{key}", value) for key, value in values.items())
+    return pairs
+
+
+def apply_dict(cfg: Config, data: dict[str, Any], origin: str = "config") -> None:
+    """Apply a nested dict (as read from YAML, or saved by `Config.to_dict`) onto `cfg`, as it is."""
+    _apply_pairs(cfg, _dict_pairs(data, origin), origin, derive=False)
 
 
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def resolve_preset_path(name_or_path: str) -> Path:
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
+def preset_description(name_or_path: str) -> str:
+    """One line about a preset: its `description:` key, or the first sentence of its leading comment."""
+    text = resolve_preset_path(name_or_path).read_text()
+    comment: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("description:"):
+            return str(yaml.safe_load(line)["description"]).strip()
+        if not line.startswith("#"):
+            break
+        comment.append(line.lstrip("#").strip())
+    joined = " ".join(comment)
+    match = re.search(r"(?<!Sec)(?<!App)(?<!e\.g)(?<!i\.e)[.;]\s+(?=[A-Z(`])", joined)
+    first = joined[:match.start()] if match else joined.rstrip(".")
+    return first if len(first) <= 120 else first[:117].rsplit(" ", 1)[0] + " ..."
+
+
+def resolve_preset_path(name_or_path: str, relative_to: Path | None = None) -> Path:
+    """A YAML file: `name_or_path` as a path (relative to `relative_to`, the folder of the file that names it as
+    its `base:`, else to the current folder), or a built-in preset name."""
+    path = Path(name_or_path).expanduser()
+    candidates = [relative_to / path] if relative_to is not None and not path.is_absolute() else [path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
     candidate = PRESET_DIR / f"{name_or_path.removesuffix('.yaml')}.yaml"
     if candidate.is_file():
         return candidate
+    where = f" (looked in {relative_to})" if relative_to is not None else ""
     raise ConfigError(
-        f"config {name_or_path!r} is neither a file nor a built-in preset; presets: {', '.join(preset_names())}"
+        f"config {name_or_path!r} is neither a file{where} nor a built-in preset; presets: {', '.join(preset_names())}"
     )
 
 
-def load_yaml(name_or_path: str) -> dict[str, Any]:
-    """Read a preset, following `base: other-preset` chains (the base's values are overridden)."""
-    path = resolve_preset_path(name_or_path)
+def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must be a mapping of sections")
-    if "base" in data:
-        merged = load_yaml(str(data["base"]))
+    return data
+
+
+def yaml_chain(name_or_path: str) -> list[tuple[Path, dict[str, Any]]]:
+    """The YAML files of a preset, base first: `base: other` is a preset name or a path relative to the file."""
+    chain: list[tuple[Path, dict[str, Any]]] = []
+    path = resolve_preset_path(name_or_path)
+    while True:
+        if any(path.resolve() == p.resolve() for p, _ in chain):
+            loop = " -> ".join(str(p) for p, _ in chain) + f" -> {path}"
+            raise ConfigError(f"`base:` loop: {loop} (remove one of these `base:` lines)")
+        data = _read_yaml(path)
+        chain.append((path, data))
+        if "base" not in data:
+            break
+        path = resolve_preset_path(str(data["base"]), relative_to=path.parent)
+    return chain[::-1]
+
+
+def load_yaml(name_or_path: str) -> dict[str, Any]:
+    """Read a preset, following `base:` chains (the base's values are overridden). A file that sets one of
+    train.steps / train.epochs unsets the other that a base set."""
+    merged: dict[str, Any] = {}
+    for _, data in yaml_chain(name_or_path):
+        train = data.get("train")
+        if isinstance(train, dict) and isinstance(merged.get("train"), dict):
+            derived = {k: None for k, other in (("steps", "epochs"), ("epochs", "steps"))
+                       if train.get(other) is not None and k not in train}
+            merged["train"] = {**merged["train"], **derived}
         for section, values in data.items():
+            if section == "base":
+                continue
             if isinstance(values, dict) and isinstance(merged.get(section), dict):
                 merged[section] = {**merged[section], **values}
             else:
                 merged[section] = values
-        data = merged
-    return data
+    return merged
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
-    """`--a.b 1 --c.d=2` -> [("a.b", "1"), ("c.d", "2")]."""
+    """Split command-line words into `(key, text)` pairs: `--a.b 1 --c.d=2` -> [("a.b", "1"), ("c.d", "2")].
+    The keys and values are checked (and converted) by the parser when they are applied."""
     out: list[tuple[str, str]] = []
-    i = 0
-    while i < len(args):
-        arg = args[i]
+    words = iter(args)
+    for arg in words:
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}: overrides look like --section.key VALUE")
-        key = arg[2:]
-        if "=" in key:
-            key, value = key.split("=", 1)
-        else:
-            if i + 1 >= len(args):
-                raise ConfigError(f"override {arg} has no value")
-            value = args[i + 1]
-            i += 1
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            value = next(words, None)
+            if value is None:
+                raise ConfigError(f"override {arg} has no value (pass {arg} VALUE)")
         out.append((key, value))
-        i += 1
     return out
 
 
@@ -356,9 +599,8 @@ def build_config(preset: str | None = None, overrides: list[tuple[str, Any]] | N
     """Defaults <- preset YAML <- overrides, then validated."""
     cfg = default_config()
     if preset:
-        apply_dict(cfg, load_yaml(preset), origin=preset)
-    for key, value in overrides or []:
-        set_key(cfg, key, value)
+        _apply_pairs(cfg, _dict_pairs(load_yaml(preset), preset), preset)
+    _apply_pairs(cfg, list(overrides or []), "the command line")
     validate(cfg)
     return cfg
 
@@ -368,6 +610,107 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     cfg = default_config()
     apply_dict(cfg, data, origin="saved config")
     return cfg
+
+
+def _canonical_words(words: list[str], key_types: dict[str, Any], own: set[str]) -> list[str]:
+    """Command-line words with config keys in the parser's spelling: dashes -> underscores, open_clip aliases ->
+    our keys, `none` -> null for keys that may be unset."""
+    out: list[str] = []
+    pending: Any = None
+    for word in words:
+        if pending is not None:
+            out.append("null" if _optional(pending) and word.lower() == "none" else word)
+            pending = None
+            continue
+        if word.startswith("--") and len(word) > 2:
+            name, eq, value = word[2:].partition("=")
+            if name not in own:
+                canonical = name.replace("-", "_")
+                canonical = OPEN_CLIP_FLAGS.get(canonical, canonical)
+                if canonical in key_types:
+                    typ = key_types[canonical]
+                    if eq:
+                        value = "null" if _optional(typ) and value.lower() == "none" else value
+                        word = f"--{canonical}={value}"
+                    else:
+                        word, pending = f"--{canonical}", typ
+        out.append(word)
+    return out
+
+
+def _unknown_option_error(message: str, key_types: dict[str, Any], own: list[str]) -> ConfigError:
+    words = message.split(":", 1)[1].split() if ":" in message else []
+    flags = [w for w in words if w.startswith("-")] or words
+    known = {flag_of(k): flag_of(k) for k in key_types}
+    known.update({o: o for o in own})
+    known.update({flag_of(alias): flag_of(key) for alias, key in OPEN_CLIP_FLAGS.items()})
+    parts = []
+    for flag in flags:
+        name = flag.split("=", 1)[0]
+        tail = name.lstrip("-").replace("-", "_")  # `--steps` -> `--train.steps`: the key's last part, any section
+        close = [flag_of(k) for k in key_types if "." not in tail and k.split(".")[-1] == tail][:1]
+        if not close:
+            matches = difflib.get_close_matches(name.replace("_", "-"), list(known), n=1, cutoff=0.6)
+            close = [known[c] for c in matches]
+        parts.append(f"{name}" + (f" (did you mean {close[0]}?)" if close else ""))
+    return ConfigError(f"unknown option {', '.join(parts)} (see --help for the keys)")
+
+
+def parse_config_args(words: list[str], prog: str, description: str | None = None,
+                      add_options: Callable[[Any], None] | None = None) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
+    """Parse a command's words with the config parser: returns (the command's own options, as a dict with their
+    defaults, and the config overrides given, as (dotted key, value) pairs). `--help` prints and exits 0."""
+    parser = config_parser(prog, description, add_options)
+    key_types = _key_types()
+    own_actions = [a for a in parser._actions if a.dest not in key_types and a.dest != "help"]
+    own_names = {o[2:] for a in own_actions for o in a.option_strings}
+    try:
+        ns = parser.parse_args(_canonical_words(list(words), key_types, own_names), defaults=False)
+    except argparse.ArgumentError as e:
+        message = " ".join(str(e).split())
+        if message.lower().startswith("unrecognized arguments"):
+            raise _unknown_option_error(message, key_types, [o for a in own_actions for o in a.option_strings])
+        match = re.search(r'Parser key "([^"]+)"', str(e))
+        if match and match.group(1) in key_types:
+            given = re.search(r"(?:Given|Got) value: (.*)", str(e))
+            raise _value_error(match.group(1), given.group(1).strip() if given else "?", key_types[match.group(1)])
+        raise ConfigError(message) from None
+    given = ns.as_dict()
+    flat: list[tuple[str, Any]] = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and prefix not in key_types:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            flat.append((prefix, value))
+
+    walk("", given)
+    own = {a.dest: a.default for a in own_actions}
+    overrides = []
+    for key, value in flat:
+        if key in own:
+            own[key] = value
+        else:
+            overrides.append((key, value))
+    return own, overrides
+
+
+def override_words(pairs: list[tuple[str, Any]]) -> list[str]:
+    """(dotted key, value) pairs as command-line words `--key=text`, which `parse_overrides` reads back."""
+    types = _key_types()
+    return [f"--{key}={_as_text(value, types.get(key, Any))}" for key, value in pairs]
+
+
+def model_config_names() -> list[str]:
+    """Model config names (open_clip's and the tiny ones), read from the JSON files without importing torch."""
+    import importlib.util
+
+    names = {p.stem for p in (Path(__file__).parent / "model_configs").glob("*.json")}
+    spec = importlib.util.find_spec("open_clip")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        names.update(p.stem for p in (Path(folder) / "model_configs").glob("*.json"))
+    return sorted(names, key=lambda n: [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", n)])
 
 
 def _check_choice(value: str, choices: tuple[str, ...], key: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -117,6 +118,15 @@ def broadcast_(x: torch.Tensor, src: int = 0) -> torch.Tensor:
         COLLECTIVES["broadcast"] += 1
         dist.broadcast(x, src=src)
     return x
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every process's `obj` (picklable), in rank order; `[obj]` with one process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def any_ranks(flags: list[bool], device: torch.device) -> list[bool]:

@@ -66,7 +66,7 @@ RESNET_STRIDE = 32
 class ResolutionConfig:
     """The `resolution` config section (RECLIP schedule)."""
 
-    phases: list[list[float]] = field(default_factory=list)
+    phases: list[list[int | float | None]] = field(default_factory=list)
     """[[fraction, image_size(, context_length)], ...] in training order; fractions of the total steps sum to 1.
     The last phase must be at the model's native image size (the exported and finally evaluated model).
     context_length omitted or null = the model's native text context. Empty = native resolution throughout."""

@@ -45,8 +45,8 @@ class StopRequest:
         self._previous.clear()
 
 
-def ignore_in_worker() -> None:
+def ignore_in_worker(worker_id: int = 0) -> None:
     """For data-loader workers: leave a stop signal to the main process, which needs its workers until the
-    checkpoint is written (a scheduler signals every process of the job)."""
+    checkpoint is written (a scheduler signals every process of the job). A DataLoader `worker_init_fn`."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)

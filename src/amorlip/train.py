@@ -167,10 +167,12 @@ def _train(cfg: Config, stream: Any | None, stop: StopRequest) -> RunResult:
         )
     seed_everything(cfg.train.seed)
 
+    objective_cls = objectives.get(cfg.objective)
     # Data first: a missing path or empty shard list fails before any model is built.
     if stream is None:
         stream = build_train_stream(cfg.data, cfg.train.batch_size, cfg.train.seed, dist_info.rank, dist_info.world_size,
-                                    pin_memory=device.type == "cuda")
+                                    pin_memory=device.type == "cuda",
+                                    needs_indices=objective_cls.needs_indices)
     if stream.steps_per_epoch < 1:
         raise ConfigError(
             f"the dataset has {stream.dataset_size} samples, fewer than one batch of {cfg.train.batch_size}; "
@@ -180,7 +182,6 @@ def _train(cfg: Config, stream: Any | None, stop: StopRequest) -> RunResult:
     total_steps = cfg.train.steps if cfg.train.steps is not None else cfg.train.epochs * steps_per_epoch
     total_epochs = math.ceil(total_steps / steps_per_epoch)
 
-    objective_cls = objectives.get(cfg.objective)
     model, train_transform, eval_transform, tokenizer = create_model(
         cfg.model.name, device=device, output_dict=True, **objective_cls.model_overrides
     )
@@ -223,7 +224,7 @@ def _train(cfg: Config, stream: Any | None, stop: StopRequest) -> RunResult:
         ckpt.set_rng_state(rng[dist_info.rank % len(rng)] if isinstance(rng, list) else rng)
         step = int(state["step"])
         temp_thresh_hit = bool(state.get("temp_thresh_hit", False))
-        stream.stats.__dict__.update(state.get("data_stats", {}))
+        _restore_data_stats(stream.stats, state.get("data_stats"), dist_info.rank)
 
     def wrap(model: torch.nn.Module) -> torch.nn.Module:
         """torch.compile / DDP around the model (again after a phase change resizes parameters)."""
@@ -251,11 +252,8 @@ def _train(cfg: Config, stream: Any | None, stop: StopRequest) -> RunResult:
     eval_sets = build_eval_sets(cfg) if is_main and (cfg.eval.zeroshot or cfg.eval.retrieval) else ([], None)
 
     def checkpoint_state() -> dict[str, Any]:
-        rng = ckpt.rng_state()
-        if dist_info.distributed:
-            gathered: list[Any] = [None] * dist_info.world_size
-            torch.distributed.all_gather_object(gathered, rng)
-            rng = gathered
+        # every process's RNG states and data counters (each rank continues with its own)
+        rng, data_stats = distributed.gather_objects(ckpt.rng_state()), distributed.gather_objects(_stats_dict(stream.stats))
         return {
             "step": step,
             "epoch": step // steps_per_epoch,
@@ -265,7 +263,7 @@ def _train(cfg: Config, stream: Any | None, stop: StopRequest) -> RunResult:
             "objective": objective.state_dict(),
             "rng": rng,
             "temp_thresh_hit": temp_thresh_hit,
-            "data_stats": dict(stream.stats.__dict__),
+            "data_stats": data_stats,
             "config": cfg.to_dict(),
             "world_size": dist_info.world_size,
         }
@@ -302,6 +300,7 @@ def _train(cfg: Config, stream: Any | None, stop: StopRequest) -> RunResult:
     trim_batches = dist_info.distributed and cfg.data.source in ("csv", "wds")
     last_eval: dict[str, float] = {}
     t_last, samples_since = time.perf_counter(), 0
+    skips = _skipped(stream.stats)
     model.train()
     while step < total_steps:
         epoch, skip = divmod(step, steps_per_epoch)
@@ -360,6 +359,7 @@ def _train(cfg: Config, stream: Any | None, stop: StopRequest) -> RunResult:
                 temp_thresh_hit = step_thresh_hit(cfg.optim, temperature, temp_thresh_hit)
 
             if log_now:
+                skips = _report_skips(stream.stats, progress, skips)
                 now = time.perf_counter()
                 rate = samples_since / max(now - t_last, 1e-9)
                 t_last, samples_since = now, 0
@@ -417,7 +417,7 @@ def _train(cfg: Config, stream: Any | None, stop: StopRequest) -> RunResult:
     distributed.barrier()
     logger.close()
     result = RunResult(run_dir=run_dir, step=step, metrics=last_eval, history=read_history(run_dir) if is_main else [])
-    data_stats = _summed_stats(stream.stats, dist_info.world_size)
+    data_stats = _merged_stats(stream.stats)
     if is_main:
         finish_run(result, cfg, data_stats)
     return result
@@ -454,14 +454,43 @@ def _check_resume_settings(state: dict[str, Any], cfg: Config, world_size: int, 
             f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(accepted.items())))
 
 
-def _summed_stats(stats, world_size: int) -> dict[str, Any]:
-    """The data counters (skipped samples) summed over ranks."""
-    mine = {k: v for k, v in stats.__dict__.items() if isinstance(v, int)}
-    if world_size == 1:
-        return mine
-    gathered: list[Any] = [None] * world_size
-    torch.distributed.all_gather_object(gathered, mine)
-    return {k: sum(g.get(k, 0) for g in gathered) for k in mine}
+def _stats_dict(stats: Any) -> dict[str, Any]:
+    """A stream's counters as a plain dict (DataStats, or a stand-in stream's simple counters)."""
+    return stats.state_dict() if hasattr(stats, "state_dict") else dict(stats.__dict__)
+
+
+def _restore_data_stats(stats: Any, saved: Any, rank: int) -> None:
+    """This rank's counters from a checkpoint: a list (one per rank) or, from earlier versions, one dict."""
+    if saved is None:
+        return
+    mine = saved[rank] if isinstance(saved, list) and rank < len(saved) else (
+        saved if isinstance(saved, dict) else {})
+    if hasattr(stats, "load_state_dict"):
+        stats.load_state_dict(mine)
+    else:
+        stats.__dict__.update(mine)
+
+
+def _skipped(stats: Any) -> int:
+    return int(getattr(stats, "skipped_visits", 0) or 0) + int(getattr(stats, "unreadable_shards", 0) or 0)
+
+
+def _report_skips(stats: Any, progress: Progress | None, last: int) -> int:
+    """A line when this process skipped samples since the last report (with the first offending items)."""
+    now = _skipped(stats)
+    if now != last and progress is not None and hasattr(stats, "describe"):
+        progress.write(f"data: {stats.describe()}")
+    return now
+
+
+def _merged_stats(stats: Any) -> dict[str, Any]:
+    """The run's data counters over every process: distinct skipped samples counted once, visits summed."""
+    states = distributed.gather_objects(_stats_dict(stats))
+    if not hasattr(stats, "state_dict"):
+        return {k: sum(s.get(k, 0) for s in states) for k in states[0] if isinstance(states[0][k], int)}
+    merged = type(stats).merge(states)
+    counts = {k: v for k, v in merged.state_dict().items() if isinstance(v, int)}
+    return {**counts, **{k: v for k, v in merged.extra.items()}, "summary": merged.describe()}
 
 
 def _resume_path(cfg: Config, run_dir: Path) -> Path | None:
@@ -491,6 +520,8 @@ def finish_run(result: RunResult, cfg: Config, stats) -> None:
         "metrics": result.metrics,
     }
     ckpt.atomic_write_text(json.dumps(summary, indent=2), result.run_dir / "summary.json")
+    if stats.get("summary"):
+        print(f"data: {stats['summary']}")
     try:
         plot_history(result.history, result.run_dir / "training.png", title=result.run_dir.name)
     except Exception as e:  # noqa: BLE001 - a plot failure must not lose a finished run

@@ -45,11 +45,17 @@ def base_parser(what: str, description: str) -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     p.add_argument("--config", help="preset name or YAML file for the base configuration (default: built-in defaults)")
-    p.add_argument("--model", help="model config name (model.name), e.g. tiny-vit, micro-vit, RN50, ViT-B-32")
-    p.add_argument("--batch-size", type=int, help="global batch size (train.batch_size)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when available")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="model.precision (autocast on CUDA)")
-    p.add_argument("--threads", type=int, help="torch CPU threads per process (train.threads; default: torch's)")
+    # each also under its `amorlip train` spelling (--model.name, --train.batch-size, ...), dashes or underscores
+    p.add_argument("--model", "--model.name", dest="model",
+                   help="model config name (model.name), e.g. tiny-vit, micro-vit, RN50, ViT-B-32")
+    p.add_argument("--batch-size", "--train.batch-size", "--train.batch_size", dest="batch_size", type=int,
+                   help="global batch size (train.batch_size)")
+    p.add_argument("--device", "--train.device", dest="device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: cuda when available (train.device)")
+    p.add_argument("--precision", "--model.precision", dest="precision", choices=["fp32", "bf16", "fp16"],
+                   help="model.precision (autocast on CUDA)")
+    p.add_argument("--threads", "--train.threads", dest="threads", type=int,
+                   help="torch CPU threads per process (train.threads; default: torch's)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p

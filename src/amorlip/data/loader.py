@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from amorlip.data.types import Batch, DataError, DataStats, RetrievalSplit, ZeroShotTask
+from amorlip.signals import ignore_in_worker
 
 OK, NO_CAPTION, CORRUPT = 0, 1, 2
 DEFAULT_MAX_EMPTY_BATCHES = 20
@@ -398,6 +399,7 @@ class MapStream(_GuardedStream):
             num_workers=self.workers,
             collate_fn=Collate(tokenizer),
             pin_memory=self.pin_memory,
+            worker_init_fn=ignore_in_worker,  # stop signals are the main process's to handle
             # a private generator: building the loader must not consume the caller's global RNG
             generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch, _TAG_LOADER)),
         )

@@ -59,6 +59,7 @@ from amorlip.data.loader import (
     sample_seeds,
 )
 from amorlip.data.types import Batch, DataError
+from amorlip.signals import ignore_in_worker
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _TAG_SHARDS, _TAG_SHUFFLE, _TAG_RESAMPLE, _TAG_LOADER = 11, 12, 13, 14
@@ -483,6 +484,7 @@ class WdsStream(_GuardedStream):
             num_workers=self.workers,
             collate_fn=_identity,
             pin_memory=self.pin_memory,
+            worker_init_fn=ignore_in_worker,  # stop signals are the main process's to handle
             generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch, _TAG_LOADER)),
         )
 

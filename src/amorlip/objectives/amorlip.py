@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -50,14 +50,14 @@ FDIV_MAX_LOG_RATIO = 30.0
 class AmorConfig:
     """Options of `--objective amorlip` (CLI: `--amor.KEY VALUE`). Defaults: the paper's CC3M setting."""
 
-    arch: str = "mlp"
+    arch: Literal["mlp", "residual"] = "mlp"
     """mlp: the paper's three-layer MLP (Sec. 4). residual: the released variant
     (Linear-ReLU-LayerNorm, Linear-ReLU-LayerNorm, + input, ReLU, Linear)."""
     dim_factor: float = 0.5
     """f_d: hidden width = f_d * embed_dim (0.5 CC3M, 1.0 CC12M)."""
-    loss: str = "l2-log"
+    loss: Literal["l2-log", "f-div"] = "l2-log"
     """Stage-I amortization loss: l2-log (Eq. 10) | f-div (Eq. 8)."""
-    fdiv: str = "kl"
+    fdiv: Literal["kl", "js", "kl-eq9"] = "kl"
     """f for loss=f-div: kl (generalised KL t log t - t + 1, minimised at lambda = Z) | js |
     kl-eq9 (Eq. 9 literally, t log t: its minimiser is lambda = e * Z)."""
     fdiv_l2_coef: float = 0.1
@@ -82,10 +82,10 @@ class AmorConfig:
     """Epochs of the cosine ramp of beta from 0 to beta_final (None = all training epochs)."""
     lr: float = 1e-3
     """Adam learning rate of the amortization nets (App. D)."""
-    divide_by: str = "comb"
+    divide_by: Literal["comb", "target", "online"] = "comb"
     """Stage II divisor: comb (this batch's Z_comb, released code) | target (target net, paper) |
     online (online net)."""
-    reinit: str = "fresh"
+    reinit: Literal["fresh", "warm"] = "fresh"
     """At each epoch start: fresh (re-initialise online and target nets, Algorithm 1 line 4) |
     warm (restart them from the previous-epoch net)."""
     init_bias: bool = False
@@ -93,7 +93,7 @@ class AmorConfig:
     max_log_ratio: float | None = 10.0
     """Cap on log(Z_batch / lambda) in Stage II (a detached floor on log lambda), so that a net far below
     the batch partition cannot overflow exp; None disables. Never binds for divide_by=comb."""
-    stage2_negatives: str = "local"
+    stage2_negatives: Literal["local", "global"] = "local"
     """local: Stage II uses this rank's pairs only (no collective). global: all ranks' features,
     gathered with gradient every step (released code)."""
     sync_grads: bool = True

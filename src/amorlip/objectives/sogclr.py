@@ -50,7 +50,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -93,7 +93,7 @@ TEMPERATURE_GRADS = ("release", "exact")
 class FastCLIPConfig:
     """Options of `--objective fastclip` (CLI: `--fastclip.KEY VALUE`). Defaults: FastCLIP-v3, CC3M release."""
 
-    version: int = 3
+    version: Literal[0, 1, 3] = 3
     """0: GCL + learnable temperature (plain gradient); 1: GCL + constant temperature; 3: RGCL-g (needs
     temperature.scheme rescaled). Version 2 (individual temperatures) is not implemented."""
     gamma_min: float = 0.2
@@ -106,7 +106,7 @@ class FastCLIPConfig:
     """Keep the u buffers in CPU memory. None: only when the dataset has more than 1M samples."""
     eps: float = 1e-14
     """Objective log(eps + g), weights 1/(u + eps) (the release's --fastclip_eps default 1e-14; 0: none)."""
-    temperature_grad: str = "release"
+    temperature_grad: Literal["release", "exact"] = "release"
     """Gradient of the learnt s (versions 0, 3). release: as the released code, s attached in the row and
     the column block (each pair's term counted twice in d/ds) and log u without eps in the v3 term, the setting
     its rho values were tuned with. exact: the gradient of RGCL-g (v3: tau GCL_eps + rho tau) with g -> u."""

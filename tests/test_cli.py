@@ -1,0 +1,241 @@
+"""The command line as a user meets it: help from the docstrings, presets, --print-config, aliases and
+suggestions, `base:` chains, steps/epochs, unknown flags, startup without torch."""
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from amorlip.cli import BENCH_COMMANDS, build_parser, main
+from amorlip.config import ConfigError, build_config, describe, model_config_names, preset_description, preset_names
+
+
+def run(capsys, *words):
+    """main(words) -> (exit status, stdout, stderr); --help's SystemExit counts as a status."""
+    try:
+        rc = main(list(words))
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def one_line_error(rc, err, command):
+    assert rc == 2
+    lines = [line for line in err.strip().splitlines() if not line.startswith("note:")]  # bench's load note
+    assert len(lines) == 1 and lines[0].startswith(f"amorlip {command}: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# help
+
+
+def test_train_help_explains_every_key(capsys):
+    rc, out, _ = run(capsys, "train", "--help")
+    assert rc == 0
+    assert "Global batch size (split evenly across processes)." in out  # a field docstring
+    assert "--amor.divide-by {comb,target,online}" in out  # choices, from Literal
+    assert "Stage II divisor" in out
+    assert "--train.batch-size BATCH_SIZE" in out and "(type: int, default: 64)" in out
+    for section in ("[model]", "[data]", "[optim]", "[temperature]", "[train]", "[eval]", "[amor]", "[resolution]"):
+        assert f"\n{section}" in out
+    assert out.count("--objective {") == 1
+    assert "--print-config" in out and "--batch-size" in out and "= --train.batch-size" in out
+
+
+def test_every_subcommand_has_help(capsys):
+    for words in (["--help"], ["compare", "--help"], ["eval", "--help"], ["export", "--help"], ["data", "--help"],
+                  ["presets", "--help"], ["models", "--help"]):
+        rc, out, _ = run(capsys, *words)
+        assert rc == 0 and out.startswith("usage:"), words
+    rc, out, _ = run(capsys, "compare", "--help")
+    assert "--objectives" in out and "--train.steps" in out
+
+
+def test_bench_help_lists_the_benchmarks(capsys):
+    rc, out, _ = run(capsys, "bench", "--help")
+    assert rc == 0
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and line.split()}
+    for what in BENCH_COMMANDS:
+        assert what in lines and len(lines[what].split()) > 3, what
+    rc, _, _ = run(capsys, "bench")
+    assert rc == 2
+    one_line_error(*run(capsys, "bench", "nope")[::2], "bench")
+
+
+# ----------------------------------------------------------------------------------------------------
+# presets and --print-config
+
+
+def test_presets_list_has_descriptions(capsys):
+    rc, out, _ = run(capsys, "presets")
+    assert rc == 0
+    for name in preset_names():
+        line = next(line for line in out.splitlines() if line.split() and line.split()[0] == name)
+        assert preset_description(name) in line and len(preset_description(name)) > 10
+
+
+@pytest.mark.parametrize("name", ["tiny-clip", "tiny-amorlip", "cc12m-vitb32-fastclip", "tiny-reclip-amorlip"])
+def test_presets_name_prints_the_resolved_config(capsys, name):
+    rc, out, _ = run(capsys, "presets", name)
+    assert rc == 0
+    assert yaml.safe_load(out) == build_config(name).to_dict()
+
+
+def test_train_print_config_runs_nothing(capsys, tmp_path):
+    words = ["--config", "tiny-amorlip", "--train.output-dir", str(tmp_path / "runs"), "--amor.t-online", "2",
+             "--optim.lr=0.01", "--train.stop_at", "none"]
+    rc, out, _ = run(capsys, "train", *words, "--print-config")
+    assert rc == 0
+    expected = build_config("tiny-amorlip", [("train.output_dir", str(tmp_path / "runs")), ("amor.t_online", "2"),
+                                             ("optim.lr", "0.01")])
+    assert out == describe(expected)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_compare_print_config(capsys, tmp_path):
+    rc, out, _ = run(capsys, "compare", "--objectives", "clip,amorlip[amor.divide_by=target]", "--seeds", "0,1",
+                     "--train.steps", "5", "--out", str(tmp_path / "c"), "--print-config")
+    assert rc == 0
+    docs = [yaml.safe_load(d.split("\n", 1)[1]) for d in out.split("# --- ")[1:]]
+    assert len(docs) == 4 and all(d["train"]["steps"] == 5 for d in docs)
+    assert docs[2]["objective"] == "amorlip" and docs[2]["amor"]["divide_by"] == "target"
+    assert not (tmp_path / "c").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# spellings, aliases, suggestions, unknown flags
+
+
+def printed(capsys, *words):
+    rc, out, err = run(capsys, "train", *words, "--print-config")
+    assert rc == 0, err
+    return yaml.safe_load(out)
+
+
+def test_open_clip_flags_are_aliases(capsys):
+    cfg = printed(capsys, "--batch-size", "32", "--lr", "1e-3", "--epochs", "2", "--model", "ViT-B-32",
+                  "--seed", "3", "--workers", "1", "--precision", "bf16", "--resume", "latest")
+    assert cfg["train"]["batch_size"] == 32 and cfg["optim"]["lr"] == 1e-3 and cfg["model"]["name"] == "ViT-B-32"
+    assert cfg["train"]["epochs"] == 2 and cfg["train"]["steps"] is None
+    assert cfg["train"]["seed"] == 3 and cfg["data"]["workers"] == 1 and cfg["model"]["precision"] == "bf16"
+    assert cfg["train"]["resume"] == "latest"
+    cfg = printed(capsys, "--train-data", "x.csv", "--dataset-type", "csv")
+    assert cfg["data"]["train_path"] == "x.csv" and cfg["data"]["source"] == "csv"
+    # --train-data alone would silently train on the synthetic data: refused, naming the fix
+    assert "--data.source csv" in one_line_error(*run(capsys, "train", "--train-data", "x.csv")[::2], "train")
+
+
+def test_dashes_underscores_equals_and_none(capsys):
+    a = printed(capsys, "--train.batch-size", "16", "--optim.warmup_steps=3", "--train.stop-at=none",
+                "--temperature.rho-final", "-8.5")
+    assert a["train"]["batch_size"] == 16 and a["optim"]["warmup_steps"] == 3 and a["train"]["stop_at"] is None
+    assert a["temperature"]["rho_final"] == -8.5
+
+
+@pytest.mark.parametrize("flag, suggestion", [
+    ("--batchsize", "--train.batch-size"),
+    ("--train.batchsize", "--train.batch-size"),
+    ("--steps", "--train.steps"),
+    ("--amor.dimfactor", "--amor.dim-factor"),
+    ("--learning-rate", None),
+])
+def test_unknown_flags_get_a_suggestion(capsys, flag, suggestion):
+    line = one_line_error(*run(capsys, "train", flag, "3")[::2], "train")
+    assert f"unknown option {flag}" in line
+    if suggestion:
+        assert f"did you mean {suggestion}?" in line
+
+
+def test_bad_values_name_the_choices_or_the_type(capsys):
+    line = one_line_error(*run(capsys, "train", "--amor.divide-by", "x")[::2], "train")
+    assert "comb, target, online" in line and "--amor.divide-by" in line
+    assert "cannot read 'many' as int" in one_line_error(*run(capsys, "train", "--train.steps", "many")[::2], "train")
+    line = one_line_error(*run(capsys, "train", "--model.name", "ViT-Q-99")[::2], "train")
+    assert "ViT-Q-99" in line and "amorlip models" in line
+
+
+@pytest.mark.parametrize("words", [
+    ["train", "--bogus", "1"], ["train", "stray"], ["compare", "--bogus", "1"], ["eval", "run", "--bogus"],
+    ["export", "run", "--out", "x", "--bogus"], ["data", "csv", "--out", "x", "--bogus"],
+    ["presets", "tiny-clip", "--show"], ["models", "--bogus"], ["bench", "loss", "--bogus", "1"],
+    ["bench", "overhead", "--bogus"],
+])
+def test_every_subcommand_rejects_unknown_flags(capsys, words):
+    rc, _, err = run(capsys, *words)
+    one_line_error(rc, err, words[0])
+
+
+def test_eval_and_bench_accept_the_train_spellings():
+    args = build_parser().parse_args(["eval", "run", "--model.name", "micro-vit", "--eval.batch-size", "8",
+                                      "--train.device", "cpu"])
+    assert (args.model, args.batch_size, args.device) == ("micro-vit", 8, "cpu")
+    from amorlip.bench.common import base_parser, parse_args
+
+    opts, overrides = parse_args(base_parser("loss", ""), ["--model.name", "micro-vit", "--train.batch-size", "8",
+                                                           "--train.device", "cpu", "--model.precision", "fp32"])
+    assert ("model.name", "micro-vit") in overrides and ("train.batch_size", "8") in overrides
+    assert ("train.device", "cpu") in overrides and opts.precision == "fp32"
+
+
+# ----------------------------------------------------------------------------------------------------
+# base: chains, steps/epochs
+
+
+def test_base_is_relative_to_the_yaml_file(tmp_path, monkeypatch):
+    (tmp_path / "cfgs").mkdir()
+    (tmp_path / "cfgs" / "common.yaml").write_text("base: tiny-clip\ntrain:\n  batch_size: 8\n")
+    (tmp_path / "cfgs" / "run.yaml").write_text("base: common.yaml\ntrain:\n  steps: 7\n")
+    monkeypatch.chdir(tmp_path)  # not the files' folder
+    cfg = build_config(str(tmp_path / "cfgs" / "run.yaml"))
+    assert cfg.train.batch_size == 8 and cfg.train.steps == 7 and cfg.model.name == "tiny-vit"
+
+
+def test_base_loop_is_an_error_naming_the_files(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="loop") as e:
+        build_config(str(tmp_path / "a.yaml"))
+    assert "a.yaml" in str(e.value) and "b.yaml" in str(e.value)
+    (tmp_path / "self.yaml").write_text("base: self.yaml\n")
+    with pytest.raises(ConfigError, match="loop"):
+        build_config(str(tmp_path / "self.yaml"))
+
+
+def test_setting_epochs_or_steps_derives_the_other(tmp_path):
+    cfg = build_config(None, [("train.epochs", "1")])  # the default steps=600 no longer hides it
+    assert cfg.train.epochs == 1 and cfg.train.steps is None
+    cfg = build_config("tiny-clip", [("train.epochs", "2")])  # the preset sets steps
+    assert cfg.train.epochs == 2 and cfg.train.steps is None
+    cfg = build_config("cc3m-rn50-fastclip", [("train.steps", "10")])  # the preset sets epochs
+    assert cfg.train.steps == 10 and cfg.train.epochs is None
+    with pytest.raises(ConfigError, match="both set"):
+        build_config(None, [("train.epochs", "1"), ("train.steps", "5")])
+    child = tmp_path / "child.yaml"
+    child.write_text("base: tiny-clip\ntrain:\n  epochs: 3\n")  # tiny-clip sets steps: 600
+    cfg = build_config(str(child))
+    assert cfg.train.epochs == 3 and cfg.train.steps is None
+    both = tmp_path / "both.yaml"
+    both.write_text("train:\n  epochs: 3\n  steps: 10\n")
+    with pytest.raises(ConfigError, match="both set"):
+        build_config(str(both))
+
+
+# ----------------------------------------------------------------------------------------------------
+# startup and model names
+
+
+@pytest.mark.parametrize("words", [["--help"], ["presets"], ["models"], ["bench", "--help"]])
+def test_startup_does_not_import_torch(words):
+    code = ("import sys; from amorlip.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported'" % words)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_model_names_without_torch_match_open_clip():
+    from amorlip.models import model_names
+
+    assert sorted(model_config_names()) == sorted(model_names())
