@@ -63,6 +63,12 @@ class DataConfig:
     workers: int = 0
     resampled: bool = False
     """webdataset: sample shards with replacement (infinite stream)."""
+    train_num_samples: int | None = None
+    """webdataset: samples per epoch (open_clip's --train-num-samples); None = dataset_size."""
+    max_empty_batches: int = 20
+    """Stop with an error after this many batches in a row without one usable sample."""
+    max_skip_fraction: float = 0.5
+    """Stop with an error once more than this fraction of the samples read is unusable (1 = never)."""
 
 
 @dataclass
