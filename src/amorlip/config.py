@@ -56,11 +56,15 @@ class DataConfig:
     eval_size: int = 400
     """Images per zero-shot task."""
     csv_img_key: str = "filepath"
+    """csv: column holding the image paths."""
     csv_caption_key: str = "title"
+    """csv: column holding the captions."""
     csv_separator: str = ","
+    """csv: field separator."""
     fmnist_root: str | None = None
     """Folder with Fashion-MNIST IDX files (default: where Debian's dataset-fashion-mnist puts them)."""
     workers: int = 0
+    """DataLoader worker processes per training process (0 = load in the training process)."""
     resampled: bool = False
     """webdataset: sample shards with replacement (infinite stream)."""
     train_num_samples: int | None = None
@@ -76,11 +80,17 @@ class OptimConfig:
     """AdamW and its learning-rate schedule (warm-up, then cosine)."""
 
     lr: float = 1e-3
+    """Peak AdamW learning rate (after the linear warm-up; cosine decay to 0 by the last step)."""
     weight_decay: float = 0.1
+    """AdamW weight decay of the weight matrices (gains, biases and embeddings get none, as in open_clip)."""
     beta1: float = 0.9
+    """AdamW beta1."""
     beta2: float = 0.98
+    """AdamW beta2."""
     eps: float = 1e-6
+    """AdamW epsilon."""
     warmup_steps: int = 50
+    """Steps of linear learning-rate warm-up from 0."""
     grad_clip: float = 1.0
     """Max gradient norm; 0 disables clipping."""
     lr_temperature: float | None = None
@@ -100,9 +110,11 @@ class TemperatureConfig:
     scheme: Literal["plain", "rescaled"] = "plain"
     """plain: optimise L. rescaled: L / sg(s) + rho / s (FastCLIP; AmorLIP App. D)."""
     rho: float = 6.5
+    """rho of the rescaled scheme (its term rho / s)."""
     rho_final: float | None = None
     """rho for the last `rho_final_fraction` of training (None keeps rho throughout)."""
     rho_final_fraction: float = 0.25
+    """Fraction of the training steps, at the end, that use rho_final."""
 
 
 @dataclass
@@ -111,14 +123,21 @@ class TrainConfig:
 
     batch_size: int = 64
     """Global batch size (split evenly across processes)."""
+    accum_steps: int = 1
+    """Cached-feature accumulation (GradCache): each process's batch runs as this many micro-batches (features
+    first without autograd, the objective once on the whole batch, then each micro-batch's backward), so the
+    memory is that of one micro-batch and the result that of the whole batch. Must divide the per-process
+    batch. Exact for models without BatchNorm (ViTs); ResNets see micro-batch statistics."""
     steps: int | None = 600
     """Total optimizer steps; None = epochs * steps per epoch."""
     epochs: int | None = None
     """Used when steps is None."""
     seed: int = 0
+    """Seed of the model initialisation, data order and objective state."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: cuda when a GPU is visible, else cpu."""
     output_dir: str = "runs"
+    """Folder holding the run folders."""
     name: str | None = None
     """Run folder name under output_dir (default: objective-model-seed)."""
     checkpoint_every: int = 0
@@ -127,10 +146,13 @@ class TrainConfig:
     """Also save a checkpoint when this many minutes have passed since the last one (0 = off). SIGTERM and
     SIGUSR1 (pre-emption) always save one before the run exits."""
     keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep (0 = all)."""
     eval_every: int = 0
     """Evaluate every N steps (0 = only at the end)."""
     log_every: int = 10
+    """Log (metrics.jsonl, progress line) every N steps."""
     tensorboard: bool = False
+    """Also write TensorBoard event files in the run folder."""
     resume: str | None = None
     """`latest` (the run folder's newest checkpoint), `auto` (latest if there is one, else start fresh) or a
     checkpoint path. Refused when the checkpoint was made with settings that change results."""
@@ -140,6 +162,7 @@ class TrainConfig:
     stop_at: int | None = None
     """Stop after this global step (checkpoint saved; schedules still span the whole run): for time-limited jobs."""
     progress: bool = True
+    """Show a progress bar on a terminal (a plain line every log_every steps otherwise)."""
     threads: int = 0
     """torch CPU threads (0 = torch's default)."""
     tf32: bool = True
@@ -153,8 +176,11 @@ class EvalConfig:
     """Evaluation during and after training."""
 
     batch_size: int = 256
+    """Evaluation batch size."""
     zeroshot: bool = True
+    """Run the zero-shot classification tasks."""
     retrieval: bool = True
+    """Run image-text retrieval on the held-out pairs."""
 
 
 CORE_SECTIONS: dict[str, type] = {
@@ -777,6 +803,12 @@ def validate(cfg: Config) -> None:
     at_least("train.keep_checkpoints", cfg.train.keep_checkpoints, 0, "; 0 = keep all")
     at_least("train.eval_every", cfg.train.eval_every, 0, "; 0 = only at the end")
     at_least("train.threads", cfg.train.threads, 0, "; 0 = torch's default")
+    at_least("train.accum_steps", cfg.train.accum_steps, 1, "; 1 = no accumulation")
+    if cfg.train.batch_size % cfg.train.accum_steps:
+        raise ConfigError(
+            f"train.accum_steps={cfg.train.accum_steps} does not divide train.batch_size={cfg.train.batch_size} "
+            "(pass a divisor of the batch, per process, as --train.accum-steps)"
+        )
     if cfg.train.stop_at is not None:
         if cfg.train.stop_at < 1:
             raise ConfigError(
