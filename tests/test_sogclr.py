@@ -356,7 +356,7 @@ def test_fastclip_versions():
     torch.testing.assert_close(out1.loss.detach(), 0.5 * (g.log().mean() + h.log().mean()))
     with pytest.raises(ValueError, match="not implemented"):
         FastCLIPConfig(version=2).validate()
-    with pytest.raises(ConfigError, match="fastclip.version=2"):
+    with pytest.raises(ConfigError, match="fastclip.version"):  # the config layer's Literal check names the key
         build_config("tiny-fastclip", [("fastclip.version", "2")])
     with pytest.raises(ValueError, match="gamma"):
         SogCLRConfig(gamma=0.0).validate()
