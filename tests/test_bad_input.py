@@ -153,7 +153,6 @@ TRAIN_CASES = [
     (["--data.source", "parquet"], "data.source"),
     (["--data.source", "csv"], "data.train-path"),
     (["--eval.batch-size", "0"], "eval.batch_size"),
-    (["--objective", "fastclip"], "--temperature.scheme rescaled"),
     (["--objective", "fastclip", "--fastclip.version", "3", "--temperature.scheme", "plain"],
      "--temperature.scheme rescaled"),
     (["--config", "tiny-fastclip", "--temperature.scheme", "plain"], "--temperature.scheme rescaled"),
@@ -224,6 +223,7 @@ def test_train_unwritable_output_dir(tmp_path, capsys, monkeypatch):
     ["--train.steps", "10", "--train.stop-at", "10"],
     ["--train.steps", "none", "--train.epochs", "2", "--train.stop-at", "1000"],
     ["--objective", "fastclip", "--temperature.scheme", "rescaled"],
+    ["--objective", "fastclip"],  # temperature.scheme auto: rescaled for FastCLIP-v3
     ["--objective", "fastclip", "--fastclip.version", "0"],
     ["--objective", "fastclip", "--fastclip.version", "1"],
     ["--optim.lr-temperature", "none", "--data.dataset-size", "none", "--train.stop-at", "none"],

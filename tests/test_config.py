@@ -56,3 +56,15 @@ def test_preset_base_chain(tmp_path):
         build_config(str(bad))
     with pytest.raises(ConfigError, match="neither a file nor a built-in preset"):
         build_config(str(tmp_path / "missing.yaml"))
+
+
+def test_temperature_scheme_auto_resolves_per_objective():
+    """`temperature.scheme auto` (the default) is what the objective needs; the saved config holds the result."""
+    from amorlip.config import build_config
+
+    assert build_config(None, [("objective", "fastclip")]).temperature.scheme == "rescaled"
+    assert build_config(None, [("objective", "fastclip"), ("fastclip.version", "0")]).temperature.scheme == "plain"
+    for name in ("clip", "siglip", "sogclr", "amorlip", "neuclip"):
+        assert build_config(None, [("objective", name)]).temperature.scheme == "plain", name
+    assert build_config(None, [("objective", "fastclip"), ("temperature.scheme", "rescaled")]).to_dict()[
+        "temperature"]["scheme"] == "rescaled"

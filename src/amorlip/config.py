@@ -107,8 +107,9 @@ class OptimConfig:
 class TemperatureConfig:
     """How the learnt temperature 1/s enters the loss."""
 
-    scheme: Literal["plain", "rescaled"] = "plain"
-    """plain: optimise L. rescaled: L / sg(s) + rho / s (FastCLIP; AmorLIP App. D)."""
+    scheme: Literal["auto", "plain", "rescaled"] = "auto"
+    """plain: optimise L. rescaled: L / sg(s) + rho / s (FastCLIP; AmorLIP App. D). auto: what the objective
+    needs (rescaled for FastCLIP-v3, whose temperature update is written for it; plain otherwise)."""
     rho: float = 6.5
     """rho of the rescaled scheme (its term rho / s)."""
     rho_final: float | None = None
@@ -633,8 +634,19 @@ def build_config(preset: str | None = None, overrides: list[tuple[str, Any]] | N
     if preset:
         _apply_pairs(cfg, _dict_pairs(load_yaml(preset), preset), preset)
     _apply_pairs(cfg, list(overrides or []), "the command line")
+    resolve_auto(cfg)
     validate(cfg)
     return cfg
+
+
+def resolve_auto(cfg: Config) -> None:
+    """Replace `auto` values by what they mean for this configuration (the saved config holds the result)."""
+    if cfg.temperature.scheme == "auto":
+        from amorlip import objectives
+
+        if cfg.objective in objectives.REGISTRY:
+            cls = objectives.get(cfg.objective)
+            cfg.temperature.scheme = cls.default_temperature_scheme(cfg.sections.get(cls.section) if cls.section else None)
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

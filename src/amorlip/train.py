@@ -27,10 +27,11 @@ from amorlip import distributed, objectives, reclip
 from amorlip import resume as resume_check
 from amorlip.progress import Progress
 from amorlip.signals import StopRequest
+from amorlip.step import forward_backward, has_batch_norm
 from amorlip.config import Config, ConfigError, describe
 from amorlip.models import clamp_logit_scale, create_model, model_config, param_groups, unwrap
 from amorlip.objectives.base import ObjectiveContext
-from amorlip.schedules import apply_temperature_scheme, param_group_lr, rho_at, step_thresh_hit, watch_temperature
+from amorlip.schedules import param_group_lr, rho_at, step_thresh_hit, watch_temperature
 
 STEP_THRESH_TEMPERATURE = 0.03
 
@@ -165,6 +166,12 @@ def _train(cfg: Config, stream: Any | None, stop: StopRequest) -> RunResult:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} is not divisible by the {dist_info.world_size} processes"
         )
+    local_batch = cfg.train.batch_size // dist_info.world_size
+    if local_batch % cfg.train.accum_steps:
+        raise ConfigError(
+            f"train.accum_steps={cfg.train.accum_steps} does not divide the per-process batch of {local_batch} "
+            f"(train.batch_size {cfg.train.batch_size} over {dist_info.world_size} processes); pick a divisor"
+        )
     seed_everything(cfg.train.seed)
 
     objective_cls = objectives.get(cfg.objective)
@@ -234,6 +241,9 @@ def _train(cfg: Config, stream: Any | None, stop: StopRequest) -> RunResult:
             model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
         return model
 
+    if cfg.train.accum_steps > 1 and is_main and has_batch_norm(model):
+        print(f"note: {cfg.model.name} normalises with batch statistics (BatchNorm): with train.accum_steps "
+              f"{cfg.train.accum_steps} they are micro-batch statistics, so the step is not exactly the full batch's")
     resolution.enter(step, model, optimizer)
     train_model = wrap(model)
     if is_main and resolution.enabled:
@@ -323,18 +333,12 @@ def _train(cfg: Config, stream: Any | None, stop: StopRequest) -> RunResult:
                 group["lr"] = param_group_lr(group, step, cfg.optim, total_steps, temp_thresh_hit)
             rho = rho_at(step, total_steps, cfg.temperature.rho, cfg.temperature.rho_final, cfg.temperature.rho_final_fraction)
 
-            with autocast_context(cfg, device):
-                out = train_model(images, texts)
-                scale = out["logit_scale"]
-                result = objective(
-                    out["image_features"], out["text_features"], scale, out.get("logit_bias"), indices,
-                    step=step, epoch=epoch,
-                )
-                loss = apply_temperature_scheme(result.loss, scale, cfg.temperature.scheme, rho)
-                if result.extra_loss is not None:
-                    loss = loss + result.extra_loss
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            loss, result = forward_backward(
+                train_model, objective, images, texts, indices, step=step, epoch=epoch,
+                scheme=cfg.temperature.scheme, rho=rho, autocast=lambda: autocast_context(cfg, device),
+                backward=lambda total: scaler.scale(total).backward(), accum_steps=cfg.train.accum_steps,
+            )
             # Checked once forward and backward are queued, so the wait for the value does not leave the GPU idle
             # while the host launches the backward pass; still before any parameter changes.
             if not torch.isfinite(loss):

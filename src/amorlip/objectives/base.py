@@ -65,6 +65,11 @@ class Objective(nn.Module):
     """Keyword arguments for open_clip's model constructor (e.g. SigLIP's init_logit_bias)."""
     needs_indices: ClassVar[bool] = False
 
+    @classmethod
+    def default_temperature_scheme(cls, cfg: Any) -> str:
+        """The temperature scheme `temperature.scheme auto` means for this objective (options `cfg`)."""
+        return "plain"
+
     def __init__(self, cfg: Any, ctx: ObjectiveContext) -> None:
         super().__init__()
         self.cfg = cfg

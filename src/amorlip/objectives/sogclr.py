@@ -439,6 +439,11 @@ class FastCLIPObjective(SogCLRObjective):
     section = "fastclip"
     Config = FastCLIPConfig
 
+    @classmethod
+    def default_temperature_scheme(cls, cfg: Any) -> str:
+        """RGCL-g (version 3) learns its temperature through the rescaled scheme (FastCLIP Alg. 1, line 11)."""
+        return "rescaled" if cfg is not None and cfg.version == 3 else "plain"
+
     def gamma(self, epoch: int) -> float:
         """FastCLIP's inner-rate schedule: cosine from 1 (epoch 0) to gamma_min at epoch E, then constant."""
         return cosine_ramp(epoch, self.cfg.gamma_decay_epochs, 1.0, self.cfg.gamma_min)
