@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from amorlip import distributed
+from amorlip.objectives import tiled
 from amorlip.objectives.base import Objective, ObjectiveContext, ObjectiveOutput
 from amorlip.schedules import cosine_ramp
 
@@ -98,6 +99,9 @@ class AmorConfig:
     gathered with gradient every step (released code)."""
     sync_grads: bool = True
     """All-reduce (mean) the Stage-I gradients on amortization steps, guarding the replicas against drift."""
+    tile_size: int | None = None
+    """Rows per tile of the tiled exact partitions (Stage I targets and Stage II; objectives/tiled.py): null = auto
+    (dense up to 2048 x 2048, then ~4M-entry strips), 0 = never tiled, a value >= the batch = dense."""
 
     def validate(self) -> None:
         for key, value, choices in (
@@ -129,6 +133,7 @@ class AmorConfig:
             raise ValueError(f"amor.fdiv_l2_coef must be >= 0 (got {self.fdiv_l2_coef})")
         if self.max_log_ratio is not None and not self.max_log_ratio > 0:
             raise ValueError("amor.max_log_ratio must be positive, or null to disable the cap")
+        tiled.validate_tile_size("amor.tile_size", self.tile_size)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -371,12 +376,20 @@ class AmorLIPObjective(Objective):
     ) -> dict[str, torch.Tensor]:
         """Batch log partitions and Z_comb targets (Eq. 12) of both modalities, fp32, no gradient."""
         with torch.no_grad():
-            logits = scale.detach().float() * image_features @ text_features.T
-            if bias is not None:
-                logits = logits + bias.detach().float()
-            idx = torch.arange(logits.shape[0], device=logits.device)
-            out = {"z_image": log_partition(logits, idx, self.cfg.pos_coef),
-                   "z_text": log_partition(logits.T, idx, self.cfg.pos_coef)}
+            n = image_features.shape[0]
+            idx = torch.arange(n, device=image_features.device)
+            tile = tiled.resolve_tile(self.cfg.tile_size, n, n)
+            if tile:
+                lse_i, lse_t, _ = tiled.log_sum_exps(
+                    image_features, text_features, scale.detach().float(),
+                    None if bias is None else bias.detach().float(), tile=tile, pos_index=idx, pos_coef=self.cfg.pos_coef)
+                out = {"z_image": lse_i - math.log(n), "z_text": lse_t - math.log(n)}
+            else:
+                logits = scale.detach().float() * image_features @ text_features.T
+                if bias is not None:
+                    logits = logits + bias.detach().float()
+                out = {"z_image": log_partition(logits, idx, self.cfg.pos_coef),
+                       "z_text": log_partition(logits.T, idx, self.cfg.pos_coef)}
             for key, feats in (("image", image_features), ("text", text_features)):
                 prev = self.previous_net[key](feats) if beta > 0 else None
                 out[f"target_{key}"] = combine_with_previous(out[f"z_{key}"], prev, beta)
@@ -489,19 +502,33 @@ class AmorLIPObjective(Objective):
             offset = b * distributed.rank()
         else:
             x_all, y_all, offset = x, y, 0
-        logits_img = scale * x @ y_all.T
-        if bias is not None:
-            logits_img = logits_img + _upcast(bias)
-        if x_all is x:  # local pairs: the text-anchor matrix is the image-anchor one transposed
-            logits_txt = logits_img.T
-        else:
-            logits_txt = scale * y @ x_all.T
-            if bias is not None:
-                logits_txt = logits_txt + _upcast(bias)
         pos_index = torch.arange(b, device=x.device) + offset
         pos_logits = scale * (x * y).sum(dim=1)  # Eq. 6's positive term: no logit bias (as the release)
-        log_z = {"image": log_partition(logits_img, pos_index, cfg.pos_coef),
-                 "text": log_partition(logits_txt, pos_index, cfg.pos_coef)}
+        tile = tiled.resolve_tile(cfg.tile_size, b, y_all.shape[0])
+        if tile:  # the same log partitions in row strips (objectives/tiled.py), no B x N matrix kept
+            ub = None if bias is None else _upcast(bias)
+            n = y_all.shape[0]
+            if x_all is x:  # local pairs: the text anchors' partitions are the columns of the same matrix
+                lse_i, lse_t, _ = tiled.log_sum_exps(x, y, scale, ub, tile=tile, pos_index=pos_index,
+                                                     pos_coef=cfg.pos_coef)
+            else:
+                lse_i, _, _ = tiled.log_sum_exps(x, y_all, scale, ub, tile=tile, pos_index=pos_index,
+                                                 pos_coef=cfg.pos_coef, cols=False)
+                lse_t, _, _ = tiled.log_sum_exps(y, x_all, scale, ub, tile=tile, pos_index=pos_index,
+                                                 pos_coef=cfg.pos_coef, cols=False)
+            log_z = {"image": lse_i - math.log(n), "text": lse_t - math.log(n)}
+        else:
+            logits_img = scale * x @ y_all.T
+            if bias is not None:
+                logits_img = logits_img + _upcast(bias)
+            if x_all is x:  # local pairs: the text-anchor matrix is the image-anchor one transposed
+                logits_txt = logits_img.T
+            else:
+                logits_txt = scale * y @ x_all.T
+                if bias is not None:
+                    logits_txt = logits_txt + _upcast(bias)
+            log_z = {"image": log_partition(logits_img, pos_index, cfg.pos_coef),
+                     "text": log_partition(logits_txt, pos_index, cfg.pos_coef)}
 
         with torch.no_grad():
             feats = {"image": x.detach().float(), "text": y.detach().float()}

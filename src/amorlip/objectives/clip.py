@@ -1,11 +1,26 @@
 """CLIP: symmetric InfoNCE over in-batch negatives (Eq. 3), open_clip's ClipLoss semantics."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from amorlip import distributed
+from amorlip.objectives import tiled
 from amorlip.objectives.base import Objective, ObjectiveOutput, similarity_logits
+
+
+@dataclass
+class ClipConfig:
+    """Options of `--objective clip` (CLI: `--clip.KEY VALUE`)."""
+
+    tile_size: int | None = None
+    """Rows per tile of the tiled exact loss (objectives/tiled.py; never holds the B x N logits): null = auto
+    (dense up to 2048 x 2048, then ~4M-entry strips), 0 = never tiled, a value >= the local batch = dense."""
+
+    def validate(self) -> None:
+        tiled.validate_tile_size("clip.tile_size", self.tile_size)
 
 
 class ClipObjective(Objective):
@@ -14,15 +29,24 @@ class ClipObjective(Objective):
     Multi-process: open_clip's `local_loss=True, gather_with_grad=True`: each rank scores its local
     images against all ranks' texts (and its local texts against all images), features gathered with
     gradient; with DDP's gradient averaging this equals the 1-process gradient of the global batch.
+
+    Tiled (`clip.tile_size`): each cross-entropy is `mean_i (lse_i - logit_i,pos)`, the log-sum-exps computed
+    in row strips by `tiled.log_sum_exps` (1 process: rows and columns of the one matrix in one pass).
     """
 
     name = "clip"
+    section = "clip"
+    Config = ClipConfig
 
     def forward(self, image_features, text_features, scale, bias, indices, *, step, epoch) -> ObjectiveOutput:
         all_images = distributed.gather_with_grad(image_features)
         all_texts = distributed.gather_with_grad(text_features)
         b = image_features.shape[0]
         labels = torch.arange(b, device=image_features.device) + b * distributed.rank()
+        tile_size = self.cfg.tile_size if self.cfg is not None else None
+        tile = tiled.resolve_tile(tile_size, b, all_texts.shape[0])
+        if tile:
+            return self._tiled(image_features, text_features, all_images, all_texts, scale, bias, labels, tile)
         logits_per_image = similarity_logits(image_features, all_texts, scale, bias)
         if distributed.world_size() == 1:  # the same matrix transposed: one matmul and one B x B buffer saved
             logits_per_text = logits_per_image.T
@@ -33,4 +57,23 @@ class ClipObjective(Objective):
         loss = 0.5 * (loss_i + loss_t)
         with torch.no_grad():
             acc = (logits_per_image.argmax(1) == labels).float().mean()
+        return ObjectiveOutput(loss=loss, metrics={"loss_i2t": loss_i.detach(), "loss_t2i": loss_t.detach(), "batch_acc": acc})
+
+    def _tiled(self, x, y, all_x, all_y, scale, bias, labels, tile) -> ObjectiveOutput:
+        def positive(anchors: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+            pos = scale * (anchors * candidates[labels]).sum(dim=1)
+            return pos if bias is None else pos + bias
+
+        if distributed.world_size() == 1:
+            lse_i, lse_t, argmax = tiled.log_sum_exps(x, all_y, scale, bias, tile=tile)
+            pos_i = pos_t = positive(x, all_y)
+        else:
+            lse_i, _, argmax = tiled.log_sum_exps(x, all_y, scale, bias, tile=tile, cols=False)
+            lse_t, _, _ = tiled.log_sum_exps(y, all_x, scale, bias, tile=tile, cols=False)
+            pos_i, pos_t = positive(x, all_y), positive(y, all_x)
+        loss_i = (lse_i - pos_i.to(lse_i.dtype)).mean()
+        loss_t = (lse_t - pos_t.to(lse_t.dtype)).mean()
+        loss = 0.5 * (loss_i + loss_t)
+        with torch.no_grad():
+            acc = (argmax == labels).float().mean()
         return ObjectiveOutput(loss=loss, metrics={"loss_i2t": loss_i.detach(), "loss_t2i": loss_t.detach(), "batch_acc": acc})

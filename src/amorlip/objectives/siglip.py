@@ -14,11 +14,13 @@ divides the summed gradients by W, so every parameter sees the 1-process gradien
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from amorlip import distributed
+from amorlip.objectives import tiled
 from amorlip.objectives.base import Objective, ObjectiveOutput, similarity_logits
 
 
@@ -30,18 +32,39 @@ def siglip_labels(num_rows: int, num_cols: int, offset: int, device: torch.devic
     return z
 
 
+@dataclass
+class SigLipConfig:
+    """Options of `--objective siglip` (CLI: `--siglip.KEY VALUE`)."""
+
+    tile_size: int | None = None
+    """Rows per tile of the tiled exact loss (objectives/tiled.py; never holds the B x N logits): null = auto
+    (dense up to 2048 x 2048, then ~4M-entry strips), 0 = never tiled, a value >= the local batch = dense."""
+
+    def validate(self) -> None:
+        tiled.validate_tile_size("siglip.tile_size", self.tile_size)
+
+
 class SigLipObjective(Objective):
-    """Sigmoid loss over all (local image, global text) pairs; no options.
+    """Sigmoid loss over all (local image, global text) pairs.
 
     `model_overrides` start the model at SigLIP's initialisation: s = 10 (logit_scale = ln 10), b = -10.
+
+    Tiled (`siglip.tile_size`): `-log sigmoid(-a) = softplus(a)` and `-log sigmoid(a) = softplus(a) - a`, so
+    `B L = sum_ij softplus(L_ij) - sum_i L_i,pos`: the pairwise sum in row strips (`tiled.softplus_sum`), the
+    positives and the metrics in O(B d).
     """
 
     name = "siglip"
+    section = "siglip"
+    Config = SigLipConfig
     model_overrides = {"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0}
 
     def forward(self, image_features, text_features, scale, bias, indices, *, step, epoch) -> ObjectiveOutput:
         b = image_features.shape[0]
         all_texts = distributed.gather_with_grad(text_features)
+        tile = tiled.resolve_tile(self.cfg.tile_size if self.cfg is not None else None, b, all_texts.shape[0])
+        if tile:
+            return self._tiled(image_features, all_texts, scale, bias, tile)
         logits = similarity_logits(image_features, all_texts, scale, bias)
         z = siglip_labels(b, all_texts.shape[0], b * distributed.rank(), logits.device, logits.dtype)
         # -(1/B) sum_ij log sigmoid(z_ij * logit_ij): the sigmoid loss with open_clip's 1/B_local normalisation.
@@ -51,6 +74,24 @@ class SigLipObjective(Objective):
             metrics = {
                 "pos_logit": logits[positive].mean(),
                 "neg_logit": logits[~positive].mean(),
+                "bias": bias.detach().reshape(()) if bias is not None else 0.0,
+            }
+        return ObjectiveOutput(loss=loss, metrics=metrics)
+
+    def _tiled(self, x, all_y, scale, bias, tile) -> ObjectiveOutput:
+        b, n = x.shape[0], all_y.shape[0]
+        y_pos = all_y[b * distributed.rank() + torch.arange(b, device=x.device)]
+        pos = scale * (x * y_pos).sum(dim=1)
+        if bias is not None:
+            pos = pos + bias
+        total = tiled.softplus_sum(x, all_y, scale, bias, tile=tile)
+        loss = (total - pos.to(total.dtype).sum()) / b
+        with torch.no_grad():
+            # sum of every logit in O((B + N) d): s (sum_i x_i).(sum_j y_j) + b B N
+            every = scale * (x.sum(0) * all_y.sum(0)).sum() + (0.0 if bias is None else bias.reshape(()) * b * n)
+            metrics = {
+                "pos_logit": pos.mean(),
+                "neg_logit": ((every - pos.sum()) / max(1, b * n - b)).reshape(()),
                 "bias": bias.detach().reshape(()) if bias is not None else 0.0,
             }
         return ObjectiveOutput(loss=loss, metrics=metrics)
