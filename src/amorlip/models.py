@@ -1,7 +1,10 @@
-"""open_clip model construction (any config name, plus tiny CPU configs) and parameter groups."""
+"""open_clip model construction (any config name, plus tiny CPU configs), initial weights, LiT-style tower locking,
+gradient checkpointing, precision, and parameter groups."""
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -9,6 +12,8 @@ from typing import Any, Iterator
 import open_clip
 import torch
 from torch import nn
+
+from amorlip.config import ConfigError
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 TINY_MODELS = sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
@@ -71,6 +76,369 @@ def create_model(name: str, device: torch.device | str = "cpu", **overrides: Any
         )
     tokenizer = open_clip.get_tokenizer(name)
     return model, preprocess_train, preprocess_val, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------
+# Precision: model.precision -> autocast dtype and weight dtype
+
+PRECISIONS = ("fp32", "bf16", "fp16", "amp_bf16", "pure_bf16")
+"""fp32: no autocast. bf16 = amp_bf16 (open_clip's name): fp32 weights, bf16 autocast (CUDA or CPU). fp16: fp32
+weights, fp16 autocast with a gradient scaler (CUDA only). pure_bf16: weights, activations and optimizer state all
+in bf16, no autocast (open_clip's pure_bf16: half the memory, coarser updates)."""
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    return {"bf16": torch.bfloat16, "amp_bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def weight_dtype(precision: str) -> torch.dtype:
+    return torch.bfloat16 if precision == "pure_bf16" else torch.float32
+
+
+def autocast(precision: str, device: torch.device):
+    """The autocast context of `precision` on `device` (a null context for fp32 and pure_bf16)."""
+    dtype = autocast_dtype(precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    if device.type == "cpu" and dtype == torch.float16:
+        raise ConfigError("model.precision=fp16 needs a CUDA device (pass --model.precision bf16 for bf16 autocast on "
+                          "the CPU, or fp32)")
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def describe_precision(precision: str, device_type: str) -> dict[str, Any]:
+    """What `precision` means on `device_type`, as recorded in summary.json and the W&B config."""
+    dtype = autocast_dtype(precision)
+    return {
+        "precision": precision,
+        "device": device_type,
+        "weights": str(weight_dtype(precision)).removeprefix("torch."),
+        "autocast": f"{device_type} {str(dtype).removeprefix('torch.')}" if dtype is not None else None,
+        "grad_scaler": precision == "fp16" and device_type == "cuda",
+    }
+
+
+def _cast_inputs_to(dtype: torch.dtype):
+    """A forward pre-hook casting floating inputs (the images) to the tower's weight dtype (pure_bf16)."""
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+    return hook
+
+
+# ----------------------------------------------------------------------------------------------------
+# Initial weights (model.pretrained): a file, an `amorlip export` folder, or a cached open_clip tag
+
+HF_WEIGHTS = "open_clip_pytorch_model.bin"
+HF_SAFE_WEIGHTS = "open_clip_model.safetensors"
+
+
+def clip_cache_dir() -> Path:
+    """Where open_clip keeps weights downloaded from a URL (its download_pretrained_from_url default)."""
+    return Path(os.path.expanduser("~/.cache/clip"))
+
+
+def _cached_tag_file(name: str, tag: str, tag_cfg: dict[str, Any]) -> Path:
+    """The local file of open_clip's pretrained `name`/`tag`, looked up in the Hugging Face and open_clip caches
+    only (never downloaded); a ConfigError naming what was looked for when it is not there."""
+    looked: list[str] = []
+    if tag_cfg.get("file"):
+        path = Path(tag_cfg["file"])
+        if path.is_file():
+            return path
+        looked.append(str(path))
+    hub = tag_cfg.get("hf_hub", "")
+    if hub:
+        repo, filename = os.path.split(hub)
+        filename = filename or HF_WEIGHTS
+        candidates = [HF_SAFE_WEIGHTS] if filename == HF_WEIGHTS else (
+            [filename[:-4] + ".safetensors"] if filename.endswith((".bin", ".pth")) else [])
+        try:
+            from huggingface_hub import try_to_load_from_cache
+            from huggingface_hub.constants import HF_HUB_CACHE
+        except ImportError:
+            try_to_load_from_cache, HF_HUB_CACHE = None, "the Hugging Face cache (huggingface_hub not installed)"
+        for candidate in [*candidates, filename]:
+            found = try_to_load_from_cache(repo, candidate) if try_to_load_from_cache else None
+            if isinstance(found, str) and Path(found).is_file():
+                return Path(found)
+        looked.append(f"{repo}/{' or '.join([*candidates, filename])} in {HF_HUB_CACHE}")
+    url = tag_cfg.get("url", "")
+    if url:
+        path = clip_cache_dir() / os.path.basename(url)
+        if path.is_file():
+            return path
+        looked.append(str(path))
+    raise ConfigError(
+        f"model.pretrained={tag!r}: open_clip's {name} weights {tag!r} are not in the local cache (looked for "
+        f"{'; '.join(looked) or 'nothing: the tag names no file'}); amorlip never downloads weights at run time "
+        f"(fetch them once where there is network, e.g. python -c \"import open_clip; open_clip.create_model("
+        f"'{name}', pretrained='{tag}')\", or pass a checkpoint file to --model.pretrained)"
+    )
+
+
+def resolve_pretrained(name: str, value: str) -> tuple[Path, dict[str, Any] | None]:
+    """`model.pretrained` -> (the weights file, open_clip's tag config when `value` is a pretrained tag).
+
+    A file is used as it is; a folder must hold `NAME.pt` (what `amorlip export` writes) or a single .pt file;
+    anything else must be an open_clip pretrained tag of `name` whose file is already cached.
+    """
+    path = Path(value).expanduser()
+    if path.is_dir():
+        own = path / f"{name}.pt"
+        found = [own] if own.is_file() else sorted(path.glob("*.pt"))
+        if len(found) == 1:
+            return found[0], None
+        listed = ", ".join(p.name for p in found[:4]) or "none"
+        raise ConfigError(
+            f"model.pretrained={value!r} is a folder without {name}.pt (its .pt files: {listed}; pass one of them, "
+            "or the folder `amorlip export` wrote for this model)"
+        )
+    if path.is_file():
+        return path, None
+    register_tiny_configs()
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    tag = value.lower()
+    if tag in tags:
+        tag_cfg = open_clip.get_pretrained_cfg(name, tag)
+        return _cached_tag_file(name, tag, tag_cfg), tag_cfg
+    known = f"{name}'s pretrained tags: {', '.join(tags)}" if tags else f"open_clip has no pretrained tags for {name}"
+    raise ConfigError(
+        f"model.pretrained={value!r} is neither a file, nor a folder, nor an open_clip pretrained tag ({known}; "
+        "pass a checkpoint file, an `amorlip export` folder, or one of the tags)"
+    )
+
+
+def read_weights(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """The model state dict in `path`: open_clip's {'state_dict': ...} (what `amorlip export` writes), a bare state
+    dict, an amorlip training checkpoint ({'model': ...}; its optimizer state is not used), or .safetensors.
+    With `mmap` the tensors are mapped, not read (enough to check keys and shapes)."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            ck: Any = load_file(str(path), device="cpu")
+        else:
+            ck = None
+            for weights_only, mapped in ((True, mmap), (True, False), (False, False)):
+                try:  # (a training checkpoint also holds RNG states; a legacy file cannot be mapped)
+                    ck = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mapped)
+                    break
+                except Exception:  # noqa: BLE001 - the last try reports
+                    if not weights_only:
+                        raise
+    except Exception as e:  # noqa: BLE001 - any unreadable file is one clear error
+        raise ConfigError(f"model.pretrained: could not read {path} ({' '.join(str(e).split())[:200]}) "
+                          "(pass an open_clip checkpoint, a state dict, or an `amorlip export` .pt)") from None
+    if isinstance(ck, torch.jit.ScriptModule):
+        ck = ck.state_dict()
+    if isinstance(ck, dict) and isinstance(ck.get("state_dict"), dict):
+        ck = ck["state_dict"]
+    elif isinstance(ck, dict) and isinstance(ck.get("model"), dict) and "optimizer" in ck:
+        ck = ck["model"]
+    if not isinstance(ck, dict) or not ck or not all(isinstance(v, torch.Tensor) for v in ck.values()):
+        raise ConfigError(f"model.pretrained: {path} holds no state dict of tensors (pass an open_clip checkpoint, "
+                          "a state dict, or an `amorlip export` .pt)")
+    if all(k.startswith("module.") for k in ck):
+        ck = {k[len("module."):]: v for k, v in ck.items()}
+    return dict(ck)
+
+
+def _fit_to_model(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """open_clip's own adjustments before loading (see open_clip.load_checkpoint): third-party layouts, scalar vs
+    1-d logit_scale/bias, positional embeddings at another image size or context length. A SigLIP-style model
+    loading weights without logit_bias keeps its own initial bias (the objective's choice)."""
+    from open_clip.convert import convert_state_dict
+    from open_clip.model import resize_pos_embed, resize_text_pos_embed
+
+    state = convert_state_dict(model, state)
+    if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
+        from open_clip.model import convert_to_custom_text_state_dict
+
+        state = convert_to_custom_text_state_dict(state)
+    for key in ("logit_scale", "logit_bias"):
+        own = getattr(model, key, None)
+        if isinstance(own, torch.Tensor) and key in state and state[key].ndim != own.ndim:
+            state[key] = state[key].reshape(own.shape)
+    if getattr(model, "logit_bias", None) is not None and "logit_bias" not in state:
+        state["logit_bias"] = model.logit_bias.detach().clone()
+    state.pop("text.transformer.embeddings.position_ids", None)
+    for resize in (resize_pos_embed, resize_text_pos_embed):
+        try:
+            resize(state, model)
+        except (AssertionError, RuntimeError, ValueError, KeyError):
+            pass  # another width: not a resolution change; the shape check names it
+    return state
+
+
+def _sample(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+
+
+def load_pretrained(model: nn.Module, name: str, value: str, check_only: bool = False) -> Path:
+    """Load `model.pretrained` (see `resolve_pretrained`) into `model`, strictly; returns the file it read.
+
+    Keys or shapes that do not fit are one ConfigError naming a few of them. `check_only`: check, load nothing.
+    """
+    path, _ = resolve_pretrained(name, value)
+    raw = read_weights(path, mmap=check_only)
+    state = _fit_to_model(model, raw)
+    own = model.state_dict()
+    for key in own:  # batch-norm step counters: absent from frozen (LiT) towers' weights, unused in training
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = own[key]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} keys missing ({_sample(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({_sample(unexpected)})")
+        if shapes:
+            parts.append(f"{len(shapes)} of another shape ({_sample(shapes, 2)})")
+        saved_name = _exported_name(path)
+        hint = (f"these weights are {saved_name}'s: pass --model.name {saved_name}" if saved_name and saved_name != name
+                else "pass the --model.name the weights were trained with")
+        raise ConfigError(f"model.pretrained={value!r} ({path}) does not fit model.name={name}: {'; '.join(parts)} "
+                          f"({hint})")
+    if not check_only:
+        with torch.no_grad():
+            model.load_state_dict(state, strict=True)
+    return path
+
+
+def check_pretrained(name: str, value: str, **overrides: Any) -> None:
+    """ConfigError unless `model.pretrained` resolves to weights that fit `name` (built with `overrides`, e.g. an
+    objective's logit_bias): checked on a model without storage (meta device) and mapped weights, so cheaply."""
+    with torch.device("meta"):
+        model, *_ = create_model(name, device="meta", **overrides)
+    load_pretrained(model, name, value, check_only=True)
+
+
+def _exported_name(path: Path) -> str | None:
+    """The model name an `amorlip export` file records (its 'name' key), if any."""
+    try:
+        ck = torch.load(path, map_location="meta", weights_only=True)
+    except Exception:  # noqa: BLE001 - not an export (or not loadable this way): no name to tell
+        return None
+    return ck.get("name") if isinstance(ck, dict) and isinstance(ck.get("name"), str) else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# LiT-style locking (model.lock_image / lock_text) and what each tower supports
+
+
+def tower_kinds(name: str) -> tuple[str, str]:
+    """(image tower kind, text tower kind) of config `name`: vit | resnet | timm, and transformer | hf."""
+    cfg = model_config(name)
+    vision, text = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
+    if vision.get("timm_model_name"):
+        image = "timm"
+    elif isinstance(vision.get("layers"), (list, tuple)):
+        image = "resnet"
+    else:
+        image = "vit"
+    return image, ("hf" if text.get("hf_model_name") else "transformer")
+
+
+def lock_groups(name: str) -> tuple[int | None, int | None]:
+    """How many groups open_clip's lock_image_tower / lock_text_tower can leave unlocked for config `name` (None:
+    decided by the tower itself, timm or Hugging Face). ViT: stem, each block but the last, last block + final
+    norm, projection. Text transformer: embeddings, each block but the last, last block + ln_final, projection."""
+    cfg = model_config(name)
+    image_kind, text_kind = tower_kinds(name)
+    image = int(cfg["vision_cfg"].get("layers", 12)) + 2 if image_kind == "vit" else (0 if image_kind == "resnet" else None)
+    text = int(cfg["text_cfg"].get("layers", 12)) + 2 if text_kind == "transformer" else None
+    return image, text
+
+
+def check_lock_options(mcfg: Any) -> None:
+    """ConfigError for lock options that the model cannot take or that have no effect (called by validate)."""
+    options = {
+        "lock_image": ("lock_image_unlocked_groups", "lock_image_freeze_bn_stats"),
+        "lock_text": ("lock_text_unlocked_layers", "lock_text_freeze_layer_norm"),
+    }
+    defaults = {"lock_image_unlocked_groups": 0, "lock_image_freeze_bn_stats": False, "lock_text_unlocked_layers": 0,
+                "lock_text_freeze_layer_norm": True}
+    for lock, keys in options.items():
+        for key in keys:
+            if getattr(mcfg, key) != defaults[key] and not getattr(mcfg, lock):
+                raise ConfigError(f"model.{key}={getattr(mcfg, key)} has no effect without model.{lock} (pass "
+                                  f"--model.{lock.replace('_', '-')} true, or drop --model.{key.replace('_', '-')})")
+    image_kind, text_kind = tower_kinds(mcfg.name)
+    image_groups, text_groups = lock_groups(mcfg.name)
+    for key in ("lock_image_unlocked_groups", "lock_text_unlocked_layers"):
+        if getattr(mcfg, key) < 0:
+            raise ConfigError(f"model.{key}={getattr(mcfg, key)} must be at least 0 (pass --model."
+                              f"{key.replace('_', '-')} 0 to lock the whole tower)")
+    if mcfg.lock_image:
+        n = mcfg.lock_image_unlocked_groups
+        if image_kind == "resnet" and n:
+            raise ConfigError(f"model.lock_image_unlocked_groups={n}: open_clip locks a ResNet image tower "
+                              f"({mcfg.name}) only as a whole (pass --model.lock-image-unlocked-groups 0)")
+        if image_groups and n >= image_groups:
+            raise ConfigError(f"model.lock_image_unlocked_groups={n} would unlock all {image_groups} groups of "
+                              f"{mcfg.name}'s image tower (pass at most {image_groups - 1}, or drop "
+                              "--model.lock-image)")
+        if mcfg.lock_image_freeze_bn_stats and image_kind == "vit":
+            raise ConfigError(f"model.lock_image_freeze_bn_stats: {mcfg.name}'s image tower is a ViT, without "
+                              "batch norm (drop --model.lock-image-freeze-bn-stats; it is for ResNet and timm towers)")
+    if mcfg.lock_text:
+        n = mcfg.lock_text_unlocked_layers
+        if text_groups and n >= text_groups:
+            raise ConfigError(f"model.lock_text_unlocked_layers={n} would unlock all {text_groups} groups of "
+                              f"{mcfg.name}'s text tower (pass at most {text_groups - 1}, or drop --model.lock-text)")
+        if not mcfg.lock_text_freeze_layer_norm and text_kind != "hf":
+            raise ConfigError(f"model.lock_text_freeze_layer_norm=false: open_clip's own text transformer "
+                              f"({mcfg.name}) freezes its layer norms with the rest (drop "
+                              "--model.lock-text-freeze-layer-norm; unfrozen norms are for Hugging Face text towers)")
+
+
+def lock_towers(model: nn.Module, mcfg: Any) -> None:
+    """Freeze the towers model.lock_image / lock_text ask for (open_clip's lock_image_tower / lock_text_tower):
+    their parameters get requires_grad False, so `param_groups` leaves them out of the optimizer. The temperature
+    (logit_scale, logit_bias) is in neither tower and stays trainable."""
+    if mcfg.lock_image:
+        model.lock_image_tower(unlocked_groups=mcfg.lock_image_unlocked_groups,
+                               freeze_bn_stats=mcfg.lock_image_freeze_bn_stats)
+    if mcfg.lock_text:
+        model.lock_text_tower(unlocked_layers=mcfg.lock_text_unlocked_layers,
+                              freeze_layer_norm=mcfg.lock_text_freeze_layer_norm)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model of a run
+
+
+def build_model(mcfg: Any, device: torch.device | str = "cpu", load_pretrained_weights: bool = True,
+                **overrides: Any):
+    """The model a run trains, from its ModelConfig: built (create_model), initial weights (model.pretrained,
+    unless `load_pretrained_weights` is False: a resumed run takes its weights from the checkpoint), towers
+    locked, gradient checkpointing, weight dtype. Returns (model, train_transform, eval_transform, tokenizer).
+    """
+    tag_cfg = None
+    if mcfg.pretrained and load_pretrained_weights:
+        _, tag_cfg = resolve_pretrained(mcfg.name, mcfg.pretrained)
+    if tag_cfg:  # an open_clip tag: its activation and preprocessing, as open_clip would build it
+        overrides.setdefault("force_quick_gelu", bool(tag_cfg.get("quick_gelu", False)))
+        for key, ours in (("mean", "image_mean"), ("std", "image_std"), ("interpolation", "image_interpolation"),
+                          ("resize_mode", "image_resize_mode")):
+            if tag_cfg.get(key) is not None:
+                overrides.setdefault(ours, tag_cfg[key])
+    model, train_transform, eval_transform, tokenizer = create_model(mcfg.name, device=device, **overrides)
+    if mcfg.pretrained and load_pretrained_weights:
+        load_pretrained(model, mcfg.name, mcfg.pretrained)
+    lock_towers(model, mcfg)
+    if mcfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    dtype = weight_dtype(mcfg.precision)
+    if dtype != torch.float32:
+        model.to(dtype=dtype)
+        model.visual.register_forward_pre_hook(_cast_inputs_to(dtype))
+    return model, train_transform, eval_transform, tokenizer
 
 
 def image_size(model: nn.Module) -> int:
