@@ -49,3 +49,40 @@ def test_random_init_notice_is_not_printed(caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert "an unrelated warning" in messages
     assert not any("No pretrained weights loaded" in m for m in messages)
+
+
+def test_what_the_tiny_configs_support_for_locking():
+    """ViT towers lock by groups (stem, blocks but the last, last block + norm, projection); a ResNet image tower
+    only as a whole; open_clip's text transformer by the same kind of groups."""
+    from amorlip.models import lock_groups, tower_kinds
+
+    assert tower_kinds("micro-vit") == ("vit", "transformer") and lock_groups("micro-vit") == (3, 3)
+    assert tower_kinds("tiny-vit") == ("vit", "transformer") and lock_groups("tiny-vit") == (4, 4)
+    assert tower_kinds("tiny-rn") == ("resnet", "transformer") and lock_groups("tiny-rn") == (0, 4)
+
+
+def test_locked_resnet_tower_freezes_its_batch_norm_statistics():
+    from open_clip.utils import FrozenBatchNorm2d
+
+    from amorlip.config import build_config
+    from amorlip.models import build_model
+
+    cfg = build_config(None, [("model.name", "tiny-rn"), ("model.lock_image", "true"),
+                              ("model.lock_image_freeze_bn_stats", "true"), ("model.grad_checkpointing", "true")])
+    model, *_ = build_model(cfg.model)
+    assert not any(p.requires_grad for p in model.visual.parameters())
+    assert all(p.requires_grad for n, p in model.named_parameters() if not n.startswith("visual."))
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in model.visual.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.visual.modules())
+    assert model.transformer.grad_checkpointing  # (open_clip's ResNet tower has no checkpointing: text only)
+
+
+def test_pure_bf16_model_takes_fp32_images():
+    from amorlip.config import build_config
+    from amorlip.models import build_model
+
+    cfg = build_config(None, [("model.name", "micro-vit"), ("model.precision", "pure_bf16")])
+    model, *_ = build_model(cfg.model, output_dict=True)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    out = model(torch.randn(2, 3, 16, 16), torch.randint(1, 100, (2, 16)))
+    assert out["image_features"].dtype == torch.bfloat16 and out["text_features"].dtype == torch.bfloat16

@@ -33,10 +33,26 @@ class ModelConfig:
 
     name: str = "tiny-vit"
     """Any open_clip model config name (RN50, ViT-B-32, ...) or a registered tiny config."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """fp32 | bf16 | fp16: autocast precision (bf16/fp16 only on CUDA; the CPU runs fp32)."""
+    precision: Literal["fp32", "bf16", "fp16", "amp_bf16", "pure_bf16"] = "fp32"
+    """fp32 | bf16 = amp_bf16 (bf16 autocast, fp32 weights; CUDA or CPU) | fp16 (autocast + grad scaler, CUDA only) | pure_bf16 (bf16 weights and optimizer state, no autocast)."""
     compile: bool = False
     """Wrap the model in torch.compile."""
+    pretrained: str | None = None
+    """Initial weights: an open_clip checkpoint or state dict (.pt), an `amorlip export` folder or .pt, or an open_clip pretrained tag already in the local cache (never downloaded); not re-loaded on resume."""
+    lock_image: bool = False
+    """LiT: freeze the image tower (open_clip's lock_image_tower); frozen parameters get no optimizer state."""
+    lock_image_unlocked_groups: int = 0
+    """lock_image: leave this many last layer groups of the image tower trainable (0 = all frozen)."""
+    lock_image_freeze_bn_stats: bool = False
+    """lock_image: also freeze batch-norm statistics (ResNet and timm towers)."""
+    lock_text: bool = False
+    """Freeze the text tower (open_clip's lock_text_tower); frozen parameters get no optimizer state."""
+    lock_text_unlocked_layers: int = 0
+    """lock_text: leave this many last layer groups of the text tower trainable (0 = all frozen)."""
+    lock_text_freeze_layer_norm: bool = True
+    """lock_text: freeze the layer norms too (false only for Hugging Face text towers)."""
+    grad_checkpointing: bool = False
+    """Recompute each transformer block's activations in the backward pass (open_clip's set_grad_checkpointing): less memory, more time."""
 
 
 @dataclass
@@ -170,6 +186,18 @@ class TrainConfig:
     """CUDA: fp32 matmuls and convolutions may use TF32 tensor cores (as open_clip's trainer sets)."""
     cudnn_benchmark: bool = True
     """CUDA: let cuDNN time and pick its fastest convolution algorithms (as open_clip's trainer sets)."""
+    wandb: bool = False
+    """Also log to Weights & Biases (pip install 'amorlip[wandb]'; WANDB_MODE=offline works without network)."""
+    wandb_project: str = "amorlip"
+    """W&B project."""
+    wandb_name: str | None = None
+    """W&B run name (default: the run folder's name)."""
+    wandb_tags: str | None = None
+    """Comma-separated W&B tags."""
+    save_final: Literal["full", "weights"] = "full"
+    """full: keep checkpoints as keep_checkpoints says. weights: also write RUN/final_weights.pt (the model only) and keep only the final full checkpoint."""
+    export_final: bool = False
+    """At the end, export the final model as an open_clip checkpoint into RUN/export/ (as `amorlip export` does)."""
 
 
 @dataclass
@@ -795,7 +823,7 @@ def validate(cfg: Config) -> None:
     if cfg.objective not in objectives.REGISTRY:
         raise ConfigError(f"unknown objective {cfg.objective!r}; choose one of: {', '.join(objectives.REGISTRY)}")
     _check_choice(cfg.data.source, ("synthetic", "csv", "wds", "fashion-mnist"), "data.source")
-    _check_choice(cfg.model.precision, ("fp32", "bf16", "fp16"), "model.precision")
+    _check_choice(cfg.model.precision, ("fp32", "bf16", "fp16", "amp_bf16", "pure_bf16"), "model.precision")
     _check_choice(cfg.temperature.scheme, ("plain", "rescaled"), "temperature.scheme")
     _check_choice(cfg.train.device, ("auto", "cpu", "cuda"), "train.device")
 
@@ -922,6 +950,32 @@ def validate(cfg: Config) -> None:
             f"temperature.scheme={cfg.temperature.scheme} (pass --temperature.scheme rescaled, or --fastclip.version 0 "
             "for GCL with the plain gradient)"
         )
+
+    # precision on the device, initial weights, tower locking, W&B, final outputs
+    if cfg.model.precision == "fp16":
+        import torch
+
+        if cfg.train.device == "cpu" or not torch.cuda.is_available():
+            raise ConfigError(
+                "model.precision=fp16 needs a CUDA device (fp16 autocast with a gradient scaler) and this run trains "
+                "on the CPU (pass --model.precision bf16 for bf16 autocast on the CPU, or fp32)"
+            )
+    from amorlip.models import check_lock_options, check_pretrained
+
+    check_lock_options(cfg.model)
+    resolution = cfg.sections.get("resolution")
+    if (cfg.model.lock_image or cfg.model.lock_text) and getattr(resolution, "enabled", False):
+        raise ConfigError(
+            "model.lock_image / lock_text with a RECLIP resolution schedule: the phases resize the towers' positional "
+            "embeddings, frozen ones included (drop --resolution.phases, or the lock)"
+        )
+    if cfg.model.pretrained and cfg.train.resume in (None, "auto"):  # a resumed run loads the checkpoint instead
+        check_pretrained(cfg.model.name, cfg.model.pretrained, **objectives.get(cfg.objective).model_overrides)
+    _check_choice(cfg.train.save_final, ("full", "weights"), "train.save_final")
+    if cfg.train.wandb:
+        from amorlip.logging_wandb import require_wandb
+
+        require_wandb()
 
 
 def describe(cfg: Config) -> str:

@@ -8,7 +8,6 @@ temperature scheme, and back-propagates. Runs unchanged under torchrun (gloo on 
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -29,7 +28,8 @@ from amorlip.progress import Progress
 from amorlip.signals import StopRequest
 from amorlip.step import forward_backward, has_batch_norm
 from amorlip.config import Config, ConfigError, describe
-from amorlip.models import clamp_logit_scale, create_model, model_config, param_groups, unwrap
+from amorlip.models import build_model, clamp_logit_scale, describe_precision, model_config, param_groups, unwrap
+from amorlip.models import autocast as precision_autocast
 from amorlip.objectives.base import ObjectiveContext
 from amorlip.schedules import param_group_lr, rho_at, step_thresh_hit, watch_temperature
 
@@ -55,20 +55,20 @@ def run_name(cfg: Config) -> str:
 
 
 def autocast_context(cfg: Config, device: torch.device):
-    """bf16/fp16 autocast on CUDA; the CPU trains in fp32."""
-    if device.type == "cuda" and cfg.model.precision in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if cfg.model.precision == "bf16" else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
+    """model.precision's autocast: bf16 / amp_bf16 on CUDA or the CPU, fp16 on CUDA; none for fp32, pure_bf16."""
+    return precision_autocast(cfg.model.precision, device)
 
 
 class MetricsLogger:
-    """JSONL always (main rank), TensorBoard when asked."""
+    """JSONL always (main rank), TensorBoard and W&B (`wandb`: the run's config, see amorlip.logging_wandb) when
+    asked."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, fresh: bool = False) -> None:
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, fresh: bool = False,
+                 wandb: Config | None = None, device_type: str = "cpu") -> None:
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
+        self.wandb = None
         if enabled and fresh:  # a new run never mixes its lines with a failed earlier run's
             self.path.unlink(missing_ok=True)
             for old in (run_dir / "tensorboard").glob("events.out.tfevents.*"):
@@ -77,6 +77,12 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        if enabled and wandb is not None:
+            from amorlip.logging_wandb import WandbRun
+
+            config = {**wandb.to_dict(), "precision_effective": describe_precision(wandb.model.precision, device_type)}
+            self.wandb = WandbRun(run_dir, wandb.train.wandb_project, wandb.train.wandb_name or run_dir.name,
+                                  wandb.train.wandb_tags, config, resume=not fresh)
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -88,6 +94,13 @@ class MetricsLogger:
             for k, v in clean.items():
                 if isinstance(v, float):
                     self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(step, clean)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        """The run's final summary (W&B's run summary; summary.json is written by finish_run)."""
+        if self.wandb is not None:
+            self.wandb.summary(values)
 
     def truncate_after(self, step: int, drop_eval_at_step: bool = False) -> None:
         """On resume, drop lines logged after the checkpoint (they will be logged again); with
@@ -106,6 +119,10 @@ class MetricsLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
 
 
 def read_history(run_dir: Path) -> list[dict[str, Any]]:
@@ -189,8 +206,10 @@ def _train(cfg: Config, stream: Any | None, stop: StopRequest) -> RunResult:
     total_steps = cfg.train.steps if cfg.train.steps is not None else cfg.train.epochs * steps_per_epoch
     total_epochs = math.ceil(total_steps / steps_per_epoch)
 
-    model, train_transform, eval_transform, tokenizer = create_model(
-        cfg.model.name, device=device, output_dict=True, **objective_cls.model_overrides
+    # initial weights (model.pretrained) only for a new run: a resumed one takes them from its checkpoint
+    fresh_run = _resume_path(cfg, Path(cfg.train.output_dir) / run_name(cfg)) is None
+    model, train_transform, eval_transform, tokenizer = build_model(
+        cfg.model, device=device, load_pretrained_weights=fresh_run, output_dict=True, **objective_cls.model_overrides
     )
     ctx = ObjectiveContext(
         dataset_size=stream.dataset_size,
@@ -249,7 +268,8 @@ def _train(cfg: Config, stream: Any | None, stop: StopRequest) -> RunResult:
     if is_main and resolution.enabled:
         print(f"step {step}: {resolution.describe()}")
 
-    logger = MetricsLogger(run_dir, is_main, cfg.train.tensorboard, fresh=resume_path is None)
+    logger = MetricsLogger(run_dir, is_main, cfg.train.tensorboard, fresh=resume_path is None,
+                           wandb=cfg if cfg.train.wandb else None, device_type=device.type)
     if is_main:
         print(f"run folder: {run_dir}", flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -419,11 +439,11 @@ def _train(cfg: Config, stream: Any | None, stop: StopRequest) -> RunResult:
         last_eval = run_evaluation(model, tokenizer, eval_transform, eval_sets, cfg, device)
         logger.log(step, {f"eval/{k}": v for k, v in last_eval.items()})
     distributed.barrier()
-    logger.close()
     result = RunResult(run_dir=run_dir, step=step, metrics=last_eval, history=read_history(run_dir) if is_main else [])
     data_stats = _merged_stats(stream.stats)
     if is_main:
-        finish_run(result, cfg, data_stats)
+        logger.summary(finish_run(result, cfg, data_stats, device.type))
+    logger.close()
     return result
 
 
@@ -510,18 +530,50 @@ def _resume_path(cfg: Config, run_dir: Path) -> Path | None:
     return ckpt.resolve_checkpoint(what)
 
 
-def finish_run(result: RunResult, cfg: Config, stats) -> None:
-    """Summary table, summary.json and a PNG of loss and evaluation metrics over steps."""
+def save_final(run_dir: Path, cfg: Config) -> dict[str, str]:
+    """train.save_final / export_final, from the final checkpoint; returns what was written (for summary.json).
+
+    save_final=weights: RUN/final_weights.pt holds the model only (open_clip's {'state_dict': ...}, at its native
+    resolution; loadable by open_clip and by --model.pretrained), and the earlier checkpoints are deleted. The final
+    checkpoint stays whole, so the finished run can still be resumed (e.g. extended with more steps).
+    export_final: `amorlip export` of the final checkpoint into RUN/export/ (NAME.pt + NAME.json).
+    """
+    last = ckpt.latest_checkpoint(run_dir)
+    out: dict[str, str] = {}
+    if last is None:
+        return out
+    if cfg.train.save_final == "weights":
+        state = ckpt.load_checkpoint(last)
+        weights = {"epoch": state.get("epoch", 0), "step": state["step"], "name": cfg.model.name,
+                   "state_dict": reclip.state_dict_at_image_size(state["model"], model_config(cfg.model.name))}
+        del state
+        ckpt.atomic_save(weights, run_dir / "final_weights.pt")
+        for old in ckpt.checkpoint_dir(run_dir).glob("step_*.pt"):
+            if old != last:
+                old.unlink(missing_ok=True)
+        out["final_weights"] = str(run_dir / "final_weights.pt")
+    if cfg.train.export_final:
+        weights_path, _ = ckpt.export_open_clip(last, run_dir / "export")
+        out["export"] = str(weights_path)
+    return out
+
+
+def finish_run(result: RunResult, cfg: Config, stats, device_type: str = "cpu") -> dict[str, Any]:
+    """Final weights / export (train.save_final, export_final), summary table, summary.json and a PNG of loss and
+    evaluation metrics over steps; returns the summary."""
     from amorlip.report import plot_history, summary_table
 
+    saved = save_final(result.run_dir, cfg)
     summary = {
         "run_dir": str(result.run_dir),
         "objective": cfg.objective,
         "model": cfg.model.name,
         "steps": result.step,
         "batch_size": cfg.train.batch_size,
+        "precision": describe_precision(cfg.model.precision, device_type),
         "data_skipped": dict(stats),
         "metrics": result.metrics,
+        **saved,
     }
     ckpt.atomic_write_text(json.dumps(summary, indent=2), result.run_dir / "summary.json")
     if stats.get("summary"):
@@ -532,6 +584,7 @@ def finish_run(result: RunResult, cfg: Config, stats) -> None:
         print(f"warning: could not draw the training plot: {e}")
     print(summary_table(result.metrics, title=f"{cfg.objective} / {cfg.model.name} after {result.step} steps"))
     print(f"run folder: {result.run_dir}")
+    return summary
 
 
 def main_worker(cfg: Config) -> RunResult:

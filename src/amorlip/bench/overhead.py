@@ -14,6 +14,8 @@ How (docs/benchmarks.md gives the reasons):
 * peak memory: on CUDA `torch.cuda.max_memory_allocated` of each variant's own process; on the CPU the peak
   of live tensor bytes, from the profiler's allocator events, in a fresh process per variant, plus the growth
   of the timing process's peak RSS (`ru_maxrss`) for reference.
+* `--grad-checkpointing` adds the reference again with open_clip's gradient checkpointing on: the time it costs
+  and the activation memory it saves, measured beside the default.
 """
 from __future__ import annotations
 
@@ -262,6 +264,8 @@ def run(extra: list[str]) -> dict[str, Any]:
     parser.add_argument("--block", type=int, help="steps per statistics block (default: lcm of the periodic costs)")
     parser.add_argument("--dataset-size", type=int, help="samples the stream pretends to have (default: the config's)")
     parser.add_argument("--aa", action="store_true", help="add a second clip process (A/A control: shows the noise)")
+    parser.add_argument("--grad-checkpointing", action="store_true",
+                        help="add a row: the reference with model.grad_checkpointing true (its time and memory cost)")
     parser.add_argument("--no-memory", action="store_true", help="CPU: skip the profiler memory pass")
     opts, overrides = parse_args(parser, extra)
     device = resolve_device(opts.device)
@@ -282,6 +286,8 @@ def run(extra: list[str]) -> dict[str, Any]:
             aa = copy.deepcopy(ref.cfg)
             aa.train.name = f"{aa.train.name}-aa"
             variants.insert(variants.index(ref) + 1, Variant(f"{ref.label} (A/A)", aa))
+        if opts.grad_checkpointing:
+            variants.insert(variants.index(ref) + 1, grad_checkpointing_variant(ref))
         dataset_size = default_dataset_size(ref.cfg, total, opts.dataset_size)
 
         mem_last = None
@@ -334,6 +340,17 @@ def run(extra: list[str]) -> dict[str, Any]:
     }
     write_json(opts.json, out)
     return out
+
+
+def grad_checkpointing_variant(ref: Variant) -> Variant:
+    """The reference configuration with open_clip's gradient checkpointing on (`--grad-checkpointing`)."""
+    if ref.cfg.model.grad_checkpointing:
+        raise ConfigError("--grad-checkpointing adds a row with model.grad_checkpointing true, but the reference "
+                          "already has it (drop --model.grad-checkpointing, or --grad-checkpointing)")
+    cfg = copy.deepcopy(ref.cfg)
+    cfg.model.grad_checkpointing = True
+    cfg.train.name = f"{cfg.train.name}-gc"
+    return Variant(f"{ref.label} +grad-ckpt", cfg)
 
 
 def _periods(v: Variant) -> list[int]:
