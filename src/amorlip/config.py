@@ -20,11 +20,9 @@ from typing import Any, Callable, Literal, Union, get_args, get_origin, get_type
 
 import yaml
 
+from amorlip.errors import ConfigError  # noqa: F401 - re-exported (amorlip.config.ConfigError)
+
 PRESET_DIR = Path(__file__).parent / "presets"
-
-
-class ConfigError(ValueError):
-    """A bad configuration value or key; the message names the problem and the fix."""
 
 
 @dataclass

@@ -15,7 +15,7 @@ import string
 from pathlib import Path
 from typing import Any
 
-from amorlip.config import ConfigError
+from amorlip.errors import ConfigError
 
 ID_FILE = "wandb_id.txt"
 INSTALL = "pip install 'amorlip[wandb]'"

@@ -13,7 +13,7 @@ import open_clip
 import torch
 from torch import nn
 
-from amorlip.config import ConfigError
+from amorlip.errors import ConfigError
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 TINY_MODELS = sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amorlip.config import ConfigError
+from amorlip.errors import ConfigError
 
 VIT_POS_KEY = "visual.positional_embedding"
 RESNET_POS_KEY = "visual.attnpool.positional_embedding"

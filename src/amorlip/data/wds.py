@@ -47,7 +47,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from amorlip.data.loader import (
+from amorlip.data.samples import (
     OK,
     Collate,
     _GuardedStream,
