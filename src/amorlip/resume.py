@@ -20,6 +20,12 @@ NEUTRAL_KEYS = frozenset({
     "train.keep_checkpoints", "train.eval_every", "train.stop_at", "train.threads", "train.device",
     "train.tf32", "train.cudnn_benchmark", "model.compile",
     "data.val_size", "data.eval_size", "data.max_skip_fraction", "data.max_empty_batches",
+    "train.wandb", "train.wandb_project", "train.wandb_name", "train.wandb_tags", "train.save_final",
+    "train.export_final",
+    # memory knobs: the same math (up to the order of floating-point sums)
+    "train.accum_steps", "model.grad_checkpointing",
+    # read only by a fresh run: a resumed one takes its weights from the checkpoint
+    "model.pretrained",
 })
 NEUTRAL_SECTIONS = frozenset({"eval"})
 # Keys that cannot be accepted as changes: the saved state does not fit another objective or model.
