@@ -106,8 +106,8 @@ def test_tile_at_least_batch_is_dense_and_auto_small_is_dense(name):
 
 def test_auto_tiles_large_batches():
     assert tiled.resolve_tile(None, 2048, 2048) == 0
-    assert tiled.resolve_tile(None, 4096, 4096) == 1024
-    assert tiled.resolve_tile(None, 8192, 8192) == 512
+    assert tiled.resolve_tile(None, 4096, 4096) == 512
+    assert tiled.resolve_tile(None, 8192, 8192) == 256
     assert tiled.resolve_tile(None, 1024, 2**20) == tiled.AUTO_MIN_ROWS
     assert tiled.resolve_tile(100, 8192, 8192) == 100
 

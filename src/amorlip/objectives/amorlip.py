@@ -101,7 +101,7 @@ class AmorConfig:
     """All-reduce (mean) the Stage-I gradients on amortization steps, guarding the replicas against drift."""
     tile_size: int | None = None
     """Rows per tile of the tiled exact partitions (Stage I targets and Stage II; objectives/tiled.py): null = auto
-    (dense up to 2048 x 2048, then ~4M-entry strips), 0 = never tiled, a value >= the batch = dense."""
+    (dense up to 2048 x 2048, then ~2M-entry strips), 0 = never tiled, a value >= the batch = dense."""
 
     def validate(self) -> None:
         for key, value, choices in (

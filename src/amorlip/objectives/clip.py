@@ -17,7 +17,7 @@ class ClipConfig:
 
     tile_size: int | None = None
     """Rows per tile of the tiled exact loss (objectives/tiled.py; never holds the B x N logits): null = auto
-    (dense up to 2048 x 2048, then ~4M-entry strips), 0 = never tiled, a value >= the local batch = dense."""
+    (dense up to 2048 x 2048, then ~2M-entry strips), 0 = never tiled, a value >= the local batch = dense."""
 
     def validate(self) -> None:
         tiled.validate_tile_size("clip.tile_size", self.tile_size)
@@ -60,8 +60,11 @@ class ClipObjective(Objective):
         return ObjectiveOutput(loss=loss, metrics={"loss_i2t": loss_i.detach(), "loss_t2i": loss_t.detach(), "batch_acc": acc})
 
     def _tiled(self, x, y, all_x, all_y, scale, bias, labels, tile) -> ObjectiveOutput:
+        b = x.shape[0]
+
         def positive(anchors: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-            pos = scale * (anchors * candidates[labels]).sum(dim=1)
+            # the positives are this rank's slice of the gathered candidates (a view, no copy)
+            pos = scale * (anchors * candidates.narrow(0, b * distributed.rank(), b)).sum(dim=1)
             return pos if bias is None else pos + bias
 
         if distributed.world_size() == 1:

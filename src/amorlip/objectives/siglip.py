@@ -38,7 +38,7 @@ class SigLipConfig:
 
     tile_size: int | None = None
     """Rows per tile of the tiled exact loss (objectives/tiled.py; never holds the B x N logits): null = auto
-    (dense up to 2048 x 2048, then ~4M-entry strips), 0 = never tiled, a value >= the local batch = dense."""
+    (dense up to 2048 x 2048, then ~2M-entry strips), 0 = never tiled, a value >= the local batch = dense."""
 
     def validate(self) -> None:
         tiled.validate_tile_size("siglip.tile_size", self.tile_size)
@@ -80,7 +80,7 @@ class SigLipObjective(Objective):
 
     def _tiled(self, x, all_y, scale, bias, tile) -> ObjectiveOutput:
         b, n = x.shape[0], all_y.shape[0]
-        y_pos = all_y[b * distributed.rank() + torch.arange(b, device=x.device)]
+        y_pos = all_y.narrow(0, b * distributed.rank(), b)
         pos = scale * (x * y_pos).sum(dim=1)
         if bias is not None:
             pos = pos + bias

@@ -19,7 +19,7 @@ Half-precision inputs are computed in fp32 (the dense objectives upcast too, or 
 
 The tile size is each objective's `tile_size` key (`resolve_tile`):
   None (default, auto): dense while B x N <= AUTO_DENSE_ENTRIES (2048 x 2048), else strips of
-        max(AUTO_MIN_ROWS, AUTO_TILE_ENTRIES // N) rows (a strip of ~4M entries, 16 MiB in fp32);
+        max(AUTO_MIN_ROWS, AUTO_TILE_ENTRIES // N) rows (a strip of ~2M entries, 8 MiB in fp32);
   0: never tiled (the dense reference);
   t > 0: strips of t rows; t >= B means a single strip, i.e. the dense computation.
 """
@@ -32,14 +32,14 @@ import torch
 
 AUTO_DENSE_ENTRIES = 2048 * 2048
 """Auto tiling leaves a B x N matrix of at most this many entries dense (16 MiB in fp32)."""
-AUTO_TILE_ENTRIES = 2**22
-"""Auto tiling's strip size in entries: tile = AUTO_TILE_ENTRIES // N rows (16 MiB per fp32 strip)."""
+AUTO_TILE_ENTRIES = 2**21
+"""Auto tiling's strip size in entries: tile = AUTO_TILE_ENTRIES // N rows (8 MiB per fp32 strip)."""
 AUTO_MIN_ROWS = 32
 """Auto tiling never uses strips of fewer rows (tiny matmuls would dominate)."""
 
 TILE_SIZE_HELP = (
     "Rows per tile of the tiled exact loss (never holds the B x N logits): null = auto (dense up to "
-    "2048 x 2048, then ~4M-entry strips), 0 = never tiled, t >= B = dense."
+    "2048 x 2048, then ~2M-entry strips), 0 = never tiled, t >= B = dense."
 )
 
 
@@ -105,15 +105,16 @@ class TiledLogSumExp(torch.autograd.Function):
                 s = _strip(x, y, scale, bias, pos_index, log_pos_weight, r0, r1)
                 mx, am = s.max(dim=1)
                 argmax[r0:r1] = am
-                lse_r[r0:r1] = torch.logsumexp(s, dim=1)
+                e = torch.sub(s, mx[:, None]).exp_()  # the one other strip-sized buffer, reused for the columns
+                lse_r[r0:r1] = mx + e.sum(dim=1).log_()
                 if cols:
                     # a column whose entries so far are all -inf (pos_coef = 0) keeps max -inf: shift it by 0
                     new_max = torch.maximum(col_max, s.max(dim=0).values)
                     shift = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
                     col_sum.mul_(torch.exp(col_max - shift))
-                    col_sum.add_(s.sub_(shift).exp_().sum(dim=0))
+                    col_sum.add_(torch.sub(s, shift[None, :], out=e).exp_().sum(dim=0))
                     col_max = new_max
-                del s
+                del s, e
             if cols:
                 lse_c = torch.where(torch.isfinite(col_max), col_max, torch.zeros_like(col_max)) + col_sum.log()
             else:
@@ -141,13 +142,12 @@ class TiledLogSumExp(torch.autograd.Function):
         for r0 in range(0, b, ctx.tile):
             r1 = min(b, r0 + ctx.tile)
             s = _strip(x, y, scale, bias, pos_index, ctx.log_pos_weight, r0, r1)
-            g = None
+            g = None  # at most two strip-sized buffers: s and g
             if g_rows is not None:  # d lse_i / d L_ij = softmax over the row
-                g = torch.exp(s - lse_r[r0:r1, None]).mul_(g_rows[r0:r1, None])
+                g = torch.sub(s, lse_r[r0:r1, None]).exp_().mul_(g_rows[r0:r1, None])
             if g_cols is not None:  # d lse_j / d L_ij = softmax over the column
-                gc = s.sub_(lse_c[None, :]).exp_().mul_(g_cols[None, :])
-                g = gc if g is None else g.add_(gc)
-                del gc
+                s.sub_(lse_c[None, :]).exp_().mul_(g_cols[None, :])
+                g = s if g is None else g.add_(s)
             del s
             gy = torch.mm(g, y)  # (G Y) for the strip's rows
             if need_x:
