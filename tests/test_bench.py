@@ -201,3 +201,38 @@ def test_cli_dispatch_and_clear_errors(capsys):
     assert "unknown objective" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="override"):
         run_command("loss", ["stray"])
+
+
+def test_cpu_tensor_peak_is_per_session():
+    """Tensors an earlier profiled call allocated and that were freed outside the profiler do not count."""
+    keep = []
+    cpu_tensor_peak(lambda: keep.append(torch.empty(1000, 1000)))
+    keep.clear()
+    assert cpu_tensor_peak(lambda: torch.empty(500, 1000)) == 2_000_000
+
+
+def test_memory_loss_tiled_vs_dense_and_accum_steps(tmp_path):
+    out = run_command("memory", [*MICRO, "--threads", "1", "--objectives", "clip,amorlip,sogclr",
+                                 "--batch-sizes", "24,48", "--dim", "8", "--tile-size", "8", "--repeats", "1",
+                                 "--accum", "1,2", "--steps", "2", "--warmup", "0", "--budget-mb", "64",
+                                 "--json", str(tmp_path / "memory.json")])
+    assert json.loads((tmp_path / "memory.json").read_text())["command"] == "memory"
+    rows = {(r["objective"], r["batch"], r["mode"]): r for r in out["loss"]}
+    assert set(rows) == {(o, b, m) for o in ("clip", "amorlip") for b in (24, 48) for m in ("dense", "tiled")} \
+        | {("sogclr", b, "dense") for b in (24, 48)}
+    for o in ("clip", "amorlip"):
+        assert rows[(o, 48, "tiled")]["tile_rows"] == 8 and rows[(o, 48, "dense")]["tile_rows"] == 0
+        # the dense loss holds several B x B matrices, the tiled one a few strips of 8 rows
+        assert rows[(o, 48, "tiled")]["peak_bytes"] < rows[(o, 48, "dense")]["peak_bytes"]
+        assert rows[(o, 48, "dense")]["x_matrix"] >= 1.0
+    assert rows[("clip", 48, "dense")]["time_ratio"] == pytest.approx(1.0)
+    budget = {(f["objective"], f["mode"]): f for f in out["loss_budget"]}
+    assert budget[("clip", "tiled")]["scaling"] == "B" and budget[("clip", "dense")]["scaling"] == "B^2"
+    assert budget[("clip", "dense")]["largest_measured"] == 48
+    step = out["step"]
+    assert [r["accum_steps"] for r in step["rows"]] == [1, 2] and step["batch_size"] == 8
+    assert [r["micro_batch"] for r in step["rows"]] == [8, 4]
+    assert step["rows"][0]["time_ratio"] == pytest.approx(1.0)
+    assert all(r["peak_bytes"] and r["step_ms_median"] > 0 and len(r["step_times_s"]) == 2 for r in step["rows"])
+    with pytest.raises(ConfigError, match="accum"):
+        run_command("memory", [*MICRO, "--skip-loss", "--accum", "3"])

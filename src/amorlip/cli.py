@@ -25,7 +25,7 @@ COMPARE_DESCRIPTION = (
     "Train several objectives side by side (same model, data, batch and seeds), evaluate each, and write a "
     "table and plots. Config keys given here apply to every entry; an entry's own [key=value] overrides come last."
 )
-BENCH_COMMANDS = ("overhead", "loss", "throughput", "data", "comm", "flops")
+BENCH_COMMANDS = ("overhead", "loss", "throughput", "data", "comm", "flops", "memory")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`amorlip bench {overhead,loss,throughput,data,comm,flops}`: efficiency measurements (docs/benchmarks.md).
+"""`amorlip bench {overhead,loss,throughput,data,comm,flops,memory}`: efficiency measurements (docs/benchmarks.md).
 
 Each command prints a table of figures measured side by side in one run (ratios, never absolute timing
 targets) and writes JSON with `--json PATH`. Options are parsed here from the words the CLI did not use.
@@ -16,6 +16,7 @@ COMMANDS = {
     "data": "amorlip.bench.data",
     "comm": "amorlip.bench.comm",
     "flops": "amorlip.bench.flops",
+    "memory": "amorlip.bench.memory",
 }
 
 

@@ -362,15 +362,20 @@ def scratch_dir(prefix: str) -> tempfile.TemporaryDirectory:
 def peak_allocated_from_trace(path: str, device_type: int = 0) -> int:
     """Peak of the profiler's 'Total Allocated' over the allocator events of `device_type` (0 = CPU) in a
     Chrome trace written by `torch.profiler` with `profile_memory=True`: the most tensor bytes alive at once
-    among those allocated while the profiler ran."""
+    among those allocated while the profiler ran. The CPU counter keeps, across profiler sessions, the bytes
+    of tensors an earlier session allocated and that were freed while no profiler ran; the level before this
+    trace's first event is subtracted, so the figure is this session's own."""
     with open(path) as f:
         events = json.load(f).get("traceEvents", [])
-    peak = 0
+    peak, base = 0, None
     for e in events:
         if e.get("name") == "[memory]":
             args = e.get("args", {})
             if int(args.get("Device Type", -1)) == device_type:
-                peak = max(peak, int(args.get("Total Allocated", 0)))
+                total = int(args.get("Total Allocated", 0))
+                if base is None:  # the counter persists across profiler sessions: start from this one's level
+                    base = total - int(args.get("Bytes", 0))
+                peak = max(peak, total - base)
     return peak
 
 
