@@ -3,9 +3,10 @@ import math
 
 import pytest
 
-from amorlip.config import OptimConfig, build_config
+from amorlip.config import ConfigError, OptimConfig, build_config
 from amorlip.schedules import (
     STEP_THRESH_TEMPERATURE,
+    lr_factor,
     param_group_lr,
     rho_at,
     step_thresh_hit,
@@ -166,3 +167,153 @@ def test_presets_with_lr_temperature_keep_it_constant(name):
     group = {"group": "temperature", "base_lr": cfg.optim.lr_temperature}
     for step in (0, cfg.optim.warmup_steps // 2, 10 * cfg.optim.warmup_steps):
         assert param_group_lr(group, step, cfg.optim, 20 * cfg.optim.warmup_steps, False) == cfg.optim.lr_temperature
+
+
+# optim.lr_scheduler: cosine (the default), const, const-cooldown
+
+
+def old_param_group_lr(group, step, optim, total, thresh_hit):
+    """param_group_lr as it was before optim.lr_scheduler: warm-up + cosine to 0 for every scheduled group."""
+    lr = float(group["base_lr"])
+    if group.get("group") != "temperature":
+        return lr * warmup_cosine_lr(step, 1.0, optim.warmup_steps, total)
+    if temperature_lr_schedule(optim.lr_temperature_schedule, optim.lr_temperature) == "same-as-lr":
+        lr *= warmup_cosine_lr(step, 1.0, optim.warmup_steps, total)
+    return lr / 3 if thresh_hit else lr
+
+
+@pytest.mark.parametrize("lr_temperature", [None, 2e-4])
+def test_default_scheduler_equals_the_old_schedule_at_every_step(lr_temperature):
+    optim = OptimConfig(lr=1e-3, warmup_steps=7, lr_temperature=lr_temperature, lr_temperature_schedule="same-as-lr")
+    assert optim.lr_scheduler == "cosine" and optim.min_lr == 0.0
+    temp = {"group": "temperature", "base_lr": lr_temperature or 1e-3}
+    for step in range(0, 64 + 2):
+        for group in (ENC, temp):
+            for hit in (False, True):
+                assert param_group_lr(group, step, optim, 64, hit) == old_param_group_lr(group, step, optim, 64, hit)
+
+
+def test_cosine_min_lr_is_the_floor():
+    optim = OptimConfig(lr=1e-3, warmup_steps=10, min_lr=1e-4)
+    lr = [param_group_lr(ENC, s, optim, TOTAL, False) for s in range(TOTAL + 1)]
+    assert lr[0] == pytest.approx(1e-4) and lr[9] == pytest.approx(1e-3)  # warm-up from lr / warmup_steps, as before
+    assert lr[10] == pytest.approx(1e-3)
+    assert lr[55] == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * 45 / 90)), rel=1e-12)
+    assert lr[55] == pytest.approx(5.5e-4)  # half-way through the decay: the mid-point of lr and min_lr
+    assert lr[TOTAL] == pytest.approx(1e-4) and min(lr[10:]) == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
+    # a temperature group following the lr keeps the shape, floor scaled: min_lr / lr of its own rate
+    temp = {"group": "temperature", "base_lr": 2e-4}
+    same = OptimConfig(lr=1e-3, warmup_steps=10, min_lr=1e-4, lr_temperature=2e-4, lr_temperature_schedule="same-as-lr")
+    assert param_group_lr(temp, TOTAL, same, TOTAL, False) == pytest.approx(2e-5)
+    assert param_group_lr(temp, 55, same, TOTAL, False) == pytest.approx(2e-4 * lr[55] / 1e-3, rel=1e-12)
+    const_temp = OptimConfig(lr=1e-3, warmup_steps=10, min_lr=1e-4, lr_temperature=2e-4)
+    assert param_group_lr(temp, TOTAL, const_temp, TOTAL, False) == 2e-4  # const stays const
+
+
+def test_const_scheduler():
+    optim = OptimConfig(lr=1e-3, warmup_steps=10, lr_scheduler="const")
+    assert param_group_lr(ENC, 0, optim, TOTAL, False) == pytest.approx(1e-4)
+    assert param_group_lr(ENC, 4, optim, TOTAL, False) == pytest.approx(5e-4)
+    for step in (9, 10, 50, 99, 100):
+        assert param_group_lr(ENC, step, optim, TOTAL, False) == pytest.approx(1e-3, rel=1e-15), step
+    no_warmup = OptimConfig(lr=1e-3, warmup_steps=0, lr_scheduler="const")
+    assert param_group_lr(ENC, 0, no_warmup, TOTAL, False) == 1e-3
+    same = OptimConfig(lr=1e-3, warmup_steps=10, lr_scheduler="const", lr_temperature_schedule="same-as-lr")
+    assert param_group_lr(TEMP, 4, same, TOTAL, False) == pytest.approx(2e-4 * 0.5)
+    assert param_group_lr(TEMP, 4, same, TOTAL, True) == pytest.approx(2e-4 * 0.5 / 3)
+
+
+def open_clip_const_cooldown(step, base_lr, warmup, steps, cooldown, power, end):
+    """open_clip_train.scheduler.const_lr_cooldown's step function, written out."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    start = steps - cooldown
+    if step < start:
+        return base_lr
+    return (1 - (step - start) / (steps - start)) ** power * (base_lr - end) + end
+
+
+@pytest.mark.parametrize("power,end", [(1.0, 0.0), (2.0, 0.0), (0.5, 1e-5), (1.0, 2e-4)])
+def test_const_cooldown_scheduler(power, end):
+    optim = OptimConfig(lr=1e-3, warmup_steps=10, lr_scheduler="const-cooldown", lr_cooldown_steps=20,
+                        lr_cooldown_power=power, lr_cooldown_end=end)
+    lr = [param_group_lr(ENC, s, optim, TOTAL, False) for s in range(TOTAL + 1)]
+    assert lr[0] == pytest.approx(1e-4) and lr[9] == pytest.approx(1e-3)  # warm-up
+    assert lr[10] == lr[50] == lr[79] == pytest.approx(1e-3, rel=1e-15)  # constant until the cooldown
+    assert lr[80] == pytest.approx(1e-3)  # the cooldown starts at the constant rate, 20 steps before the end
+    assert lr[90] == pytest.approx(end + (1e-3 - end) * 0.5 ** power, rel=1e-12)  # half-way: 0.5 ** power
+    assert lr[99] == pytest.approx(end + (1e-3 - end) * 0.05 ** power, rel=1e-12)
+    assert lr[TOTAL] == pytest.approx(end, abs=1e-18)  # the end rate at the last step
+    assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
+    for step in range(TOTAL + 1):
+        assert lr[step] == pytest.approx(open_clip_const_cooldown(step, 1e-3, 10, TOTAL, 20, power, end), rel=1e-12)
+
+
+def test_open_clip_scheduler_values_when_installed():
+    """Our schedulers against open_clip_train's own functions, where that package is installed."""
+    sched = pytest.importorskip("open_clip_train.scheduler")
+
+    class Opt:
+        param_groups = [{"lr": 0.0}]
+
+    cases = [
+        (OptimConfig(lr=1e-3, warmup_steps=10), sched.cosine_lr(Opt(), 1e-3, 10, TOTAL)),
+        (OptimConfig(lr=1e-3, warmup_steps=10, lr_scheduler="const"), sched.const_lr(Opt(), 1e-3, 10, TOTAL)),
+        (OptimConfig(lr=1e-3, warmup_steps=10, lr_scheduler="const-cooldown", lr_cooldown_steps=30,
+                     lr_cooldown_power=2.0, lr_cooldown_end=1e-5),
+         sched.const_lr_cooldown(Opt(), 1e-3, 10, TOTAL, 30, 2.0, 1e-5)),
+    ]
+    for optim, adjust in cases:
+        for step in range(TOTAL):
+            assert param_group_lr(ENC, step, optim, TOTAL, False) == pytest.approx(adjust(step), rel=1e-12, abs=1e-18)
+
+
+def test_cooldown_longer_than_an_epoch_based_run_fails_at_the_first_lr():
+    """train.steps unset (epochs): validate cannot know the run's length; the schedule refuses it at step 0."""
+    optim = OptimConfig(lr=1e-3, warmup_steps=10, lr_scheduler="const-cooldown", lr_cooldown_steps=95)
+    with pytest.raises(ConfigError, match="optim.lr_cooldown_steps=95"):
+        lr_factor(0, optim, TOTAL)
+    assert lr_factor(0, optim, 200) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="optim.lr_scheduler"):
+        lr_factor(0, OptimConfig(lr_scheduler="linear"), TOTAL)
+
+
+@pytest.mark.parametrize("overrides,key", [
+    ([("optim.min_lr", 0.01)], "optim.min_lr"),  # above optim.lr (tiny-clip: 2e-3)
+    ([("optim.min_lr", -1e-5)], "optim.min_lr"),
+    ([("optim.min_lr", float("nan"))], "optim.min_lr"),
+    ([("optim.lr_scheduler", "const"), ("optim.min_lr", 1e-5)], "optim.min_lr"),  # not read by const
+    ([("optim.lr_scheduler", "linear")], "optim.lr_scheduler"),
+    ([("optim.lr_scheduler", "const-cooldown")], "optim.lr_cooldown_steps"),  # required there
+    ([("optim.lr_scheduler", "const-cooldown"), ("optim.lr_cooldown_steps", 0)], "optim.lr_cooldown_steps"),
+    ([("optim.lr_scheduler", "const-cooldown"), ("optim.lr_cooldown_steps", -5)], "optim.lr_cooldown_steps"),
+    ([("optim.lr_scheduler", "const-cooldown"), ("optim.lr_cooldown_steps", 600)], "optim.lr_cooldown_steps"),
+    ([("optim.lr_scheduler", "const-cooldown"), ("optim.lr_cooldown_steps", 10), ("optim.lr_cooldown_power", 0)],
+     "optim.lr_cooldown_power"),
+    ([("optim.lr_scheduler", "const-cooldown"), ("optim.lr_cooldown_steps", 10), ("optim.lr_cooldown_power", -1)],
+     "optim.lr_cooldown_power"),
+    ([("optim.lr_scheduler", "const-cooldown"), ("optim.lr_cooldown_steps", 10), ("optim.lr_cooldown_end", 1.0)],
+     "optim.lr_cooldown_end"),
+    ([("optim.lr_scheduler", "const-cooldown"), ("optim.lr_cooldown_steps", 10), ("optim.lr_cooldown_end", -1e-6)],
+     "optim.lr_cooldown_end"),
+    ([("optim.lr_cooldown_steps", 10)], "optim.lr_cooldown_steps"),  # cosine does not read it
+    ([("optim.lr_cooldown_end", 1e-5)], "optim.lr_cooldown_end"),
+])
+def test_bad_scheduler_values_are_refused_with_the_key(overrides, key):
+    with pytest.raises(ConfigError) as e:
+        build_config("tiny-clip", overrides)
+    message = str(e.value)
+    assert "\n" not in message and key in message, message
+
+
+def test_scheduler_values_that_fit_are_accepted():
+    cfg = build_config("tiny-clip", [("optim.lr_scheduler", "const-cooldown"), ("optim.lr_cooldown_steps", 550),
+                                     ("optim.lr_cooldown_power", 2.0), ("optim.lr_cooldown_end", 1e-5)])
+    assert (cfg.optim.lr_scheduler, cfg.optim.lr_cooldown_steps) == ("const-cooldown", 550)
+    assert build_config("tiny-clip", [("optim.min_lr", 2e-3)]).optim.min_lr == 2e-3  # min_lr = lr: allowed
+    assert build_config("tiny-clip", [("optim.lr_scheduler", "const")]).optim.lr_scheduler == "const"
+    # an epoch-based run: the length is not known before the data, so only the schedule itself can check it
+    epochs = build_config("tiny-clip", [("train.steps", None), ("train.epochs", 1), ("optim.lr_scheduler",
+                                        "const-cooldown"), ("optim.lr_cooldown_steps", 10 ** 6)])
+    assert epochs.optim.lr_cooldown_steps == 10 ** 6

@@ -91,10 +91,10 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and its learning-rate schedule (warm-up, then cosine)."""
+    """AdamW and its learning-rate schedule (warm-up, then cosine, const or const-cooldown)."""
 
     lr: float = 1e-3
-    """Peak AdamW learning rate (after the linear warm-up; cosine decay to 0 by the last step)."""
+    """Peak AdamW learning rate (after the linear warm-up; then as optim.lr_scheduler says)."""
     weight_decay: float = 0.1
     """AdamW weight decay of the weight matrices (gains, biases and embeddings get none, as in open_clip)."""
     beta1: float = 0.9
@@ -114,7 +114,20 @@ class OptimConfig:
     temperature_step_thresh_latch: bool = False
     """step_thresh: once 1/s has reached 0.03, keep the lower rate for the rest of the run (no re-check)."""
     lr_temperature_schedule: Literal["const", "same-as-lr"] | None = None
-    """const | same-as-lr (warm-up + cosine); None: const when lr_temperature is set (releases), else same-as-lr."""
+    """const | same-as-lr (optim.lr_scheduler's shape); None: const when lr_temperature is set (releases), else
+    same-as-lr."""
+    lr_scheduler: Literal["cosine", "const", "const-cooldown"] = "cosine"
+    """After the warm-up (open_clip's --lr-scheduler): cosine decay to min_lr at the last step; const; or
+    const-cooldown: const, then a decay to lr_cooldown_end over the last lr_cooldown_steps."""
+    min_lr: float = 0.0
+    """cosine: the rate at the last step (the floor; absolute, at most lr)."""
+    lr_cooldown_steps: int | None = None
+    """const-cooldown: length of the cooldown, the last N steps of the run (required there; open_clip counts
+    epochs: --epochs-cooldown E is E * steps per epoch here)."""
+    lr_cooldown_power: float = 1.0
+    """const-cooldown: decay (1 - t) ** power over the cooldown, t from 0 to 1 (1 = linear)."""
+    lr_cooldown_end: float = 0.0
+    """const-cooldown: the rate at the last step (absolute, at most lr)."""
 
 
 @dataclass
@@ -974,6 +987,48 @@ def validate(cfg: Config) -> None:
         from amorlip.logging_wandb import require_wandb
 
         require_wandb()
+
+    # optim.lr_scheduler and its keys (after the rest, so that lr is known to be valid)
+    _check_lr_scheduler(cfg.optim, cfg.train.steps)
+
+
+def _check_lr_scheduler(optim: OptimConfig, steps: int | None) -> None:
+    """optim.lr_scheduler's keys: in range, and set only for the scheduler that reads them."""
+    scheduler = optim.lr_scheduler
+    _check_choice(scheduler, ("cosine", "const", "const-cooldown"), "optim.lr_scheduler")
+    for key, value, example in (("optim.min_lr", optim.min_lr, "1e-5"),
+                                ("optim.lr_cooldown_end", optim.lr_cooldown_end, "0")):
+        if not (math.isfinite(value) and 0 <= value <= optim.lr):
+            raise ConfigError(f"{key}={value} must be between 0 and optim.lr={optim.lr} "
+                              f"(pass e.g. {flag_of(key)} {example})")
+    if not (math.isfinite(optim.lr_cooldown_power) and optim.lr_cooldown_power > 0):
+        raise ConfigError(f"optim.lr_cooldown_power={optim.lr_cooldown_power} must be a positive, finite number "
+                          "(pass e.g. --optim.lr-cooldown-power 1 for a linear cooldown)")
+    unused = {"optim.min_lr": optim.min_lr != 0.0 and scheduler != "cosine"}
+    for key, changed in (("optim.lr_cooldown_steps", optim.lr_cooldown_steps is not None),
+                         ("optim.lr_cooldown_power", optim.lr_cooldown_power != 1.0),
+                         ("optim.lr_cooldown_end", optim.lr_cooldown_end != 0.0)):
+        unused[key] = changed and scheduler != "const-cooldown"
+    for key, is_unused in unused.items():
+        if is_unused:
+            wants = "cosine" if key == "optim.min_lr" else "const-cooldown"
+            raise ConfigError(f"{key} is set but optim.lr_scheduler={scheduler} does not read it (pass "
+                              f"--optim.lr-scheduler {wants}, or drop {flag_of(key)})")
+    if scheduler != "const-cooldown":
+        return
+    cooldown = optim.lr_cooldown_steps
+    if cooldown is None:
+        raise ConfigError("optim.lr_scheduler=const-cooldown needs optim.lr_cooldown_steps (pass e.g. "
+                          "--optim.lr-cooldown-steps 1000: the last 1000 steps decay to optim.lr_cooldown_end)")
+    if cooldown < 1:
+        raise ConfigError(f"optim.lr_cooldown_steps={cooldown} must be at least 1 "
+                          "(pass --optim.lr-cooldown-steps 1 or more)")
+    if steps is not None and cooldown > steps - optim.warmup_steps:
+        raise ConfigError(
+            f"optim.lr_cooldown_steps={cooldown} is longer than the run after its warm-up (train.steps={steps} "
+            f"less optim.warmup_steps={optim.warmup_steps}; pass --optim.lr-cooldown-steps "
+            f"{max(1, steps - optim.warmup_steps)} or fewer)"
+        )
 
 
 def describe(cfg: Config) -> str:

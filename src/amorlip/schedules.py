@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from amorlip.errors import ConfigError
+
 
 def warmup_cosine_lr(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> float:
     """Linear warm-up to `base_lr` over `warmup_steps`, then cosine decay to `min_lr` at `total_steps`."""
@@ -14,6 +16,60 @@ def warmup_cosine_lr(step: int, base_lr: float, warmup_steps: int, total_steps: 
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+LR_SCHEDULERS = ("cosine", "const", "const-cooldown")
+"""optim.lr_scheduler's choices (open_clip's --lr-scheduler)."""
+
+
+def _warmup(step: int, base_lr: float, warmup_steps: int) -> float:
+    return base_lr * (step + 1) / warmup_steps
+
+
+def const_lr(step: int, base_lr: float, warmup_steps: int) -> float:
+    """Linear warm-up to `base_lr` over `warmup_steps`, then `base_lr` (open_clip's const_lr)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return _warmup(step, base_lr, warmup_steps)
+    return base_lr
+
+
+def const_cooldown_lr(step: int, base_lr: float, warmup_steps: int, total_steps: int, cooldown_steps: int,
+                      power: float = 1.0, end_lr: float = 0.0) -> float:
+    """Warm-up, `base_lr`, then over the last `cooldown_steps` a decay to `end_lr` at `total_steps`:
+    `end_lr + (base_lr - end_lr) * (1 - e / cooldown_steps) ** power`, e = steps into the cooldown (linear for
+    power 1); `end_lr` from `total_steps` on (open_clip's const_lr_cooldown)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return _warmup(step, base_lr, warmup_steps)
+    start = total_steps - cooldown_steps
+    if cooldown_steps <= 0 or step < start:
+        return base_lr
+    progress = min(1.0, (step - start) / cooldown_steps)
+    return end_lr + (base_lr - end_lr) * (1.0 - progress) ** power
+
+
+def lr_factor(step: int, optim: Any, total_steps: int) -> float:
+    """optim.lr_scheduler's learning rate at `step` as a fraction of optim.lr (a pure function of the step).
+
+    The floors (optim.min_lr, optim.lr_cooldown_end) are absolute rates, so they enter as fractions of optim.lr:
+    a group with another base rate (the temperature's `same-as-lr`) keeps the same shape, scaled.
+    `cosine` with min_lr 0 is exactly `warmup_cosine_lr(step, 1.0, warmup_steps, total_steps)`.
+    """
+    scheduler = optim.lr_scheduler
+    if scheduler == "cosine":
+        return warmup_cosine_lr(step, 1.0, optim.warmup_steps, total_steps, optim.min_lr / optim.lr)
+    if scheduler == "const":
+        return const_lr(step, 1.0, optim.warmup_steps)
+    if scheduler == "const-cooldown":
+        cooldown = optim.lr_cooldown_steps
+        if cooldown is None or not 0 < cooldown <= total_steps - optim.warmup_steps:
+            raise ConfigError(
+                f"optim.lr_cooldown_steps={cooldown} must be between 1 and the {total_steps} training steps less "
+                f"optim.warmup_steps={optim.warmup_steps} (pass e.g. --optim.lr-cooldown-steps "
+                f"{max(1, (total_steps - optim.warmup_steps) // 10)})"
+            )
+        return const_cooldown_lr(step, 1.0, optim.warmup_steps, total_steps, cooldown, optim.lr_cooldown_power,
+                                 optim.lr_cooldown_end / optim.lr)
+    raise ValueError(f"optim.lr_scheduler={scheduler!r} is not one of: {', '.join(LR_SCHEDULERS)}")
 
 
 def cosine_ramp(t: float, t_max: float, start: float, end: float) -> float:
@@ -48,16 +104,18 @@ def temperature_lr_schedule(schedule: str | None, lr_temperature: float | None) 
 def param_group_lr(group: dict, step: int, optim: Any, total_steps: int, thresh_hit: bool) -> float:
     """The learning rate of one optimizer param group at `step` (a pure function of its arguments).
 
-    Encoder groups: `base_lr` times the warm-up + cosine factor. The temperature group (`group == "temperature"`,
-    logit_scale and logit_bias): `base_lr` constant (`const`, no warm-up, no decay) or times the same factor
-    (`same-as-lr`), see `temperature_lr_schedule`; divided by 3 when `thresh_hit` (step_thresh).
-    `optim` is the run's OptimConfig (warmup_steps, lr_temperature, lr_temperature_schedule).
+    Encoder groups: `base_lr` times optim.lr_scheduler's factor (`lr_factor`: warm-up, then cosine to min_lr,
+    const, or const with a cooldown). The temperature group (`group == "temperature"`, logit_scale and
+    logit_bias): `base_lr` constant (`const`, no warm-up, no decay) or times the same factor (`same-as-lr`), see
+    `temperature_lr_schedule`; divided by 3 when `thresh_hit` (step_thresh).
+    `optim` is the run's OptimConfig (warmup_steps, lr_scheduler and its keys, lr_temperature,
+    lr_temperature_schedule).
     """
     lr = float(group["base_lr"])
     if group.get("group") != "temperature":
-        return lr * warmup_cosine_lr(step, 1.0, optim.warmup_steps, total_steps)
+        return lr * lr_factor(step, optim, total_steps)
     if temperature_lr_schedule(optim.lr_temperature_schedule, optim.lr_temperature) == "same-as-lr":
-        lr *= warmup_cosine_lr(step, 1.0, optim.warmup_steps, total_steps)
+        lr *= lr_factor(step, optim, total_steps)
     return lr / STEP_THRESH_DIVISOR if thresh_hit else lr
 
 
