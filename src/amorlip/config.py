@@ -87,6 +87,8 @@ class DataConfig:
     """Stop with an error after this many batches in a row without one usable sample."""
     max_skip_fraction: float = 0.5
     """Stop with an error once more than this fraction of the samples read is unusable (1 = never)."""
+    val_path: str | None = None
+    """Validation image-caption pairs for retrieval R@1/5/10: a CSV like train_path's, or webdataset shards."""
 
 
 @dataclass
@@ -221,6 +223,8 @@ class EvalConfig:
     """Run the zero-shot classification tasks."""
     retrieval: bool = True
     """Run image-text retrieval on the held-out pairs."""
+    imagenet_root: str | None = None
+    """ImageNet-style folder (one sub-folder of images per class, e.g. n01440764/) for zero-shot classification."""
 
 
 CORE_SECTIONS: dict[str, type] = {
@@ -987,6 +991,17 @@ def validate(cfg: Config) -> None:
         from amorlip.logging_wandb import require_wandb
 
         require_wandb()
+
+    # validation data (data.val_path, eval.imagenet_root): exists, and is laid out as it should be
+    if cfg.data.val_path or cfg.eval.imagenet_root:
+        from amorlip.data.imagefolder import check_paths
+        from amorlip.data.types import DataError
+
+        try:
+            check_paths(cfg.data.val_path, cfg.eval.imagenet_root, cfg.data.csv_img_key, cfg.data.csv_caption_key,
+                        cfg.data.csv_separator)
+        except DataError as e:
+            raise ConfigError(str(e)) from None
 
     # optim.lr_scheduler and its keys (after the rest, so that lr is known to be valid)
     _check_lr_scheduler(cfg.optim, cfg.train.steps)

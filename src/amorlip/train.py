@@ -138,8 +138,10 @@ def _to_float(v: Any) -> float:
 
 def build_eval_sets(cfg: Config):
     from amorlip.data.loader import build_eval_data
+    from amorlip.data.samples import preserved_rng
 
-    return build_eval_data(cfg.data, cfg.train.seed)
+    with preserved_rng():  # built before the model: must not change its initialisation
+        return build_eval_data(cfg.data, cfg.train.seed, imagenet_root=cfg.eval.imagenet_root)
 
 
 def run_evaluation(model, tokenizer, transform, eval_sets, cfg: Config, device: torch.device) -> dict[str, float]:
@@ -205,6 +207,9 @@ def _train(cfg: Config, stream: Any | None, stop: StopRequest) -> RunResult:
     steps_per_epoch = stream.steps_per_epoch
     total_steps = cfg.train.steps if cfg.train.steps is not None else cfg.train.epochs * steps_per_epoch
     total_epochs = math.ceil(total_steps / steps_per_epoch)
+
+    # evaluation data too (the user's val_path / imagenet_root are read and checked here)
+    eval_sets = build_eval_sets(cfg) if is_main and (cfg.eval.zeroshot or cfg.eval.retrieval) else ([], None)
 
     # initial weights (model.pretrained) only for a new run: a resumed one takes them from its checkpoint
     fresh_run = _resume_path(cfg, Path(cfg.train.output_dir) / run_name(cfg)) is None
@@ -279,7 +284,6 @@ def _train(cfg: Config, stream: Any | None, stop: StopRequest) -> RunResult:
         if resume_path is not None:
             logger.truncate_after(step, drop_eval_at_step=step >= total_steps)
             print(f"resumed from {resume_path} at step {step}")
-    eval_sets = build_eval_sets(cfg) if is_main and (cfg.eval.zeroshot or cfg.eval.retrieval) else ([], None)
 
     def checkpoint_state() -> dict[str, Any]:
         # every process's RNG states and data counters (each rank continues with its own)

@@ -236,20 +236,40 @@ def synthetic_eval_data(cfg: Any, seed: int) -> tuple[list[ZeroShotTask], Retrie
             synthetic_retrieval_split(cfg.val_size, seed, render))
 
 
-def build_eval_data(cfg: Any, seed: int, source: str | None = None) -> tuple[list[ZeroShotTask], RetrievalSplit | None]:
-    """Zero-shot tasks and retrieval split matching `source` (default `cfg.source`).
+def build_eval_data(cfg: Any, seed: int, source: str | None = None,
+                    imagenet_root: str | None = None) -> tuple[list[ZeroShotTask], RetrievalSplit | None]:
+    """Zero-shot tasks and retrieval split for evaluation; every error is raised here, before any model.
 
-    synthetic: its 4 attribute tasks + held-out scenes; fashion-mnist: the test-split task + composed test
-    pairs; csv / wds: nothing (there is no natural held-out set; pass source="synthetic" to get those).
+    `source` None (what training and `amorlip eval RUN` use): the held-out sets of `cfg.source` (synthetic: its
+    4 attribute tasks + held-out scenes; fashion-mnist: the test-split task + composed test pairs; csv / wds:
+    none), with the user's validation data on top: `cfg.val_path` (a CSV or webdataset shards) replaces the
+    retrieval split (as split `val`) and `imagenet_root` (an ImageNet-style class folder, `eval.imagenet_root`)
+    adds a zero-shot task (see amorlip.data.imagefolder). An explicit `source` gives only that source's held-out
+    sets (csv / wds: none).
     """
+    explicit = source is not None
     source = source or cfg.source
+    tasks: list[ZeroShotTask] = []
+    split: RetrievalSplit | None = None
     if source == "synthetic":
-        return synthetic_eval_data(cfg, seed)
-    if source == "fashion-mnist":
+        tasks, split = synthetic_eval_data(cfg, seed)
+    elif source == "fashion-mnist":
         from amorlip.data.fashion_mnist import fashion_mnist_retrieval_split, fashion_mnist_zeroshot_task
 
-        return ([fashion_mnist_zeroshot_task(cfg.fmnist_root, cfg.eval_size)],
-                fashion_mnist_retrieval_split(cfg.fmnist_root, cfg.val_size, seed))
-    if source in ("csv", "wds"):
-        return [], None
-    raise DataError(f"unknown evaluation data {source!r}; choose synthetic or fashion-mnist")
+        tasks, split = ([fashion_mnist_zeroshot_task(cfg.fmnist_root, cfg.eval_size)],
+                        fashion_mnist_retrieval_split(cfg.fmnist_root, cfg.val_size, seed))
+    elif source not in ("csv", "wds"):
+        raise DataError(f"unknown evaluation data {source!r}; choose synthetic or fashion-mnist")
+    if explicit:
+        return tasks, split
+    from amorlip.data.imagefolder import imagenet_folder_task, val_pairs
+
+    val_path = getattr(cfg, "val_path", None)
+    if val_path:
+        split = val_pairs(val_path, cfg.csv_img_key, cfg.csv_caption_key, cfg.csv_separator)
+    if imagenet_root:
+        folder = imagenet_folder_task(imagenet_root)
+        if any(t.name == folder.name for t in tasks):
+            folder.name = f"folder-{folder.name}"
+        tasks = [*tasks, folder]
+    return tasks, split

@@ -14,8 +14,10 @@ from amorlip import checkpoint as ckpt
 from amorlip.config import Config, ConfigError, config_from_dict
 from amorlip.distributed import pick_device
 
-DATA_SOURCES = ("synthetic", "fashion-mnist", "csv", "wds")
-"""`--data` choices (csv / wds have no labelled held-out data: they evaluate on the embedded synthetic tasks)."""
+DATA_SOURCES = ("synthetic", "fashion-mnist")
+"""`--data` names: the built-in held-out sets. Anything else is a path: a CSV or webdataset shards (retrieval),
+or an ImageNet-style folder of class sub-folders (zero-shot). Without `--data`, a run is evaluated on what it
+was evaluated on in training: its source's held-out sets plus its data.val_path / eval.imagenet_root."""
 
 
 @dataclass
@@ -29,18 +31,24 @@ class LoadedModel:
     source: Path
 
 
-def load_for_eval(path: str, model_name: str | None, device: torch.device) -> LoadedModel:
+def read_checkpoint(path: str) -> tuple[Path, dict[str, Any], Config | None]:
+    """(checkpoint file, its contents on the CPU, its run config or None for an export) of `path`."""
+    source = ckpt.resolve_checkpoint(path)
+    state = ckpt.load_checkpoint(source, map_location="cpu")
+    return source, state, config_from_dict(state["config"]) if "config" in state else None
+
+
+def load_for_eval(path: str, model_name: str | None, device: torch.device,
+                  preloaded: tuple[Path, dict[str, Any], Config | None] | None = None) -> LoadedModel:
     """Build the model of a run folder / training checkpoint / exported checkpoint and load its weights.
 
     A checkpoint saved in a low-resolution RECLIP phase is evaluated at the model's native resolution
-    (positional embeddings interpolated), like its export.
+    (positional embeddings interpolated), like its export. `preloaded`: `read_checkpoint(path)`'s result.
     """
     from amorlip.models import create_model, model_config
     from amorlip.reclip import state_dict_at_image_size
 
-    source = ckpt.resolve_checkpoint(path)
-    state = ckpt.load_checkpoint(source, map_location="cpu")
-    config = config_from_dict(state["config"]) if "config" in state else None
+    source, state, config = preloaded or read_checkpoint(path)
     weights = state.get("model") or state.get("state_dict")
     if weights is None:
         raise ConfigError(f"{source} holds no model weights (expected an amorlip or open_clip checkpoint)")
@@ -57,16 +65,48 @@ def load_for_eval(path: str, model_name: str | None, device: torch.device) -> Lo
     return LoadedModel(model, train_tf, eval_tf, tokenizer, config, state, source)
 
 
-def _eval_data(loaded: LoadedModel, data_source: str | None, seed: int):
+def _is_class_folder(path: Path) -> bool:
+    """A folder without .tar shards: read as an ImageNet-style folder (class sub-folders)."""
+    return path.is_dir() and not any(path.glob("*.tar"))
+
+
+def eval_data(config: Config | None, data: str | None, seed: int, source: Path | None = None,
+              other_work: bool = False):
+    """(zero-shot tasks, retrieval split) for `amorlip eval` (see DATA_SOURCES); read and checked before any model.
+
+    A csv / wds run without validation data is an error unless `other_work` (--datacomp / --normalizers): then
+    there is nothing else to evaluate (a note says so)."""
     from amorlip.config import DataConfig
     from amorlip.data.loader import build_eval_data
+    from amorlip.data.types import DataError
 
-    data_cfg = loaded.config.data if loaded.config else DataConfig()
-    if data_source:
-        data_cfg = DataConfig(**{**data_cfg.__dict__, "source": data_source})
-    if data_cfg.source in ("csv", "wds"):  # no labelled held-out data there: use the embedded tasks
-        data_cfg = DataConfig(**{**data_cfg.__dict__, "source": "synthetic"})
-    return build_eval_data(data_cfg, seed)
+    data_cfg = config.data if config else DataConfig()
+    if data in DATA_SOURCES:
+        return build_eval_data(data_cfg, seed, source=data)
+    if data is not None:
+        from amorlip.data.imagefolder import imagenet_folder_task, val_pairs
+
+        try:
+            if _is_class_folder(Path(data).expanduser()):
+                return [imagenet_folder_task(data, key="--data")], None
+            return [], val_pairs(data, data_cfg.csv_img_key, data_cfg.csv_caption_key, data_cfg.csv_separator)
+        except DataError as e:
+            raise DataError(str(e).replace("--data.val-path", "--data").replace("data.val_path", "--data")) from None
+    if config is None:
+        print(f"note: {source} is an export without a run config: evaluating on the embedded synthetic data "
+              "(pass --data PATH for your own: a CSV, webdataset shards or an ImageNet-style folder)")
+        return build_eval_data(data_cfg, seed, source="synthetic")
+    if data_cfg.source in ("csv", "wds") and not data_cfg.val_path and not config.eval.imagenet_root:
+        if other_work:
+            print(f"note: {source} was trained on data.source={data_cfg.source} without validation data "
+                  "(data.val_path, eval.imagenet_root): no zero-shot or retrieval metrics (pass --data PATH for them)")
+            return [], None
+        raise ConfigError(
+            f"{source} was trained on data.source={data_cfg.source} without validation data (data.val_path and "
+            "eval.imagenet_root are unset), so there is nothing of its own to evaluate on (pass --data PATH: a CSV "
+            "or webdataset shards of image-caption pairs, or an ImageNet-style folder; or --data synthetic)"
+        )
+    return build_eval_data(data_cfg, seed, imagenet_root=config.eval.imagenet_root)
 
 
 def run_normalizer_diagnostics(loaded: LoadedModel, device: torch.device, batch_size: int) -> dict[str, Any]:
@@ -135,7 +175,13 @@ def _check_args(args: argparse.Namespace, extra: list[str]) -> None:
                 "only when there is one)"
             )
     if args.data is not None and args.data not in DATA_SOURCES:
-        raise ConfigError(f"--data {args.data!r} is not one of: {', '.join(DATA_SOURCES)} (pass e.g. --data synthetic)")
+        from amorlip.data.imagefolder import val_format
+
+        if val_format(args.data) == "csv" and not Path(args.data).expanduser().exists():
+            raise ConfigError(
+                f"--data {args.data!r} is neither {' nor '.join(DATA_SOURCES)} nor an existing path (pass a CSV file, "
+                "webdataset shards or an ImageNet-style folder, or e.g. --data synthetic)"
+            )
     if args.model is not None:
         from amorlip.models import model_names
 
@@ -175,7 +221,16 @@ def run_eval(args: argparse.Namespace, extra: list[str]) -> int:
 
     _check_args(args, extra)
     device = pick_device(args.device)
-    loaded = load_for_eval(args.checkpoint, args.model, device)
+    preloaded = read_checkpoint(args.checkpoint)
+    config = preloaded[2]
+    tasks, retrieval = eval_data(config, args.data, config.train.seed if config else 0, preloaded[0],
+                                 other_work=bool(args.datacomp or args.normalizers))
+    described = [f"zero-shot {t.name} ({len(t.dataset)} images, {len(t.classnames)} classes)" for t in tasks]
+    if retrieval is not None:
+        described.append(f"retrieval {retrieval.name} ({len(retrieval.dataset)} pairs)")
+    if described:
+        print("evaluating on: " + "; ".join(described))
+    loaded = load_for_eval(args.checkpoint, args.model, device, preloaded)
     if args.normalizers and loaded.config is None:
         raise ConfigError(f"--normalizers needs a training checkpoint or run folder; {loaded.source} is an export "
                           "(pass the run folder it came from)")
@@ -183,8 +238,6 @@ def run_eval(args: argparse.Namespace, extra: list[str]) -> int:
         loaded.source.parent.parent / "eval.json" if loaded.config else loaded.source.with_suffix(".eval.json"))
     if not args.out:
         _check_writable(out, "--out")
-    seed = loaded.config.train.seed if loaded.config else 0
-    tasks, retrieval = _eval_data(loaded, args.data, seed)
     results: dict[str, Any] = {"checkpoint": str(loaded.source), "step": loaded.state.get("step")}
     results["metrics"] = evaluate_model(loaded.model, loaded.tokenizer, loaded.eval_transform, tasks, retrieval,
                                         device, args.batch_size, progress=True)

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from open_clip import build_zero_shot_classifier
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
 
 from amorlip.data.types import ZeroShotTask
@@ -35,10 +35,26 @@ class TransformedDataset(Dataset):
         return self.transform(image), y
 
 
+class TransformedIterable(IterableDataset):
+    """An iterable of `(PIL image, y)` (read in order, e.g. webdataset validation shards) as `(transform(image), y)`."""
+
+    def __init__(self, dataset: IterableDataset, transform: Callable) -> None:
+        self.dataset = dataset
+        self.transform = transform
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, Any]]:
+        for image, y in self.dataset:
+            yield self.transform(image), y
+
+
 def eval_loader(dataset: Dataset, transform: Callable, batch_size: int, num_workers: int = 0) -> DataLoader:
-    """An ordered loader over `(transform(image), y)`; labels collate to a tensor, captions to a list."""
+    """An ordered loader over `(transform(image), y)`; labels collate to a tensor, captions to a list.
+
+    An IterableDataset is read in order in this process (workers would each repeat it)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(dataset, IterableDataset):
+        return DataLoader(TransformedIterable(dataset, transform), batch_size=batch_size, num_workers=0)
     return DataLoader(TransformedDataset(dataset, transform), batch_size=batch_size, shuffle=False,
                       num_workers=num_workers, drop_last=False)
 
