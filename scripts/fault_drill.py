@@ -36,7 +36,7 @@ MICRO = ["--model.name", "micro-vit", "--data.synthetic-size", "256", "--train.b
          "--optim.warmup-steps", "2", "--train.threads", "1", "--eval.zeroshot", "false", "--eval.retrieval", "false",
          "--train.log-every", "1"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-LIMIT_S = 300
+LIMIT_S = 900  # per run; generous, a loaded machine is slow
 
 
 def cmd(out: Path, *args: str) -> list[str]:
@@ -109,8 +109,10 @@ def drill_kill9(out: Path, objective: str, steps: int, rng: random.Random, t: Ta
     r2 = run(out, *args, "--train.name", f"{objective}-straight")
     ok = reached and r1.returncode == 0 and r2.returncode == 0 and same_weights(out / f"{objective}-cut",
                                                                                out / f"{objective}-straight")
-    t.add(f"kill -9 at step {at}, {objective}", "resume bit-identical",
-          f"resumed from step {resumed_from}: {'identical' if ok else 'DIFFERENT or failed'}", ok)
+    verdict = "identical" if ok else (f"FAILED (resume exit {r1.returncode}, reference exit {r2.returncode}: "
+                                      f"{error_line(r1 if r1.returncode else r2)[:60]})"
+                                      if r1.returncode or r2.returncode else "DIFFERENT")
+    t.add(f"kill -9 at step {at}, {objective}", "resume bit-identical", f"resumed from step {resumed_from}: {verdict}", ok)
 
 
 def drill_kill_during_write(out: Path, t: Table, tries: int = 5) -> None:
