@@ -73,8 +73,14 @@ class NeuCLIPConfig:
     """eps in log(eps + g) (Eq. N1). 1/(B-1) turns the loss into InfoNCE at batch size B."""
     temperature_term: bool = True
     """Add FastCLIP-v3's temperature term (mean alpha) / s (use with temperature.scheme rescaled)."""
+    tile_size: int | None = None
+    """Rows per tile of the tiled exact SogCLR surrogate (objectives/tiled.py; the prototype term is B x m and
+    stays dense): null = auto (dense up to 2048 x 2048, then ~2M-entry strips), 0 = never tiled."""
 
     def validate(self) -> None:
+        from amorlip.objectives import tiled
+
+        tiled.validate_tile_size("neuclip.tile_size", self.tile_size)
         if self.num_prototypes < 1:
             raise ValueError(f"num_prototypes={self.num_prototypes} must be at least 1")
         if self.inner_steps < 0:
@@ -195,7 +201,7 @@ class NeuCLIPObjective(Objective):
     # -- the step --------------------------------------------------------------------------------------
     def forward(self, image_features, text_features, scale, bias, indices, *, step, epoch) -> ObjectiveOutput:
         with no_autocast(image_features.device):
-            batch = GlobalBatch.build(image_features, text_features)
+            batch = GlobalBatch.build(image_features, text_features, self.cfg.tile_size)
             s = scale.to(batch.x.dtype)
             products = batch.products()
             # log(eps + g) of the local anchors on this batch: the targets of Eq. N1's inner minimisation.

@@ -55,6 +55,7 @@ from typing import Any, Literal
 import torch
 
 from amorlip import distributed
+from amorlip.objectives import tiled
 from amorlip.objectives.base import Objective, ObjectiveContext, ObjectiveOutput
 from amorlip.schedules import cosine_ramp
 
@@ -75,8 +76,12 @@ class SogCLRConfig:
     """Keep the u buffers in CPU memory. None: only when the dataset has more than 1M samples."""
     eps: float = 0.0
     """Objective log(eps + g), weights 1/(u + eps). 0: none (SogCLR's own code divides by u alone)."""
+    tile_size: int | None = None
+    """Rows per tile of the tiled exact loss (objectives/tiled.py; never holds the B x N products): null = auto
+    (dense up to 2048 x 2048, then ~2M-entry strips), 0 = never tiled, a value >= the local batch = dense."""
 
     def validate(self) -> None:
+        tiled.validate_tile_size("sogclr.tile_size", self.tile_size)
         if not 0.0 < self.gamma <= 1.0:
             raise ValueError(f"gamma={self.gamma} must be in (0, 1] (the moving-average rate of u)")
         if self.temperature is not None and not self.temperature > 0:
@@ -110,8 +115,12 @@ class FastCLIPConfig:
     """Gradient of the learnt s (versions 0, 3). release: as the released code, s attached in the row and
     the column block (each pair's term counted twice in d/ds) and log u without eps in the v3 term, the setting
     its rho values were tuned with. exact: the gradient of RGCL-g (v3: tau GCL_eps + rho tau) with g -> u."""
+    tile_size: int | None = None
+    """Rows per tile of the tiled exact loss (objectives/tiled.py; never holds the B x N products): null = auto
+    (dense up to 2048 x 2048, then ~2M-entry strips), 0 = never tiled, a value >= the local batch = dense."""
 
     def validate(self) -> None:
+        tiled.validate_tile_size("fastclip.tile_size", self.tile_size)
         if self.version == 2:
             raise ValueError(
                 "fastclip.version=2 (per-sample temperatures, iSogCLR's RGCL) is not implemented; "
@@ -190,6 +199,8 @@ class GlobalBatch:
     all_y: torch.Tensor
     local_ids: torch.Tensor
     all_ids: torch.Tensor
+    tile: int = 0
+    """Rows per strip of the tiled path (objectives/tiled.py); 0: the dense B x N products."""
 
     @property
     def local_size(self) -> int:
@@ -205,27 +216,40 @@ class GlobalBatch:
         return self.all_x.shape[0]
 
     @classmethod
-    def build(cls, image_features: torch.Tensor, text_features: torch.Tensor) -> "GlobalBatch":
+    def build(cls, image_features: torch.Tensor, text_features: torch.Tensor,
+              tile_size: int | None = 0) -> "GlobalBatch":
+        """`tile_size`: the objective's key (tiled.resolve_tile: None auto, 0 dense, t rows)."""
         dtype = compute_dtype(image_features)
         x, y = image_features.to(dtype), text_features.to(dtype)
         all_x, all_y = gather_features(x, y)
         b, device = x.shape[0], x.device
         local_ids = torch.arange(b, device=device) + b * distributed.rank()
-        return cls(x, y, all_x, all_y, local_ids, torch.arange(all_x.shape[0], device=device))
+        return cls(x, y, all_x, all_y, local_ids, torch.arange(all_x.shape[0], device=device),
+                   tiled.resolve_tile(tile_size, b, all_x.shape[0]))
 
-    def products(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def products(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """`x @ all_y^T` and `y @ all_x^T` (B x N): the only two matmuls. Each serves two roles: along its rows
         the local anchors against every candidate, along its columns every (detached) anchor against the
-        local candidates; in both the gradient reaches the local features through it."""
+        local candidates; in both the gradient reaches the local features through it. None when tiled (the
+        strips are made, and remade in the backward pass, by objectives/tiled.py)."""
+        if self.tile:
+            return None
         return self.x @ self.all_y.T, self.y @ self.all_x.T
 
     @torch.no_grad()
-    def anchor_log_g(self, scale: torch.Tensor, products: tuple[torch.Tensor, torch.Tensor]
+    def anchor_log_g(self, scale: torch.Tensor, products: tuple[torch.Tensor, torch.Tensor] | None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """log g of the local anchors on this batch (detached): image anchors over s (x_i.y_j - x_i.y_i),
         text anchors over s (y_j.x_i - y_j.x_j), own positives excluded."""
-        xy, yx = products
         pos = (self.x * self.y).sum(dim=1)
+        if products is None:  # tiled: logsumexp_{j != own} s a_i.c_j - s a_i.p_i, the own pair weighted 0
+            n = self.size
+            return tuple(  # type: ignore[return-value]
+                tiled.log_sum_exps(a, c, scale, tile=self.tile, pos_index=self.local_ids, pos_coef=0.0,
+                                   cols=False)[0] - scale * pos - math.log(n - 1)
+                for a, c in ((self.x, self.all_y), (self.y, self.all_x))
+            )
+        xy, yx = products
         return tuple(  # type: ignore[return-value]
             log_mean_exp_negatives(negative_logits(sim, pos, scale, self.own)) for sim in (xy, yx)
         )
@@ -248,10 +272,18 @@ class GlobalBatch:
         and for all anchors of the global batch. Scaled by 1/(2 B (N-1)) so that the ranks' gradients,
         averaged by DDP, are the 1-process gradient of the concatenated batch.
         """
-        xy, yx = products
         pos_local = (self.x * self.y).sum(dim=1)
         pos_all = (self.all_x * self.all_y).sum(dim=1)
         s_detached = scale if column_scale_grad else scale.detach()
+        if products is None:  # tiled: each product's row and column terms in one pass over its strips
+            total = (
+                tiled.exp_weight_sum(self.x, self.all_y, pos_local, pos_all, scale, s_detached, log_den_local[0],
+                                     log_den_all[1], self.local_ids, tile=self.tile)
+                + tiled.exp_weight_sum(self.y, self.all_x, pos_local, pos_all, scale, s_detached, log_den_local[1],
+                                       log_den_all[0], self.local_ids, tile=self.tile)
+            )
+            return total / (2 * self.local_size * (self.size - 1))
+        xy, yx = products
         terms = (  # (similarities, positives, s, log denominators, anchors along rows (0) or columns (1))
             (xy, pos_local, scale, log_den_local[0], 0),  # image anchors x_i vs texts
             (yx, pos_local, scale, log_den_local[1], 0),  # text anchors y_j vs images
@@ -391,7 +423,7 @@ class SogCLRObjective(Objective):
 
     def forward(self, image_features, text_features, scale, bias, indices, *, step, epoch) -> ObjectiveOutput:
         with no_autocast(image_features.device):
-            batch = GlobalBatch.build(image_features, text_features)
+            batch = GlobalBatch.build(image_features, text_features, self.cfg.tile_size)
             s = self.effective_scale(scale).to(batch.x.dtype)
             products = batch.products()
             log_g_img, log_g_txt = batch.anchor_log_g(s, products)

@@ -208,6 +208,84 @@ class TiledSoftplusSum(torch.autograd.Function):
                 db.reshape(bias.shape) if need_b and bias is not None else None, None)
 
 
+class TiledExpWeightSum(torch.autograd.Function):
+    """SogCLR's weighted negatives over one product `M = R C^T` (R: this rank's anchors, C: all candidates,
+    detached), in strips of `tile` rows, the pairs `(i, own[i])` left out:
+
+        sum_ij exp(s_r (M_ij - p_r[i]) - d_r[i]) + exp(s_c (M_ij - p_c[j]) - d_c[j])
+
+    (the row term: local anchors against every candidate; the column term: every anchor against the local
+    candidates). Gradients: R, C (if needed), p_r, p_c, s_r, s_c; d gets none (detached denominators).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, r: torch.Tensor, c: torch.Tensor, p_r: torch.Tensor, p_c: torch.Tensor, s_r: torch.Tensor,
+                s_c: torch.Tensor, d_r: torch.Tensor, d_c: torch.Tensor, own: torch.Tensor, tile: int):
+        total = torch.zeros((), dtype=r.dtype, device=r.device)
+        with torch.no_grad():
+            for r0 in range(0, r.shape[0], tile):
+                r1 = min(r.shape[0], r0 + tile)
+                w1, w2 = TiledExpWeightSum._weights(r, c, p_r, p_c, s_r, s_c, d_r, d_c, own, r0, r1)
+                total += w1.sum() + w2.sum()
+                del w1, w2
+        ctx.save_for_backward(r, c, p_r, p_c, s_r, s_c, d_r, d_c, own)
+        ctx.tile = tile
+        return total
+
+    @staticmethod
+    def _weights(r, c, p_r, p_c, s_r, s_c, d_r, d_c, own, r0, r1):
+        m = torch.mm(r[r0:r1], c.T)
+        rows = torch.arange(r1 - r0, device=m.device)
+        w2 = torch.sub(m, p_c[None, :]).mul_(s_c).sub_(d_c[None, :]).exp_()
+        w1 = m.sub_(p_r[r0:r1, None]).mul_(s_r).sub_(d_r[r0:r1, None]).exp_()  # in place: m is not needed again
+        w1[rows, own[r0:r1]] = 0.0
+        w2[rows, own[r0:r1]] = 0.0
+        return w1, w2
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor):
+        r, c, p_r, p_c, s_r, s_c, d_r, d_c, own = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dr = torch.zeros_like(r) if need[0] else None
+        dc = torch.zeros_like(c) if need[1] else None
+        dp_r = torch.zeros_like(p_r) if need[2] else None
+        dp_c = torch.zeros_like(p_c) if need[3] else None
+        ds_r = torch.zeros((), dtype=r.dtype, device=r.device)
+        ds_c = torch.zeros((), dtype=r.dtype, device=r.device)
+        for r0 in range(0, r.shape[0], ctx.tile):
+            r1 = min(r.shape[0], r0 + ctx.tile)
+            w1, w2 = TiledExpWeightSum._weights(r, c, p_r, p_c, s_r, s_c, d_r, d_c, own, r0, r1)
+            w1.mul_(grad)
+            w2.mul_(grad)
+            row1, col2 = w1.sum(dim=1), w2.sum(dim=0)
+            # d/ds_r sum w1 (M - p_r) = sum_i r_i.(w1 C)_i - sum_i row1_i p_r[i]; likewise for the column term
+            w1c, w2c = torch.mm(w1, c), torch.mm(w2, c)
+            if need[4]:
+                ds_r += (r[r0:r1] * w1c).sum() - (row1 * p_r[r0:r1]).sum()
+            if need[5]:
+                ds_c += (r[r0:r1] * w2c).sum() - (col2 * p_c).sum()
+            if need[0]:
+                dr[r0:r1] = w1c.mul_(s_r).add_(w2c.mul_(s_c))
+            if need[1]:
+                dc.add_(torch.mm(w1.T, r[r0:r1]).mul_(s_r)).add_(torch.mm(w2.T, r[r0:r1]).mul_(s_c))
+            if need[2]:
+                dp_r[r0:r1] = -s_r * row1
+            if need[3]:
+                dp_c.sub_(s_c * col2)
+            del w1, w2, w1c, w2c
+        return (dr, dc, dp_r, dp_c, ds_r.reshape(s_r.shape) if need[4] else None,
+                ds_c.reshape(s_c.shape) if need[5] else None, None, None, None, None)
+
+
+def exp_weight_sum(r: torch.Tensor, c: torch.Tensor, p_r: torch.Tensor, p_c: torch.Tensor, s_r: torch.Tensor,
+                   s_c: torch.Tensor, d_r: torch.Tensor, d_c: torch.Tensor, own: torch.Tensor, *, tile: int) -> torch.Tensor:
+    """`TiledExpWeightSum` (own[i]: the column of row i's own positive, left out of both terms)."""
+    if tile < 1:
+        raise ValueError(f"tile must be >= 1 rows (got {tile})")
+    return TiledExpWeightSum.apply(r, c, p_r, p_c, s_r, s_c, d_r.detach(), d_c.detach(), own, int(tile))
+
+
 def _prepare(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
     dt = _compute_dtype(x, y, scale, bias)
     return x.to(dt), y.to(dt), scale.to(dt), None if bias is None else bias.to(dt)
@@ -241,5 +319,5 @@ def softplus_sum(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: to
 
 __all__ = [
     "AUTO_DENSE_ENTRIES", "AUTO_MIN_ROWS", "AUTO_TILE_ENTRIES", "TILE_SIZE_HELP", "TiledLogSumExp",
-    "TiledSoftplusSum", "log_sum_exps", "resolve_tile", "softplus_sum", "validate_tile_size",
+    "TiledExpWeightSum", "TiledSoftplusSum", "exp_weight_sum", "log_sum_exps", "resolve_tile", "softplus_sum", "validate_tile_size",
 ]
