@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datacomp-tasks", help="comma-separated subset of DataComp tasks")
     p.add_argument("--normalizers", action="store_true", help="normalizer diagnostics on the held-out split")
     p.add_argument("--data", "--data.source", dest="data", default=None,
-                   help="evaluation data: synthetic | fashion-mnist (default: the run's training source)")
+                   help="evaluation data: synthetic, fashion-mnist, or a CSV / shards / class folder path (default: what the run evaluated on: its data.val_path, eval.imagenet_root or its source's held-out split)")
     p.add_argument("--out", help="write results JSON here (default: RUN/eval.json)")
     p.add_argument("--batch-size", "--eval.batch-size", "--eval.batch_size", dest="batch_size", type=int, default=256,
                    help="evaluation batch size (eval.batch_size; default: 256)")

@@ -19,7 +19,7 @@ NEUTRAL_KEYS = frozenset({
     "train.log_every", "train.tensorboard", "train.checkpoint_every", "train.checkpoint_minutes",
     "train.keep_checkpoints", "train.eval_every", "train.stop_at", "train.threads", "train.device",
     "train.tf32", "train.cudnn_benchmark", "model.compile",
-    "data.val_size", "data.eval_size", "data.max_skip_fraction", "data.max_empty_batches",
+    "data.val_size", "data.eval_size", "data.val_path", "data.max_skip_fraction", "data.max_empty_batches",
     "train.wandb", "train.wandb_project", "train.wandb_name", "train.wandb_tags", "train.save_final",
     "train.export_final",
     # memory knobs: the same math (up to the order of floating-point sums)
