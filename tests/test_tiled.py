@@ -197,3 +197,20 @@ def test_two_processes_tiled_equals_dense(name, kw):
                 assert a is None and b is None
                 continue
             torch.testing.assert_close(a, b, **TOL)
+
+
+def test_neuclip_prototype_term_tiled_equals_dense():
+    from amorlip.objectives.neuclip import prototype_log_normalizer
+
+    x, y = features(37, seed=2)
+    w = torch.randn(53, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    s = torch.tensor(12.0, dtype=torch.float64)
+    outs = []
+    for tile_size in (0, 8):
+        leaves = [t.clone().requires_grad_() for t in (x, y, w, s)]
+        pos = (leaves[0] * leaves[1]).sum(1)
+        a = prototype_log_normalizer(leaves[0], leaves[2], pos, leaves[3], 1e-14, tile_size)
+        outs.append((a.detach(), torch.autograd.grad((a * torch.linspace(-1, 2, 37, dtype=torch.float64)).sum(), leaves)))
+    torch.testing.assert_close(outs[1][0], outs[0][0], **TOL)
+    for u, v in zip(outs[1][1], outs[0][1]):
+        torch.testing.assert_close(u, v, **TOL)

@@ -74,8 +74,9 @@ class NeuCLIPConfig:
     temperature_term: bool = True
     """Add FastCLIP-v3's temperature term (mean alpha) / s (use with temperature.scheme rescaled)."""
     tile_size: int | None = None
-    """Rows per tile of the tiled exact SogCLR surrogate (objectives/tiled.py; the prototype term is B x m and
-    stays dense): null = auto (dense up to 2048 x 2048, then ~2M-entry strips), 0 = never tiled."""
+    """Rows per tile of the tiled exact losses (objectives/tiled.py: the SogCLR surrogate's B x N products and
+    the B x m prototype log-sum-exps): null = auto (dense up to 2048 x 2048 entries, then ~2M-entry strips),
+    0 = never tiled, a value >= the rows = dense."""
 
     def validate(self) -> None:
         from amorlip.objectives import tiled
@@ -94,11 +95,21 @@ class NeuCLIPConfig:
 
 
 def prototype_log_normalizer(
-    anchors: torch.Tensor, prototypes: torch.Tensor, positive_sim: torch.Tensor, scale: torch.Tensor, eps: float
+    anchors: torch.Tensor, prototypes: torch.Tensor, positive_sim: torch.Tensor, scale: torch.Tensor, eps: float,
+    tile_size: int | None = 0,
 ) -> torch.Tensor:
-    """Eq. N2: alpha_i = log(eps + 1/m sum_k exp(s (cos(a_i, W_k) - a_i.p_i))), computed in log space."""
+    """Eq. N2: alpha_i = log(eps + 1/m sum_k exp(s (cos(a_i, W_k) - a_i.p_i))), computed in log space.
+    `tile_size` (the objective's key; 0 dense): the B x m log-sum-exp in row strips (objectives/tiled.py)."""
+    from amorlip.objectives import tiled
+
+    m = prototypes.shape[0]
+    tile = tiled.resolve_tile(tile_size, anchors.shape[0], m)
+    if tile:
+        lse = tiled.log_sum_exps(anchors, F.normalize(prototypes, dim=1), scale, tile=tile, cols=False)[0]
+        log_mean = lse - scale * positive_sim - math.log(m)
+        return torch.logaddexp(log_mean, torch.full_like(log_mean, math.log(eps)))
     cos = anchors @ F.normalize(prototypes, dim=1).T
-    log_mean = torch.logsumexp(scale * (cos - positive_sim[:, None]), dim=1) - math.log(prototypes.shape[0])
+    log_mean = torch.logsumexp(scale * (cos - positive_sim[:, None]), dim=1) - math.log(m)
     return torch.logaddexp(log_mean, torch.full_like(log_mean, math.log(eps)))
 
 
@@ -157,8 +168,9 @@ class NeuCLIPObjective(Objective):
     def alphas(self, anchors_img: Tensor, anchors_txt: Tensor, positive_sim: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
         """alpha for image anchors (against the text-side prototypes) and text anchors (image-side)."""
         v, dtype, eps = self.num_valid, anchors_img.dtype, self.cfg.eps
-        a_img = prototype_log_normalizer(anchors_img, self.text_prototypes[:v].to(dtype), positive_sim, scale, eps)
-        a_txt = prototype_log_normalizer(anchors_txt, self.image_prototypes[:v].to(dtype), positive_sim, scale, eps)
+        ts = self.cfg.tile_size
+        a_img = prototype_log_normalizer(anchors_img, self.text_prototypes[:v].to(dtype), positive_sim, scale, eps, ts)
+        a_txt = prototype_log_normalizer(anchors_txt, self.image_prototypes[:v].to(dtype), positive_sim, scale, eps, ts)
         return a_img, a_txt
 
     def prototype_objective(
@@ -169,8 +181,8 @@ class NeuCLIPObjective(Objective):
 
         Returns J and the alphas (image anchors, text anchors)."""
         pos = (x * y).sum(dim=1)
-        a_img = prototype_log_normalizer(x, text_protos, pos, scale, self.cfg.eps)
-        a_txt = prototype_log_normalizer(y, image_protos, pos, scale, self.cfg.eps)
+        a_img = prototype_log_normalizer(x, text_protos, pos, scale, self.cfg.eps, self.cfg.tile_size)
+        a_txt = prototype_log_normalizer(y, image_protos, pos, scale, self.cfg.eps, self.cfg.tile_size)
         j = 0.5 * (conjugate_value(log_target_img, a_img).mean() + conjugate_value(log_target_txt, a_txt).mean())
         return j, a_img, a_txt
 
