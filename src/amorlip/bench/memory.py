@@ -6,7 +6,7 @@ full training steps with cached-feature accumulation (train.accum_steps K) at a 
   transient peak (CUDA max_memory_allocated; CPU: the profiler's tensor peak, `bench.common.cpu_tensor_peak`)
   as a multiple of one B x B fp32 matrix, on a step that runs AmorLIP's Stage I and on one that does not
   (the larger is kept). Time: the tiled/dense ratio of paired, interleaved repeats (median and IQR).
-  Objectives without a tiled path (SogCLR, FastCLIP, NeuCLIP) get a dense row only.
+  An objective without a tiled path (none at present) gets a dense row only.
 * step (part b): the unchanged training loop (bench overhead's interleaved processes) for each K of
   `--accum`, same model and global batch: step time ratio to K = 1 (= time per sample, the batch is fixed),
   paired per block, and the step's peak memory (CUDA: max allocated; CPU: the profiler's tensor peak in a
@@ -43,7 +43,8 @@ from amorlip.bench.common import (
 )
 from amorlip.config import ConfigError
 
-TILE_KEYS = {"clip": "clip.tile_size", "siglip": "siglip.tile_size", "amorlip": "amor.tile_size"}
+TILE_KEYS = {"clip": "clip.tile_size", "siglip": "siglip.tile_size", "amorlip": "amor.tile_size",
+             "sogclr": "sogclr.tile_size", "fastclip": "fastclip.tile_size", "neuclip": "neuclip.tile_size"}
 """The tiled objectives and their tile-size key."""
 
 
