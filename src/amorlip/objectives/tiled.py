@@ -6,7 +6,10 @@ columns: the candidates, possibly gathered from all ranks) to per-row or per-col
 * CLIP and AmorLIP: the row and column log-sum-exps `logsumexp_j (L_ij + w_ij)` and `logsumexp_i (L_ij + w_ij)`,
   `w_ij = log pos_coef` at each row's positive and 0 elsewhere (`TiledLogSumExp`);
 * SigLIP: the pairwise sum `sum_ij softplus(L_ij)` (its positive pairs are corrected with O(B d) work,
-  `softplus(-a) = softplus(a) - a`) (`TiledSoftplusSum`).
+  `softplus(-a) = softplus(a) - a`) (`TiledSoftplusSum`);
+* SogCLR / FastCLIP / NeuCLIP: the anchors' log g (row log-sum-exps, the own pair weighted 0), the surrogate's
+  row and column sums of weighted exponentials of one product (`TiledExpWeightSum`), and NeuCLIP's B x m
+  prototype log-sum-exps.
 
 The forward pass walks strips of `tile` rows: each strip `L[r0:r1, :]` (tile x N) gives its rows' log-sum-exps at
 once, and the columns' log-sum-exps are accumulated online (running max and rescaled sum, as flash attention
