@@ -61,17 +61,17 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 def test_diverged_loss_is_a_clear_error_before_the_update(tmp_path, capsys, monkeypatch):
     """A non-finite loss stops the run with exit 1 and advice, and no optimizer step is taken with it."""
-    import amorlip.train as train_mod
+    import amorlip.step as step_mod
 
     updates = []
     real_step = torch.optim.AdamW.step
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (updates.append(1), real_step(self, *a, **k))[1])
-    real_scheme = train_mod.apply_temperature_scheme
+    real_scheme = step_mod.apply_temperature_scheme
 
     def poisoned(loss, *args):  # the loss of the fourth step (step index 3) is NaN
         return real_scheme(loss, *args) * (float("nan") if len(updates) == 3 else 1.0)
 
-    monkeypatch.setattr(train_mod, "apply_temperature_scheme", poisoned)
+    monkeypatch.setattr(step_mod, "apply_temperature_scheme", poisoned)
     assert run_cli(tmp_path, "--train.steps", "6", "--train.name", "nan", "--eval.zeroshot", "false",
                    "--eval.retrieval", "false") == 1
     err = capsys.readouterr().err

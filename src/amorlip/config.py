@@ -470,6 +470,11 @@ def _value_error(key: str, value: Any, typ: Any) -> ConfigError:
             f"{key}={value!r} is not one of: {', '.join(map(str, choices))} "
             f"(pass {flag_of(key)} {choices[0]}, or another of them)"
         )
+    if isinstance(value, str):  # show what was typed as YAML reads it: `16`, not `'16'`
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            pass
     return ConfigError(f"{key}: cannot read {value!r} as {_type_name(typ)} (see `amorlip train --help`)")
 
 
@@ -644,9 +649,7 @@ def load_yaml(name_or_path: str) -> dict[str, Any]:
             derived = {k: None for k, other in (("steps", "epochs"), ("epochs", "steps"))
                        if train.get(other) is not None and k not in train}
             merged["train"] = {**merged["train"], **derived}
-        for section, values in data.items():
-            if section == "base":
-                continue
+        for section, values in data.items():  # `base` too: the top file's names the preset it extends
             if isinstance(values, dict) and isinstance(merged.get(section), dict):
                 merged[section] = {**merged[section], **values}
             else:
@@ -739,8 +742,9 @@ def _unknown_option_error(message: str, key_types: dict[str, Any], own: list[str
         if not close:
             matches = difflib.get_close_matches(name.replace("_", "-"), list(known), n=1, cutoff=0.6)
             close = [known[c] for c in matches]
-        parts.append(f"{name}" + (f" (did you mean {close[0]}?)" if close else ""))
-    return ConfigError(f"unknown option {', '.join(parts)} (see --help for the keys)")
+        key = name.lstrip("-").replace("-", "_")
+        parts.append(f"option {name}" + (f": unknown key {key}" if "." in key else "") + (f" (did you mean {close[0]}?)" if close else ""))
+    return ConfigError(f"unknown {', '.join(parts)} (see --help for the keys)")
 
 
 def parse_config_args(words: list[str], prog: str, description: str | None = None,
