@@ -63,34 +63,15 @@ def cmd_train(words: list[str]) -> int:
     return 0
 
 
-def _compare_configs(args: argparse.Namespace, common: list[tuple[str, Any]]) -> dict[tuple[str, int], Any]:
-    """What `compare` would run (entry label, seed) -> config, for --print-config."""
-    from amorlip import objectives
-    from amorlip.compare import parse_entry, split_entries
-    from amorlip.config import ConfigError, build_config, preset_names
-
-    out = {}
-    seeds = [s.strip() for s in args.seeds.split(",") if s.strip()]
-    for entry in (parse_entry(e) for e in split_entries(args.objectives)):
-        if entry.objective in objectives.REGISTRY:
-            base, head = args.config, [("objective", entry.objective)]
-        elif entry.objective in preset_names() or Path(entry.objective).is_file():
-            base, head = entry.objective, []
-        else:
-            raise ConfigError(f"entry {entry.label!r}: {entry.objective!r} is neither an objective "
-                              f"({', '.join(objectives.REGISTRY)}) nor a preset (`amorlip presets` lists them)")
-        for seed in seeds:
-            out[(entry.label, seed)] = build_config(base, [*head, *common, *entry.overrides, ("train.seed", seed)])
-    return out
-
-
 def cmd_compare(words: list[str]) -> int:
     from amorlip.config import describe, override_words, parse_config_args
 
     own, overrides = parse_config_args(words, "amorlip compare", COMPARE_DESCRIPTION, _compare_options)
     args = argparse.Namespace(**own)
     if args.print_config:
-        for (label, seed), cfg in _compare_configs(args, overrides).items():
+        from amorlip.compare import compare_configs
+
+        for (label, seed), cfg in compare_configs(args, overrides).items():
             print(f"# --- {label}, seed {seed}\n{describe(cfg)}", end="")
         return 0
     from amorlip.compare import run_compare

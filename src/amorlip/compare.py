@@ -164,32 +164,37 @@ def plot_curves(histories: dict[str, list[list[dict[str, Any]]]], out: Path) -> 
     return paths
 
 
-def run_compare(args: argparse.Namespace, extra: list[str]) -> int:
-    from amorlip.train import main_worker, read_history
-
-    common = parse_overrides(extra)
-    entries = [parse_entry(e) for e in split_entries(args.objectives)]
-    if not entries:
-        raise ConfigError("--objectives is empty")
+def parse_seeds(text: str) -> list[int]:
+    """`--seeds 0,1,2` -> [0, 1, 2]; a one-line ConfigError for anything else."""
     seeds = []
-    for s in args.seeds.split(","):
+    for s in text.split(","):
         if not s.strip():
             continue
         try:
             seeds.append(int(s))
         except ValueError:
-            raise ConfigError(f"--seeds {args.seeds}: {s.strip()!r} is not an integer "
+            raise ConfigError(f"--seeds {text}: {s.strip()!r} is not an integer "
                               "(pass comma-separated integers, e.g. --seeds 0,1,2)") from None
     if not seeds:
-        raise ConfigError(f"--seeds {args.seeds!r} names no seed (pass comma-separated integers, e.g. --seeds 0,1,2)")
+        raise ConfigError(f"--seeds {text!r} names no seed (pass comma-separated integers, e.g. --seeds 0,1,2)")
     if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"--seeds {args.seeds} repeats a seed (pass each seed once, e.g. --seeds 0,1,2)")
-    out = Path(args.out)
-    # Validate every entry up front, so a typo in the last entry does not surface after an hour of training.
-    configs = {}
+        raise ConfigError(f"--seeds {text} repeats a seed (pass each seed once, e.g. --seeds 0,1,2)")
+    return seeds
+
+
+def compare_configs(args: argparse.Namespace, common: list[tuple[str, Any]]) -> dict[tuple[str, int], Any]:
+    """Every run `compare` makes, (entry label, seed) -> config, each validated (so a typo in the last entry does
+    not surface after an hour of training) and named entry-seed-hash of its result-changing settings (so an
+    ablation, or a changed default, never reuses another's run)."""
     from amorlip import objectives
     from amorlip.config import preset_names
 
+    entries = [parse_entry(e) for e in split_entries(args.objectives)]
+    if not entries:
+        raise ConfigError("--objectives is empty")
+    seeds = parse_seeds(args.seeds)
+    out = Path(args.out)
+    configs = {}
     for entry in entries:
         if entry.objective in objectives.REGISTRY:
             base, head = args.config, [("objective", entry.objective)]
@@ -197,17 +202,26 @@ def run_compare(args: argparse.Namespace, extra: list[str]) -> int:
             base, head = entry.objective, []
         else:
             raise ConfigError(f"entry {entry.label!r}: {entry.objective!r} is neither an objective "
-                              f"({', '.join(objectives.REGISTRY)}) nor a preset ({', '.join(preset_names())})")
+                              f"({', '.join(objectives.REGISTRY)}) nor a preset (`amorlip presets` lists them)")
         for seed in seeds:
             overrides = [*head, *common, *entry.overrides, ("train.seed", str(seed)),
                          ("train.output_dir", str(out / "runs")), ("train.resume", "auto")]
             cfg = build_config(base, overrides)
-            # the settings' hash in the name: an ablation (or a changed default) never reuses another's run
             cfg.train.name = f"{safe_name(entry.label)}-s{seed}-{config_hash(cfg.to_dict())}"
             configs[(entry.label, seed)] = cfg
+    return configs
+
+
+def run_compare(args: argparse.Namespace, extra: list[str]) -> int:
+    from amorlip.train import main_worker, read_history
+
+    configs = compare_configs(args, parse_overrides(extra))
+    entries = list(dict.fromkeys(label for label, _ in configs))
+    seeds = list(dict.fromkeys(seed for _, seed in configs))
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, list[dict[str, float]]] = {e.label: [] for e in entries}
-    histories: dict[str, list[list[dict[str, Any]]]] = {e.label: [] for e in entries}
+    results: dict[str, list[dict[str, float]]] = {label: [] for label in entries}
+    histories: dict[str, list[list[dict[str, Any]]]] = {label: [] for label in entries}
     total = len(configs)
     for i, ((label, seed), cfg) in enumerate(configs.items(), 1):
         print(f"[compare {i}/{total}] {label} seed {seed}: {cfg.train.steps or cfg.train.epochs} "
@@ -220,7 +234,7 @@ def run_compare(args: argparse.Namespace, extra: list[str]) -> int:
               f"batch {configs[next(iter(configs))].train.batch_size}, seeds {','.join(map(str, seeds))}\n\n")
     atomic_write_text(header + md, out / "table.md")
     atomic_write_text(csv_text, out / "table.csv")
-    atomic_write_text(json.dumps({"entries": [e.label for e in entries], "seeds": seeds, "results": results},
+    atomic_write_text(json.dumps({"entries": entries, "seeds": seeds, "results": results},
                                  indent=2, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x),
                       out / "results.json")
     plots = plot_curves(histories, out)
