@@ -152,20 +152,28 @@ class TiledLogSumExp(torch.autograd.Function):
                 s.sub_(lse_c[None, :]).exp_().mul_(g_cols[None, :])
                 g = s if g is None else g.add_(s)
             del s
-            gy = torch.mm(g, y)  # (G Y) for the strip's rows
-            if need_x:
-                dx[r0:r1] = gy * scale
-            if need_s:
-                ds += (x[r0:r1] * gy).sum()
-            if need_y:
-                dy.addmm_(g.T, x[r0:r1])
-            if need_b:
-                db += g.sum()
-            del g, gy
+            _add_strip_grads(g, x, y, scale, r0, r1, dx, dy, ds, db if need_b else None, need_s)
+            del g
         if need_y:
             dy.mul_(scale)
         return (dx, dy, ds.reshape(scale.shape) if need_s else None,
                 db.reshape(bias.shape) if need_b and bias is not None else None, None, None, None, None)
+
+
+def _add_strip_grads(g: torch.Tensor, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, r0: int, r1: int,
+                     dx: torch.Tensor | None, dy: torch.Tensor | None, ds: torch.Tensor, db: torch.Tensor | None,
+                     need_s: bool) -> None:
+    """Add rows r0:r1's share to the gradients of L = f(s X Y^T + b), given g = dL/d(logits) of those rows:
+    dX = s G Y, dY = G^T X (times s once, after the last strip), ds = sum(X * G Y), db = sum(G)."""
+    gy = torch.mm(g, y)  # (G Y) for the strip's rows
+    if dx is not None:
+        dx[r0:r1] = gy * scale
+    if need_s:
+        ds += (x[r0:r1] * gy).sum()
+    if dy is not None:
+        dy.addmm_(g.T, x[r0:r1])
+    if db is not None:
+        db += g.sum()
 
 
 class TiledSoftplusSum(torch.autograd.Function):
@@ -195,16 +203,8 @@ class TiledSoftplusSum(torch.autograd.Function):
         for r0 in range(0, x.shape[0], ctx.tile):
             r1 = min(x.shape[0], r0 + ctx.tile)
             g = _strip(x, y, scale, bias, None, 0.0, r0, r1).sigmoid_().mul_(grad)  # softplus' = sigmoid
-            gy = torch.mm(g, y)
-            if need_x:
-                dx[r0:r1] = gy * scale
-            if need_s:
-                ds += (x[r0:r1] * gy).sum()
-            if need_y:
-                dy.addmm_(g.T, x[r0:r1])
-            if need_b:
-                db += g.sum()
-            del g, gy
+            _add_strip_grads(g, x, y, scale, r0, r1, dx, dy, ds, db if need_b else None, need_s)
+            del g
         if need_y:
             dy.mul_(scale)
         return (dx, dy, ds.reshape(scale.shape) if need_s else None,
