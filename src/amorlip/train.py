@@ -33,8 +33,6 @@ from amorlip.models import autocast as precision_autocast
 from amorlip.objectives.base import ObjectiveContext
 from amorlip.schedules import param_group_lr, rho_at, step_thresh_hit, watch_temperature
 
-STEP_THRESH_TEMPERATURE = 0.03
-
 
 @dataclass
 class RunResult:
