@@ -1,6 +1,7 @@
 """`amorlip eval` end to end: a run folder, its normalizer diagnostics, and an exported checkpoint that gives the
 same numbers through our eval and through clip_benchmark's own zeroshot_classification.evaluate."""
 import json
+import math
 
 import numpy as np
 import open_clip
@@ -49,9 +50,19 @@ def test_eval_run_folder_with_normalizers(trained, capsys):
     # the CLI re-evaluates the final checkpoint: same numbers as the trainer's final evaluation
     for k, v in summary["metrics"].items():
         assert res["metrics"][k] == pytest.approx(v, abs=1e-6), k
-    diag = json.dumps(res["normalizers"])
-    assert "mse" in diag.lower() and "bias" in diag.lower()
-    assert "in_batch" in diag or "inbatch" in diag
+    # the trainer's diagnostics (amorlip.evaluate.normalizers.run_diagnostics) on both splits; SogCLR's u is
+    # indexed by training row, so it has an estimate on the training pairs only
+    diag = res["normalizers"]
+    for mod in ("image", "text"):
+        for stat in ("mse", "bias"):
+            # over the rows visited so far (4 steps of 16: 64 of the 96)
+            assert math.isfinite(diag[f"normalizer/train/objective/{mod}_{stat}"])
+            for split in ("train", "heldout"):
+                assert math.isfinite(diag[f"normalizer/{split}/inbatch/{mod}_{stat}"])
+    assert diag["normalizer/train/objective/coverage"] == pytest.approx(64 / 96)
+    assert diag["normalizer/train/n"] == 96 and diag["normalizer/heldout/n"] == 512
+    assert not any(k.startswith("normalizer/heldout/objective/") for k in diag)
+    assert "normalizer/train/inbatch/image_mse" in capsys.readouterr().out
 
 
 def test_exported_model_same_numbers_in_clip_benchmark(trained, monkeypatch):

@@ -225,6 +225,12 @@ class EvalConfig:
     """Run image-text retrieval on the held-out pairs."""
     imagenet_root: str | None = None
     """ImageNet-style folder (one sub-folder of images per class, e.g. n01440764/) for zero-shot classification."""
+    normalizers: bool = False
+    """Normalizer diagnostics at every evaluation: MSE and bias of the in-batch and of the objective's own log
+    partition estimates against the reference, per modality, on eval.normalizer_size training pairs (a fixed
+    subset) and held-out pairs; logged as eval/normalizer/... (docs/evaluation.md)."""
+    normalizer_size: int = 512
+    """Pairs per split of eval.normalizers (the reference costs n^2 similarities; the in-batch B is capped at n)."""
 
 
 CORE_SECTIONS: dict[str, type] = {
@@ -951,6 +957,7 @@ def validate(cfg: Config) -> None:
 
     # eval
     at_least("eval.batch_size", cfg.eval.batch_size, 1)
+    at_least("eval.normalizer_size", cfg.eval.normalizer_size, 2)
 
     for name, value in cfg.sections.items():
         check = getattr(value, "validate", None)

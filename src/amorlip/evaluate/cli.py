@@ -109,41 +109,41 @@ def eval_data(config: Config | None, data: str | None, seed: int, source: Path |
     return build_eval_data(data_cfg, seed, imagenet_root=config.eval.imagenet_root)
 
 
+def load_objective(loaded: LoadedModel, stream: Any, device: torch.device) -> torch.nn.Module:
+    """The run's objective with its saved state (u buffers, lambda nets, prototypes), on `device`."""
+    from amorlip import objectives
+    from amorlip.models import model_config
+    from amorlip.objectives.base import ObjectiveContext
+
+    cfg = loaded.config
+    if cfg is None:
+        raise ConfigError(f"{loaded.source} is an export: it has no objective state (pass the run folder it came from)")
+    objective_cls = objectives.get(cfg.objective)
+    ctx = ObjectiveContext(dataset_size=stream.dataset_size, steps_per_epoch=stream.steps_per_epoch,
+                           total_steps=max(1, int(loaded.state.get("step") or 1)), total_epochs=1,
+                           embed_dim=int(model_config(cfg.model.name)["embed_dim"]),
+                           local_batch_size=cfg.train.batch_size, device=device)
+    objective = objective_cls(cfg.sections.get(objective_cls.section) if objective_cls.section else None, ctx).to(device)
+    objective.load_state_dict(loaded.state["objective"])
+    return objective
+
+
 def run_normalizer_diagnostics(loaded: LoadedModel, device: torch.device, batch_size: int) -> dict[str, Any]:
-    """Exact per-sample log partition on held-out-sized training samples vs the objective's estimates."""
+    """The run's normalizer diagnostics (`amorlip.evaluate.normalizers.run_diagnostics`) for this checkpoint: its
+    objective's estimates and the in-batch one against the reference, on eval.normalizer_size training pairs (the
+    fixed subset the trainer uses) and held-out pairs; keys `normalizer/{train,heldout}/...`."""
     from amorlip import objectives
     from amorlip.data.loader import build_train_stream
-    from amorlip.evaluate.normalizers import normalizer_diagnostics
-    from amorlip.objectives.base import ObjectiveContext
+    from amorlip.evaluate.normalizers import build_diagnostic_sets, run_diagnostics
 
     if loaded.config is None:
         raise ConfigError("--normalizers needs a training checkpoint or run folder (an export has no objective state)")
     cfg = loaded.config
-    stream = build_train_stream(cfg.data, cfg.train.batch_size, cfg.train.seed)
-    n = min(cfg.data.val_size, stream.dataset_size)
-    # the first training batches of epoch 0 in their training order: their indices are real dataset indices,
-    # so per-sample estimators (SogCLR/FastCLIP's u) apply
-    images, texts, indices = [], [], []
-    for batch in stream.iterate(0, 0, loaded.eval_transform, loaded.tokenizer):
-        images.append(batch["image"])
-        texts.append(batch["text"])
-        indices.append(batch["index"])
-        if sum(len(i) for i in indices) >= n:
-            break
-    model = loaded.model
-    with torch.no_grad():
-        img = torch.cat([model.encode_image(x.to(device), normalize=True) for x in torch.cat(images)[:n].split(batch_size)])
-        txt = torch.cat([model.encode_text(t.to(device), normalize=True) for t in torch.cat(texts)[:n].split(batch_size)])
-    idx = torch.cat(indices)[:n].to(device)
-    scale = model.logit_scale.exp().detach()
-    objective_cls = objectives.get(cfg.objective)
-    ctx = ObjectiveContext(dataset_size=stream.dataset_size, steps_per_epoch=stream.steps_per_epoch,
-                           total_steps=loaded.state.get("step", 1), total_epochs=1, embed_dim=img.shape[1],
-                           local_batch_size=cfg.train.batch_size, device=device)
-    objective = objective_cls(cfg.sections.get(objective_cls.section) if objective_cls.section else None, ctx).to(device)
-    objective.load_state_dict(loaded.state["objective"])
-    return normalizer_diagnostics(img, txt, scale, idx, batch_size=cfg.train.batch_size, objective=objective,
-                                  seed=cfg.train.seed)
+    stream = build_train_stream(cfg.data, cfg.train.batch_size, cfg.train.seed,
+                                needs_indices=objectives.get(cfg.objective).needs_indices)
+    sets = build_diagnostic_sets(cfg, stream)
+    objective = load_objective(loaded, stream, device)
+    return run_diagnostics(loaded.model, objective, sets, loaded.eval_transform, loaded.tokenizer, device, batch_size)
 
 
 def _check_writable(path: Path, flag: str) -> None:

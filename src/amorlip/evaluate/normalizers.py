@@ -1,38 +1,70 @@
 """Normalizer diagnostics: how well is each sample's log partition function estimated?
 
-On a held-out set of N pairs, small enough to compute exactly, with features x_i, y_j (L2-normalised)
-and inverse temperature s, the true per-sample log partition functions are (objectives/base.py
-convention; the expectation of Eq. 2 of the AmorLIP paper estimated on the set, positive included, no
-logit bias):
+On a set of n pairs, small enough to compute exactly, with features x_i, y_j (L2-normalised) and inverse
+temperature s, the reference log partition functions follow the convention of
+`Objective.estimate_log_normalizers` (objectives/base.py): the mean over the N pairs of the TRAINING set,
+positive included once, no logit bias. The set stands in for the training set's negatives:
 
-    log Z_img[i] = log (1/N) sum_j exp(s x_i.y_j)        log Z_txt[j] = log (1/N) sum_i exp(s x_i.y_j)
+    log Z_img[i] = log( (1/N) exp(s x_i.y_i) + (1 - 1/N) * 1/(n-1) sum_{j != i} exp(s x_i.y_j) )
 
-They are compared with
+(texts alike, over the images). With `dataset_size` None (or N = n: the set IS the training set) this is
+the plain mean over the set, `log (1/n) sum_j exp(s x_i.y_j)`, exact. With n < N it is the mean over the
+n-1 other pairs of the set, an unbiased estimate of the training set's mean over the negatives, with the
+positive at its training-set weight 1/N; `reference_noise` estimates its own variance (the resolution of the
+comparison: an estimator equal to the training-set value would show an mse of about that). It is compared with
   (a) the plain in-batch estimate at the training batch size B: the set is split into random batches of
-      B (the last one may be smaller) and, within batch b, log Zhat_img[i] = log (1/|b|) sum_{j in b}
-      exp(s x_i.y_j) (same for texts). This is what CLIP's softmax denominator uses;
+      B (the last one may be smaller; B is capped at n) and, within batch b, log Zhat_img[i] = log (1/|b|)
+      sum_{j in b} exp(s x_i.y_j) (same for texts). This is what CLIP's softmax denominator uses;
   (b) the objective's own estimate, `objective.estimate_log_normalizers(...)`, called batch by batch on
-      the same random batches, when it keeps one (SogCLR/FastCLIP's u, AmorLIP's lambda nets, ...).
+      the same random batches, when it keeps one (SogCLR/FastCLIP's u, AmorLIP's lambda nets, NeuCLIP's
+      prototypes). An objective with `effective_scale` (SogCLR / FastCLIP-v1 with a constant temperature)
+      tracks its estimate at that scale: the reference and the in-batch estimate use it too.
 
 For each estimate and modality: `mse` = mean_i (log Zhat[i] - log Z[i])^2 and `bias` = mean_i
-(log Zhat[i] - log Z[i]) (negative: underestimates). At B >= N the in-batch estimate is exact.
-Per-sample objectives (SogCLR u) index their buffers by dataset index, so for them pass features and
-`indices` of samples the objective has seen (a subset of the training set); amortised objectives
-(AmorLIP) can be diagnosed on genuinely held-out data.
+(log Zhat[i] - log Z[i]) (negative: underestimates). An objective may return NaN for a sample it has no
+estimate of (SogCLR's u of a sample not visited yet): those samples are left out of its mse and bias, and
+`objective/coverage` is the fraction that entered.
+
+`normalizer_diagnostics` computes all this from features. `build_diagnostic_sets` (once, at set-up) and
+`run_diagnostics` (at every evaluation) run it on two splits of a training run: `train`, a fixed subset of
+the training pairs with their dataset indices (where the amortiser and the u buffers are meant to be
+accurate), and `heldout`, pairs never trained on (the source's held-out pairs or data.val_path). Per-sample
+objectives (`needs_indices`: SogCLR, FastCLIP) index their buffers by dataset index, which a held-out pair
+does not have: their `heldout/objective` entries are absent.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset, IterableDataset
 
+from amorlip.data.samples import mix_seed, preserved_rng
+from amorlip.data.types import RetrievalSplit
 from amorlip.evaluate.retrieval import encode_split
 
-__all__ = ["normalizer_diagnostics", "exact_log_normalizers", "inbatch_log_normalizers", "encode_split"]
+if TYPE_CHECKING:
+    from amorlip.config import Config
+
+__all__ = [
+    "normalizer_diagnostics",
+    "exact_log_normalizers",
+    "reference_noise",
+    "inbatch_log_normalizers",
+    "encode_split",
+    "DiagnosticSets",
+    "build_diagnostic_sets",
+    "run_diagnostics",
+    "SPLITS",
+]
 
 _CHUNK = 1024
+SPLITS = ("train", "heldout")
+_TAG_DIAG = 21
+"""Seed tag of the training subset's draw (data/samples.py and data/wds.py use 1-14)."""
 
 
 def _scale(scale: Any) -> float:
@@ -44,18 +76,87 @@ def _scale(scale: Any) -> float:
 
 @torch.no_grad()
 def exact_log_normalizers(
-    image_features: torch.Tensor, text_features: torch.Tensor, scale: Any
+    image_features: torch.Tensor, text_features: torch.Tensor, scale: Any, dataset_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """True (log Z_img, log Z_txt), each (N,), over the whole set, in float64 (computed in chunks)."""
+    """Reference (log Z_img, log Z_txt), each (n,), in float64 (computed in chunks of rows).
+
+    `dataset_size` None or n: the plain mean over the set. Otherwise N: the positive at weight 1/N and the
+    other n-1 pairs of the set standing in for the training set's negatives (module docstring).
+    """
     x = image_features.detach().double().cpu()
     y = text_features.detach().double().cpu()
     if x.ndim != 2 or x.shape != y.shape:
         raise ValueError(f"image and text features must both be (N, d), got {tuple(x.shape)} and {tuple(y.shape)}")
     s, n = _scale(scale), x.shape[0]
-    log_n = math.log(n)
-    log_z_img = torch.cat([torch.logsumexp(s * xc @ y.T, dim=1) for xc in x.split(_CHUNK)]) - log_n
-    log_z_txt = torch.cat([torch.logsumexp(s * yc @ x.T, dim=1) for yc in y.split(_CHUNK)]) - log_n
-    return log_z_img, log_z_txt
+    if dataset_size is None or int(dataset_size) == n:
+        log_n = math.log(n)
+        log_z_img = torch.cat([torch.logsumexp(s * xc @ y.T, dim=1) for xc in x.split(_CHUNK)]) - log_n
+        log_z_txt = torch.cat([torch.logsumexp(s * yc @ x.T, dim=1) for yc in y.split(_CHUNK)]) - log_n
+        return log_z_img, log_z_txt
+    big_n = int(dataset_size)
+    if big_n < 1:
+        raise ValueError(f"dataset_size must be >= 1, got {dataset_size}")
+    if n < 2:
+        raise ValueError("a reference with dataset_size needs at least 2 samples (the negatives come from the set)")
+    pos = s * (x * y).sum(dim=1)
+    # log((1/N) e^pos + (1 - 1/N) mean_{j != i} e^logit_ij); log1p(-1/N) = -inf at N = 1 (no negatives)
+    w_pos, w_neg = -math.log(big_n), (math.log1p(-1.0 / big_n) if big_n > 1 else -math.inf) - math.log(n - 1)
+
+    def side(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        out = []
+        for start in range(0, n, _CHUNK):
+            logits = s * a[start:start + _CHUNK] @ b.T
+            rows = torch.arange(logits.shape[0])
+            logits[rows, rows + start] = -math.inf  # the positive is counted apart
+            out.append(torch.logsumexp(logits, dim=1))
+        return torch.logaddexp(pos + w_pos, torch.cat(out) + w_neg)
+
+    return side(x, y), side(y, x)
+
+
+@torch.no_grad()
+def reference_noise(
+    image_features: torch.Tensor, text_features: torch.Tensor, scale: Any, dataset_size: int | None = None,
+    from_dataset: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample variance of the reference log Z over the draw of the set (image, text), each (n,), float64.
+
+    The reference's negatives are the set's n-1 other pairs: its log Z is itself an estimate, of variance
+    (delta method) `(1 - 1/N)^2 fpc var_j(exp(s x_i.y_j)) / ((n-1) Z_i^2)`, with var_j the sample variance over
+    j != i and fpc = (N-n)/(N-2) the finite-population correction of a subset of the training set
+    (`from_dataset`; 1 for held-out pairs). 0 when the set is the whole training set (`dataset_size` None or n);
+    NaN below 3 samples.
+    """
+    x = image_features.detach().double().cpu()
+    y = text_features.detach().double().cpu()
+    s, n = _scale(scale), x.shape[0]
+    if dataset_size is None or int(dataset_size) == n:
+        return torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    if n < 3:
+        return torch.full((n,), math.nan, dtype=torch.float64), torch.full((n,), math.nan, dtype=torch.float64)
+    big_n = int(dataset_size)
+    fpc = (max(0.0, (big_n - n) / (big_n - 2)) if big_n > 2 else 0.0) if from_dataset else 1.0
+    c_neg = 1.0 - 1.0 / big_n
+
+    def side(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        out = []
+        for start in range(0, n, _CHUNK):
+            logits = s * a[start:start + _CHUNK] @ b.T
+            rows = torch.arange(logits.shape[0])
+            diag = rows + start
+            pos = logits[rows, diag].clone()
+            logits[rows, diag] = -math.inf
+            top = torch.maximum(logits.max(dim=1).values, pos)  # a common shift: the ratio var / Z^2 keeps
+            w = torch.exp(logits - top[:, None])
+            mean = w.sum(dim=1) / (n - 1)
+            dev = (w - mean[:, None]) ** 2
+            dev[rows, diag] = 0.0
+            var = dev.sum(dim=1) / (n - 2)
+            z = torch.exp(pos - top) / big_n + c_neg * mean
+            out.append(c_neg ** 2 * fpc * var / (n - 1) / z ** 2)
+        return torch.cat(out)
+
+    return side(x, y), side(y, x)
 
 
 def _random_batches(n: int, batch_size: int, seed: int) -> list[torch.Tensor]:
@@ -90,12 +191,22 @@ def _module_device(module: nn.Module) -> torch.device | None:
 
 def _errors(prefix: str, est_img: torch.Tensor, est_txt: torch.Tensor, true_img: torch.Tensor,
             true_txt: torch.Tensor) -> dict[str, float]:
+    """mse and bias per modality over the samples with an estimate (NaN = none; all NaN gives NaN)."""
     out = {}
     for mod, est, true in (("image", est_img, true_img), ("text", est_txt, true_txt)):
         err = est.double().cpu().reshape(-1) - true
-        out[f"{prefix}/{mod}_mse"] = float((err ** 2).mean())
-        out[f"{prefix}/{mod}_bias"] = float(err.mean())
+        err = err[~torch.isnan(est.double().cpu().reshape(-1))]
+        out[f"{prefix}/{mod}_mse"] = float((err ** 2).mean()) if err.numel() else math.nan
+        out[f"{prefix}/{mod}_bias"] = float(err.mean()) if err.numel() else math.nan
     return out
+
+
+def reference_scale(objective: nn.Module | None, scale: Any) -> float:
+    """The s the estimates are compared at: the objective's `effective_scale(s)` when it has one (a constant
+    temperature its loss and its estimate use), else the model's s."""
+    s = torch.as_tensor(_scale(scale), dtype=torch.float64)
+    effective = getattr(objective, "effective_scale", None)
+    return _scale(effective(s)) if callable(effective) else float(s)
 
 
 @torch.no_grad()
@@ -107,14 +218,20 @@ def normalizer_diagnostics(
     batch_size: int,
     objective: nn.Module | None = None,
     seed: int = 0,
+    dataset_size: int | None = None,
+    from_dataset: bool = True,
 ) -> dict[str, float]:
-    """Error of the in-batch and the objective's log-partition estimates against the exact values.
+    """Error of the in-batch and the objective's log-partition estimates against the reference values.
 
-    Returns a flat dict: `n`, `batch_size`, `scale`, `true/{image,text}_{mean,std}` (of the exact log Z),
-    `inbatch/{image,text}_{mse,bias}`, and `objective/{image,text}_{mse,bias}` when `objective` is given
-    and its `estimate_log_normalizers` returns an estimate (None otherwise: CLIP, SigLIP).
-    `indices` are the samples' dataset indices (int64, (N,)), used by per-sample objectives; None means
-    0..N-1. See the module docstring for the definitions.
+    Returns a flat dict: `n`, `batch_size` (the in-batch B, capped at n), `scale` (the s compared at: see
+    `reference_scale`), `true/{image,text}_{mean,std}` (of the reference log Z), `true/{image,text}_noise` (the
+    mean of `reference_noise`: the reference's own variance, 0 when exact), `inbatch/{image,text}_{mse,bias}`,
+    and `objective/{image,text}_{mse,bias}` + `objective/coverage` when `objective` is given and its
+    `estimate_log_normalizers` returns an estimate (None otherwise: CLIP, SigLIP). The objective receives
+    the model's `scale` (it applies its own effective scale). `indices` are the samples' dataset indices
+    (int64, (N,)), used by per-sample objectives; None means 0..N-1. `dataset_size`: the training set's
+    size N of the convention (None: the set is the whole dataset); `from_dataset`: the set is a subset of the
+    training set (False: held-out pairs; only changes `noise`). See the module docstring.
     """
     n = image_features.shape[0]
     if n == 0:
@@ -124,17 +241,20 @@ def normalizer_diagnostics(
     indices = torch.as_tensor(indices).long().reshape(-1)
     if indices.numel() != n:
         raise ValueError(f"indices has {indices.numel()} entries but there are {n} samples")
-    true_img, true_txt = exact_log_normalizers(image_features, text_features, scale)
-    est_img, est_txt = inbatch_log_normalizers(image_features, text_features, scale, batch_size, seed)
+    s_ref = reference_scale(objective, scale)
+    true_img, true_txt = exact_log_normalizers(image_features, text_features, s_ref, dataset_size)
+    est_img, est_txt = inbatch_log_normalizers(image_features, text_features, s_ref, batch_size, seed)
     out: dict[str, float] = {
         "n": float(n),
         "batch_size": float(min(batch_size, n)),
-        "scale": _scale(scale),
+        "scale": s_ref,
         "true/image_mean": float(true_img.mean()),
         "true/image_std": float(true_img.std()) if n > 1 else 0.0,
         "true/text_mean": float(true_txt.mean()),
         "true/text_std": float(true_txt.std()) if n > 1 else 0.0,
     }
+    noise_img, noise_txt = reference_noise(image_features, text_features, s_ref, dataset_size, from_dataset)
+    out["true/image_noise"], out["true/text_noise"] = float(noise_img.mean()), float(noise_txt.mean())
     out.update(_errors("inbatch", est_img, est_txt, true_img, true_txt))
 
     if objective is not None:
@@ -157,4 +277,231 @@ def normalizer_diagnostics(
                 dst[b] = est[key].detach().double().cpu().reshape(-1)
         if got:
             out.update(_errors("objective", obj_img, obj_txt, true_img, true_txt))
+            covered = ~(torch.isnan(obj_img) | torch.isnan(obj_txt))
+            out["objective/coverage"] = float(covered.double().mean())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The two splits of a training run
+# ----------------------------------------------------------------------------------------------------
+
+
+class _Pairs(Dataset):
+    """`ds[k] -> (PIL image, caption)` of chosen items of a map-style (image, caption) dataset."""
+
+    def __init__(self, base: Dataset, items: Sequence[int]):
+        self.base, self.items = base, [int(i) for i in items]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, k: int):
+        image, caption = self.base[self.items[k]]
+        return image, caption.strip()
+
+
+class _RawWdsPairs(Dataset):
+    """`ds[k] -> (PIL image, caption)` of raw webdataset samples kept in memory (their encoded bytes)."""
+
+    def __init__(self, samples: list[dict[str, Any]]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, k: int):
+        from amorlip.data.wds import decode_sample
+
+        image, caption, _ = decode_sample(self.samples[k], 1, needs_indices=False, running_id=k)
+        return image, caption.strip()
+
+
+def _usable(image: Any, caption: Any) -> bool:
+    """What training keeps (data/samples.py `prepare_sample`): an image and a non-empty caption."""
+    return image is not None and isinstance(caption, str) and bool(caption.strip())
+
+
+def _map_subset(dataset: Dataset, n: int, seed: int) -> tuple[Dataset, torch.Tensor]:
+    """n usable items of a map-style dataset, in a seeded random order of its own generator."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(mix_seed(seed, _TAG_DIAG)))
+    chosen: list[int] = []
+    for i in order.tolist():
+        try:
+            image, caption = dataset[i]
+        except (OSError, SyntaxError):  # an unreadable file: training skips it too
+            continue
+        if _usable(image, caption):
+            chosen.append(i)
+            if len(chosen) == n:
+                break
+    return _Pairs(dataset, chosen), torch.tensor(chosen, dtype=torch.int64)
+
+
+def _wds_subset(urls: Sequence[str], n: int, dataset_size: int, needs_indices: bool
+                ) -> tuple[Dataset, torch.Tensor]:
+    """The first n usable samples of the shards in their listed order, with their indices (running ids for
+    samples without one when the objective needs none)."""
+    from amorlip.data.wds import _ShardReader, decode_sample
+
+    kept: list[dict[str, Any]] = []
+    indices: list[int] = []
+    seen = 0
+    reader = _ShardReader({})  # an unreadable shard is passed over, as training does
+    for url in urls:
+        for sample in reader.read(url):
+            image, caption, index = decode_sample(sample, dataset_size, needs_indices, running_id=seen)
+            seen += 1
+            if _usable(image, caption):
+                kept.append({k: v for k, v in sample.items() if not k.startswith("__") or k in ("__key__", "__url__")})
+                indices.append(index)
+                if len(kept) == n:
+                    return _RawWdsPairs(kept), torch.tensor(indices, dtype=torch.int64)
+    return _RawWdsPairs(kept), torch.tensor(indices, dtype=torch.int64)
+
+
+def _heldout_subset(split: RetrievalSplit, n: int, seed: int) -> RetrievalSplit:
+    """At most n pairs of a held-out split: a seeded random subset of a map-style one, the first n of a
+    sequential (webdataset) one."""
+    ds = split.dataset
+    if isinstance(ds, IterableDataset):
+        from amorlip.data.imagefolder import WdsPairs
+
+        if isinstance(ds, WdsPairs):
+            sub, _ = _wds_subset(ds.urls, n, 1, needs_indices=False)
+            return RetrievalSplit(split.name, sub)
+        raise TypeError(f"held-out split {split.name!r}: a sequential dataset other than WdsPairs")
+    size = len(ds)  # type: ignore[arg-type]
+    if size <= n:
+        return split
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(mix_seed(seed, _TAG_DIAG + 1)))[:n]
+    return RetrievalSplit(split.name, _Pairs(ds, sorted(order.tolist())))
+
+
+@dataclass
+class DiagnosticSets:
+    """The pairs the normalizer diagnostics run on, built once at set-up by `build_diagnostic_sets`.
+
+    Raw (image, caption) pairs: the transform and tokenizer are applied at each call (the current RECLIP
+    phase's). `train_indices` are the training pairs' dataset indices; `dataset_size` is the training set's N
+    (the reference's convention); `batch_size` the GLOBAL training batch size (the in-batch B); `seed` seeds
+    the random batches (the same every call).
+    """
+
+    train: RetrievalSplit | None
+    train_indices: torch.Tensor | None
+    heldout: RetrievalSplit | None
+    dataset_size: int
+    batch_size: int
+    seed: int
+
+    def describe(self) -> str:
+        parts = [f"{name} {len(split.dataset)} pairs" for name, split in (("train", self.train), ("heldout", self.heldout))
+                 if split is not None]
+        return "normalizer diagnostics on " + (", ".join(parts) if parts else "no pairs")
+
+
+def build_diagnostic_sets(cfg: "Config", stream: Any | None = None, size: int | None = None) -> DiagnosticSets:
+    """The `train` and `heldout` pairs of the normalizer diagnostics of the run `cfg` (call once, at set-up).
+
+    * train: `size` (default `cfg.eval.normalizer_size`) usable training pairs, the same at every call:
+      map-style sources (synthetic, csv, fashion-mnist; `stream.dataset`) a seeded random subset of the rows;
+      webdataset (`stream.urls`) the first usable samples of the shards in their listed order. With their
+      dataset indices. Read straight from the dataset: the stream, its order and its skip counters are
+      untouched. `stream`: the training stream (None: one is built from `cfg.data`, as `amorlip eval` does);
+      a stream that is neither (e.g. `amorlip bench`'s pre-made batches) gives no train split.
+    * heldout: `size` pairs of the source's held-out split or of `data.val_path` (a seeded random subset; the
+      first ones of webdataset shards), built as `build_eval_data` builds the run's retrieval split; None for
+      a csv / wds source without `data.val_path`.
+
+    Consumes no global RNG (`preserved_rng`): building it before the model leaves the initialisation as it was.
+    """
+    from amorlip.data.loader import build_eval_data, build_train_stream
+
+    n = int(size if size is not None else cfg.eval.normalizer_size)
+    if n < 2:
+        raise ValueError(f"the normalizer diagnostics need at least 2 pairs per split, got {n}")
+    seed = int(cfg.train.seed)
+    with preserved_rng():
+        if stream is None:
+            from amorlip import objectives
+
+            needs = objectives.get(cfg.objective).needs_indices if cfg.objective in objectives.REGISTRY else True
+            stream = build_train_stream(cfg.data, cfg.train.batch_size, seed, needs_indices=needs)
+        train, train_indices = None, None
+        dataset = getattr(stream, "dataset", None)
+        if isinstance(dataset, Dataset) and hasattr(dataset, "__len__"):
+            sub, train_indices = _map_subset(dataset, n, seed)
+        elif getattr(stream, "urls", None):
+            sub, train_indices = _wds_subset(stream.urls, n, int(stream.dataset_size),
+                                             bool(getattr(stream, "needs_indices", True)))
+        else:
+            sub = None
+        if sub is not None and len(sub) >= 2:
+            train = RetrievalSplit("train", sub)
+        else:
+            train_indices = None
+        # the held-out split as the run's evaluation builds it, with `size` pairs where the source makes them
+        _, split = build_eval_data(replace(cfg.data, val_size=n), seed)
+        heldout = _heldout_subset(split, n, seed) if split is not None else None
+        if heldout is not None and len(heldout.dataset) < 2:  # type: ignore[arg-type]
+            heldout = None
+    return DiagnosticSets(train=train, train_indices=train_indices, heldout=heldout,
+                          dataset_size=int(stream.dataset_size), batch_size=int(cfg.train.batch_size), seed=seed)
+
+
+@torch.no_grad()
+def run_diagnostics(
+    model: nn.Module,
+    objective: nn.Module | None,
+    sets: DiagnosticSets,
+    transform: Callable,
+    tokenizer: Callable,
+    device: torch.device | str,
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """Normalizer diagnostics of the model and objective as they are now, on both splits of `sets`.
+
+    Returns flat float keys, for split in (train, heldout) where the split exists:
+        normalizer/{split}/inbatch/{image,text}_{mse,bias}     the in-batch estimate at B = train.batch_size
+        normalizer/{split}/objective/{image,text}_{mse,bias}   the objective's estimate (when it keeps one;
+        normalizer/{split}/objective/coverage                    never heldout for per-sample objectives)
+        normalizer/{split}/true/{image,text}_{mean,std}        the reference log Z itself
+        normalizer/{split}/true/{image,text}_noise             the reference's own variance (0 when exact)
+        normalizer/{split}/n, normalizer/{split}/batch_size    pairs used, in-batch B (capped at n)
+    (definitions: the module docstring, docs/evaluation.md).
+
+    How the trainer calls it (rank 0 only; it issues no collective):
+
+        # set-up, once (after the training stream; any time before the loop: it consumes no RNG)
+        diag_sets = build_diagnostic_sets(cfg, stream) if is_main and cfg.eval.normalizers else None
+        # in run_evaluation, at every eval_every and at the end, with the current phase's transform/tokenizer
+        if diag_sets is not None:
+            metrics.update(run_diagnostics(model, objective, diag_sets, transform, tokenizer, device,
+                                           cfg.eval.batch_size))
+
+    `model` as the trainer holds it (DDP / torch.compile wrappers are removed; run in eval mode, its mode
+    restored); `objective` the live objective (read only: `estimate_log_normalizers` under no_grad); `batch_size`
+    the encoding batch size. The global torch / Python RNG states are left as they were.
+    """
+    from amorlip.models import unwrap
+
+    inner = unwrap(model)
+    scale = inner.logit_scale.detach().exp()
+    per_sample = bool(getattr(objective, "needs_indices", False))
+    out: dict[str, float] = {}
+    with preserved_rng():
+        for name in SPLITS:
+            split = sets.train if name == "train" else sets.heldout
+            if split is None:
+                continue
+            img, txt = encode_split(inner, tokenizer, split, transform, device, batch_size)
+            indices = sets.train_indices if name == "train" else None
+            # per-sample estimates need a training row: none on held-out pairs (still compared at its scale)
+            use_objective = objective if (name == "train" or not per_sample) else None
+            s = scale if use_objective is not None else reference_scale(objective, scale)
+            d = normalizer_diagnostics(img, txt, s, indices, sets.batch_size, objective=use_objective,
+                                       seed=sets.seed, dataset_size=sets.dataset_size, from_dataset=name == "train")
+            d.pop("scale")
+            out.update({f"normalizer/{name}/{k}": v for k, v in d.items()})
     return out
