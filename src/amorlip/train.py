@@ -2,6 +2,11 @@
 
     config -> data stream -> open_clip model -> objective -> AdamW step -> log / checkpoint / evaluate
 
+`train()` is three calls: `_set_up` builds the `Run` (checks, data, evaluation sets, model, objective, RECLIP
+phases, optimizer, resume, logger), `_loop` steps it (`_train_step` is one optimizer step; logging, checkpoints
+and evaluation follow each step), and `_finish` writes the final checkpoint, evaluation and summary. The `Run`
+holds the state; its `state_dict()` is the checkpoint.
+
 The loop knows nothing about any particular objective: it hands each batch's features, the
 temperature, the samples' indices and the step/epoch to `objective(...)`, applies the shared
 temperature scheme, and back-propagates. Runs unchanged under torchrun (gloo on CPU, nccl on CUDA).
@@ -30,7 +35,7 @@ from amorlip.step import forward_backward, has_batch_norm
 from amorlip.config import Config, ConfigError, describe
 from amorlip.models import build_model, clamp_logit_scale, describe_precision, model_config, param_groups, unwrap
 from amorlip.models import autocast as precision_autocast
-from amorlip.objectives.base import ObjectiveContext
+from amorlip.objectives.base import Objective, ObjectiveContext, ObjectiveOutput
 from amorlip.schedules import param_group_lr, rho_at, step_thresh_hit, watch_temperature
 
 
@@ -165,38 +170,117 @@ def train(cfg: Config, stream: Any | None = None) -> RunResult:
     exit 128 + signal (amorlip.signals).
     """
     with StopRequest() as stop:
-        return _train(cfg, stream, stop)
+        run = _set_up(cfg, stream)
+        _loop(run, stop)
+        return _finish(run)
 
 
-def _train(cfg: Config, stream: Any | None, stop: StopRequest) -> RunResult:
-    from amorlip.data.loader import build_train_stream
+# ----------------------------------------------------------------------------------------------------
+# The run's state
+# ----------------------------------------------------------------------------------------------------
 
-    dist_info = distributed.init_distributed(cfg.train.device)
-    device, is_main = dist_info.device, dist_info.is_main
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
-        torch.backends.cudnn.allow_tf32 = cfg.train.tf32
-        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
-    if cfg.train.batch_size % dist_info.world_size:
-        raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size} is not divisible by the {dist_info.world_size} processes"
-        )
-    local_batch = cfg.train.batch_size // dist_info.world_size
-    if local_batch % cfg.train.accum_steps:
-        raise ConfigError(
-            f"train.accum_steps={cfg.train.accum_steps} does not divide the per-process batch of {local_batch} "
-            f"(train.batch_size {cfg.train.batch_size} over {dist_info.world_size} processes); pick a divisor"
-        )
+
+@dataclass
+class Run:
+    """One training run: what set-up built, the counters the loop advances, and (`state_dict`) the checkpoint."""
+
+    cfg: Config
+    dist: distributed.DistInfo
+    run_dir: Path
+    resume_path: Path | None  # the checkpoint this run continues (None: a fresh run)
+    stream: Any  # a TrainStream for this rank (or a stand-in with the same methods)
+    steps_per_epoch: int
+    total_steps: int
+    eval_sets: tuple[list, Any]  # (zero-shot tasks, retrieval set); ([], None) off the main rank
+    model: torch.nn.Module  # the bare model: parameters, clamp, checkpoint and evaluation
+    tokenizer: Any  # native tokenizer and eval transform (the final evaluation's); phases have their own
+    eval_transform: Any
+    objective: Objective
+    resolution: reclip.ResolutionRun
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    step: int = 0
+    temp_thresh_hit: bool = False  # step_thresh (schedules.step_thresh_hit), from the temperature the last step left
+    last_saved: int = -1  # the step of the newest checkpoint (-1: none yet)
+    last_good: Path | None = None  # the newest checkpoint known to hold finite weights
+    last_save_time: float = 0.0  # time.monotonic() of the newest checkpoint (train.checkpoint_minutes)
+    last_eval: dict[str, float] = field(default_factory=dict)
+    # set at the end of set-up, in this order: the model compiled / wrapped in DDP, the logger, the progress line
+    train_model: torch.nn.Module = field(init=False)
+    logger: MetricsLogger = field(init=False)
+    progress: Progress | None = field(init=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+    @property
+    def has_eval_data(self) -> bool:
+        return bool(self.eval_sets[0]) or self.eval_sets[1] is not None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint: everything needed to continue exactly. Collective under DDP (every rank takes part):
+        it holds every process's RNG states and data counters, as each rank continues with its own."""
+        rng = distributed.gather_objects(ckpt.rng_state())
+        data_stats = distributed.gather_objects(_stats_dict(self.stream.stats))
+        return {
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "objective": self.objective.state_dict(),
+            "rng": rng,
+            "temp_thresh_hit": self.temp_thresh_hit,
+            "data_stats": data_stats,
+            "config": self.cfg.to_dict(),
+            "world_size": self.dist.world_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint made by `state_dict` (its settings already checked)."""
+        reclip.load_model_state(self.model, state["model"], self.optimizer)  # at the resolution it was saved at
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.objective.load_state_dict(state["objective"])
+        rng = state["rng"]
+        ckpt.set_rng_state(rng[self.dist.rank % len(rng)] if isinstance(rng, list) else rng)
+        self.step = int(state["step"])
+        self.temp_thresh_hit = bool(state.get("temp_thresh_hit", False))
+        _restore_data_stats(self.stream.stats, state.get("data_stats"), self.dist.rank)
+
+
+@dataclass
+class StepOutput:
+    """What one optimizer step leaves for the log line."""
+
+    loss: torch.Tensor  # the back-propagated loss (objective + temperature scheme)
+    result: ObjectiveOutput  # the objective's own loss and metrics
+    grad_norm: torch.Tensor  # before clipping; nan when optim.grad_clip is 0
+    rho: float
+    samples: int  # over every process
+
+
+# ----------------------------------------------------------------------------------------------------
+# Set-up. The order is part of the contract: the RNG draws (seed, data, evaluation sets, model, objective)
+# happen in the same sequence in every run, so a resumed run continues bit-exactly.
+# ----------------------------------------------------------------------------------------------------
+
+
+def _set_up(cfg: Config, stream: Any | None) -> Run:
+    """Checks, data, model, objective, RECLIP phases, optimizer, resume, logger and progress line."""
+    dist_info = _init_process(cfg)
+    _check_batch_split(cfg, dist_info.world_size)
     seed_everything(cfg.train.seed)
 
     objective_cls = objectives.get(cfg.objective)
     # Data first: a missing path or empty shard list fails before any model is built.
     if stream is None:
-        stream = build_train_stream(cfg.data, cfg.train.batch_size, cfg.train.seed, dist_info.rank, dist_info.world_size,
-                                    pin_memory=device.type == "cuda",
-                                    needs_indices=objective_cls.needs_indices)
+        stream = _build_stream(cfg, dist_info, objective_cls.needs_indices)
     if stream.steps_per_epoch < 1:
         raise ConfigError(
             f"the dataset has {stream.dataset_size} samples, fewer than one batch of {cfg.train.batch_size}; "
@@ -204,248 +288,347 @@ def _train(cfg: Config, stream: Any | None, stop: StopRequest) -> RunResult:
         )
     steps_per_epoch = stream.steps_per_epoch
     total_steps = cfg.train.steps if cfg.train.steps is not None else cfg.train.epochs * steps_per_epoch
-    total_epochs = math.ceil(total_steps / steps_per_epoch)
 
     # evaluation data too (the user's val_path / imagenet_root are read and checked here)
-    eval_sets = build_eval_sets(cfg) if is_main and (cfg.eval.zeroshot or cfg.eval.retrieval) else ([], None)
+    eval_sets = build_eval_sets(cfg) if dist_info.is_main and (cfg.eval.zeroshot or cfg.eval.retrieval) else ([], None)
 
     # initial weights (model.pretrained) only for a new run: a resumed one takes them from its checkpoint
-    fresh_run = _resume_path(cfg, Path(cfg.train.output_dir) / run_name(cfg)) is None
+    run_dir = Path(cfg.train.output_dir) / run_name(cfg)
+    resume_path = _resume_path(cfg, run_dir)
     model, train_transform, eval_transform, tokenizer = build_model(
-        cfg.model, device=device, load_pretrained_weights=fresh_run, output_dict=True, **objective_cls.model_overrides
+        cfg.model, device=dist_info.device, load_pretrained_weights=resume_path is None, output_dict=True,
+        **objective_cls.model_overrides
     )
+    objective = _build_objective(cfg, objective_cls, dist_info, stream, total_steps)
+    # RECLIP phases (docs/reclip.md): small images / short captions first, the model's native size last.
+    resolution = reclip.ResolutionRun(cfg.sections.get("resolution"), model, total_steps,
+                                      train_transform, eval_transform, tokenizer)
+    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.lr, cfg.optim.lr_temperature)
+    optimizer = torch.optim.AdamW(groups, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+    scaler = torch.amp.GradScaler("cuda", enabled=dist_info.device.type == "cuda" and cfg.model.precision == "fp16")
+    run = Run(cfg=cfg, dist=dist_info, run_dir=run_dir, resume_path=resume_path, stream=stream,
+              steps_per_epoch=steps_per_epoch, total_steps=total_steps, eval_sets=eval_sets, model=model,
+              tokenizer=tokenizer, eval_transform=eval_transform, objective=objective, resolution=resolution,
+              optimizer=optimizer, scaler=scaler)
+    _resume(run)
+
+    if cfg.train.accum_steps > 1 and run.is_main and has_batch_norm(model):
+        print(f"note: {cfg.model.name} normalises with batch statistics (BatchNorm): with train.accum_steps "
+              f"{cfg.train.accum_steps} they are micro-batch statistics, so the step is not exactly the full batch's")
+    resolution.enter(run.step, model, optimizer)
+    run.train_model = _wrap(model, cfg, dist_info)
+    if run.is_main and resolution.enabled:
+        print(f"step {run.step}: {resolution.describe()}")
+
+    run.logger = MetricsLogger(run_dir, run.is_main, cfg.train.tensorboard, fresh=resume_path is None,
+                               wandb=cfg if cfg.train.wandb else None, device_type=dist_info.device.type)
+    if run.is_main:
+        _prepare_run_dir(run)
+    run.last_save_time = time.monotonic()
+    run.progress = (Progress(total_steps, run.step, cfg.objective, bar=None if cfg.train.progress else False)
+                    if run.is_main else None)
+    return run
+
+
+def _init_process(cfg: Config) -> distributed.DistInfo:
+    """The process group (under torchrun), the device and its math settings."""
+    dist_info = distributed.init_distributed(cfg.train.device)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    if dist_info.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+    return dist_info
+
+
+def _check_batch_split(cfg: Config, world_size: int) -> None:
+    """The global batch must split evenly over the processes, and each process's share over train.accum_steps."""
+    if cfg.train.batch_size % world_size:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is not divisible by the {world_size} processes"
+        )
+    local_batch = cfg.train.batch_size // world_size
+    if local_batch % cfg.train.accum_steps:
+        raise ConfigError(
+            f"train.accum_steps={cfg.train.accum_steps} does not divide the per-process batch of {local_batch} "
+            f"(train.batch_size {cfg.train.batch_size} over {world_size} processes); pick a divisor"
+        )
+
+
+def _build_stream(cfg: Config, dist_info: distributed.DistInfo, needs_indices: bool) -> Any:
+    """This rank's share of the training data (cfg.data)."""
+    from amorlip.data.loader import build_train_stream
+
+    return build_train_stream(cfg.data, cfg.train.batch_size, cfg.train.seed, dist_info.rank, dist_info.world_size,
+                              pin_memory=dist_info.device.type == "cuda", needs_indices=needs_indices)
+
+
+def _build_objective(cfg: Config, objective_cls: type[Objective], dist_info: distributed.DistInfo,
+                     stream: Any, total_steps: int) -> Objective:
+    """The objective with its section of the config and what it needs to know about the run (ObjectiveContext)."""
     ctx = ObjectiveContext(
         dataset_size=stream.dataset_size,
-        steps_per_epoch=steps_per_epoch,
+        steps_per_epoch=stream.steps_per_epoch,
         total_steps=total_steps,
-        total_epochs=total_epochs,
+        total_epochs=math.ceil(total_steps / stream.steps_per_epoch),
         embed_dim=int(model_config(cfg.model.name)["embed_dim"]),
         local_batch_size=cfg.train.batch_size // dist_info.world_size,
         world_size=dist_info.world_size,
         rank=dist_info.rank,
-        device=device,
+        device=dist_info.device,
     )
-    objective = objective_cls(cfg.sections.get(objective_cls.section) if objective_cls.section else None, ctx).to(device)
-    # RECLIP phases (docs/reclip.md): small images / short captions first, the model's native size last.
-    resolution = reclip.ResolutionRun(cfg.sections.get("resolution"), model, total_steps,
-                                      train_transform, eval_transform, tokenizer)
+    section = cfg.sections.get(objective_cls.section) if objective_cls.section else None
+    return objective_cls(section, ctx).to(dist_info.device)
 
-    groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.lr, cfg.optim.lr_temperature)
-    optimizer = torch.optim.AdamW(groups, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.model.precision == "fp16")
 
-    run_dir = Path(cfg.train.output_dir) / run_name(cfg)
-    step, temp_thresh_hit = 0, False
-    resume_path = _resume_path(cfg, run_dir)
-    if resume_path is None and is_main and ckpt.latest_checkpoint(run_dir) is not None:
-        raise ConfigError(
-            f"run folder {run_dir} already holds checkpoints; continue it with --train.resume latest, "
-            "or start a new one with --train.name NEW_NAME"
-        )
-    if resume_path is not None:
-        state = ckpt.load_checkpoint(resume_path, map_location=device)
-        _check_resume_settings(state, cfg, dist_info.world_size, resume_path, is_main)
-        reclip.load_model_state(model, state["model"], optimizer)  # at the resolution it was saved at
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        objective.load_state_dict(state["objective"])
-        rng = state["rng"]
-        ckpt.set_rng_state(rng[dist_info.rank % len(rng)] if isinstance(rng, list) else rng)
-        step = int(state["step"])
-        temp_thresh_hit = bool(state.get("temp_thresh_hit", False))
-        _restore_data_stats(stream.stats, state.get("data_stats"), dist_info.rank)
-
-    def wrap(model: torch.nn.Module) -> torch.nn.Module:
-        """torch.compile / DDP around the model (again after a phase change resizes parameters)."""
-        if cfg.model.compile:
-            model = torch.compile(model)
-        if dist_info.distributed:
-            model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-        return model
-
-    if cfg.train.accum_steps > 1 and is_main and has_batch_norm(model):
-        print(f"note: {cfg.model.name} normalises with batch statistics (BatchNorm): with train.accum_steps "
-              f"{cfg.train.accum_steps} they are micro-batch statistics, so the step is not exactly the full batch's")
-    resolution.enter(step, model, optimizer)
-    train_model = wrap(model)
-    if is_main and resolution.enabled:
-        print(f"step {step}: {resolution.describe()}")
-
-    logger = MetricsLogger(run_dir, is_main, cfg.train.tensorboard, fresh=resume_path is None,
-                           wandb=cfg if cfg.train.wandb else None, device_type=device.type)
-    if is_main:
-        print(f"run folder: {run_dir}", flush=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for tmp in ckpt.remove_stale_temporaries(ckpt.checkpoint_dir(run_dir)):
-            print(f"removed {tmp.name}, left by an interrupted checkpoint write")
-        ckpt.atomic_write_text(describe(cfg), run_dir / "config.yaml")
-        if resume_path is not None:
-            logger.truncate_after(step, drop_eval_at_step=step >= total_steps)
-            print(f"resumed from {resume_path} at step {step}")
-
-    def checkpoint_state() -> dict[str, Any]:
-        # every process's RNG states and data counters (each rank continues with its own)
-        rng, data_stats = distributed.gather_objects(ckpt.rng_state()), distributed.gather_objects(_stats_dict(stream.stats))
-        return {
-            "step": step,
-            "epoch": step // steps_per_epoch,
-            "model": unwrap(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "objective": objective.state_dict(),
-            "rng": rng,
-            "temp_thresh_hit": temp_thresh_hit,
-            "data_stats": data_stats,
-            "config": cfg.to_dict(),
-            "world_size": dist_info.world_size,
-        }
-
-    last_saved = step if resume_path is not None else -1
-    last_good = resume_path  # the newest checkpoint known to hold finite weights
-    last_save_time = time.monotonic()
-
-    def save() -> Path | None:
-        """Write a checkpoint of the current step; never one whose weights or optimizer state are not finite."""
-        nonlocal last_saved, last_good, last_save_time
-        state = checkpoint_state()  # collective under DDP: every rank takes part
-        bad = ckpt.non_finite_tensors({k: state[k] for k in ("model", "optimizer", "objective")})
-        if distributed.any_rank(bool(bad), device):
-            raise FloatingPointError(
-                f"the weights or optimizer state became non-finite by step {step} "
-                f"({len(bad)} tensors{', e.g. ' + ', '.join(bad[:3]) if bad else ' on another process'}); "
-                f"not saved. Lower --optim.lr (or check the data); {_last_good_text(last_good)}"
+def _resume(run: Run) -> None:
+    """Continue from `run.resume_path` (its settings checked first); a fresh run refuses a folder that already
+    holds checkpoints."""
+    path = run.resume_path
+    if path is None:
+        if run.is_main and ckpt.latest_checkpoint(run.run_dir) is not None:
+            raise ConfigError(
+                f"run folder {run.run_dir} already holds checkpoints; continue it with --train.resume latest, "
+                "or start a new one with --train.name NEW_NAME"
             )
-        path = None
-        if is_main:
-            path = ckpt.save_checkpoint(run_dir, step, state, keep=cfg.train.keep_checkpoints)
-            last_good = path
-        last_saved, last_save_time = step, time.monotonic()
-        distributed.barrier()
-        return path
+        return
+    state = ckpt.load_checkpoint(path, map_location=run.device)
+    _check_resume_settings(state, run.cfg, run.dist.world_size, path, run.is_main)
+    run.load_state_dict(state)
+    run.last_saved, run.last_good = run.step, path
 
-    progress = Progress(total_steps, step, cfg.objective, bar=None if cfg.train.progress else False) if is_main else None
-    checkpoint_seconds = 60.0 * cfg.train.checkpoint_minutes
 
+def _wrap(model: torch.nn.Module, cfg: Config, dist_info: distributed.DistInfo) -> torch.nn.Module:
+    """torch.compile / DDP around the model (again after a phase change resizes parameters)."""
+    if cfg.model.compile:
+        model = torch.compile(model)
+    if dist_info.distributed:
+        model = DDP(model, device_ids=[dist_info.device.index] if dist_info.device.type == "cuda" else None)
+    return model
+
+
+def _prepare_run_dir(run: Run) -> None:
+    """Main rank: the run folder, its config.yaml, and (on resume) metrics.jsonl cut back to the checkpoint."""
+    print(f"run folder: {run.run_dir}", flush=True)
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    for tmp in ckpt.remove_stale_temporaries(ckpt.checkpoint_dir(run.run_dir)):
+        print(f"removed {tmp.name}, left by an interrupted checkpoint write")
+    ckpt.atomic_write_text(describe(run.cfg), run.run_dir / "config.yaml")
+    if run.resume_path is not None:
+        run.logger.truncate_after(run.step, drop_eval_at_step=run.step >= run.total_steps)
+        print(f"resumed from {run.resume_path} at step {run.step}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Throughput:
+    """Between log lines: samples trained since the last one, and the data-skip count last reported."""
+
+    skips: int
+    t_last: float = field(default_factory=time.perf_counter)
+    samples: int = 0
+
+    def rate(self) -> float:
+        """Samples/s since the last call."""
+        now = time.perf_counter()
+        rate = self.samples / max(now - self.t_last, 1e-9)
+        self.t_last, self.samples = now, 0
+        return rate
+
+
+def _loop(run: Run, stop: StopRequest) -> None:
+    """Train to train.steps (or train.stop_at), an epoch at a time; a RECLIP phase boundary restarts the data
+    iterator at its step with the new phase's transforms."""
+    cfg = run.cfg
     # Sources that can drop unreadable samples (csv, wds) may give ranks batches of different sizes, which
     # the feature gathers cannot take: trim every rank's batch to the smallest (one scalar all-reduce per step,
     # only for those sources and only with several processes).
-    trim_batches = dist_info.distributed and cfg.data.source in ("csv", "wds")
-    last_eval: dict[str, float] = {}
-    t_last, samples_since = time.perf_counter(), 0
-    skips = _skipped(stream.stats)
-    model.train()
-    while step < total_steps:
-        epoch, skip = divmod(step, steps_per_epoch)
+    trim_batches = run.dist.distributed and cfg.data.source in ("csv", "wds")
+    meter = _Throughput(skips=_skipped(run.stream.stats))
+    run.model.train()
+    while run.step < run.total_steps:
+        epoch, skip = divmod(run.step, run.steps_per_epoch)
         if skip == 0:
-            objective.on_epoch_start(epoch)
-        if resolution.enter(step, model, optimizer):  # a new phase resized parameters (their AdamW state is reset)
-            del train_model
-            train_model = wrap(model)
-            if is_main:
-                print(f"step {step}: {resolution.describe()}")
-        for batch in stream.iterate(epoch, skip, resolution.train_transform, resolution.tokenizer):
+            run.objective.on_epoch_start(epoch)
+        _enter_phase(run)
+        for batch in run.stream.iterate(epoch, skip, run.resolution.train_transform, run.resolution.tokenizer):
             if trim_batches:
-                batch = distributed.trim_to_common_size(batch, device)
-            images = batch["image"].to(device, non_blocking=True)
-            texts = batch["text"].to(device, non_blocking=True)
-            indices = batch["index"].to(device, non_blocking=True)
-
-            # Schedules are pure functions of the step (step_thresh: of the temperature the last step left).
-            for group in optimizer.param_groups:
-                group["lr"] = param_group_lr(group, step, cfg.optim, total_steps, temp_thresh_hit)
-            rho = rho_at(step, total_steps, cfg.temperature.rho, cfg.temperature.rho_final, cfg.temperature.rho_final_fraction)
-
-            optimizer.zero_grad(set_to_none=True)
-            loss, result = forward_backward(
-                train_model, objective, images, texts, indices, step=step, epoch=epoch,
-                scheme=cfg.temperature.scheme, rho=rho, autocast=lambda: autocast_context(cfg, device),
-                backward=lambda total: scaler.scale(total).backward(), accum_steps=cfg.train.accum_steps,
-            )
-            # Checked once forward and backward are queued, so the wait for the value does not leave the GPU idle
-            # while the host launches the backward pass; still before any parameter changes.
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss is {loss.item()} at step {step}; lower --optim.lr or check the data; "
-                    f"{_last_good_text(last_good)}"
-                )
-            if cfg.optim.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            else:
-                grad_norm = torch.tensor(float("nan"))
-            scaler.step(optimizer)
-            scaler.update()
-            clamp_logit_scale(model)
-            step += 1
-            samples_since += images.shape[0] * dist_info.world_size
-            log_now = step % cfg.train.log_every == 0 or step == total_steps
-            if log_now or watch_temperature(cfg.optim, temp_thresh_hit):
-                # reading the temperature waits for the GPU: only when it is logged or the threshold is watched
-                temperature = 1.0 / float(unwrap(model).logit_scale.detach().exp())
-                temp_thresh_hit = step_thresh_hit(cfg.optim, temperature, temp_thresh_hit)
-
-            if log_now:
-                skips = _report_skips(stream.stats, progress, skips)
-                now = time.perf_counter()
-                rate = samples_since / max(now - t_last, 1e-9)
-                t_last, samples_since = now, 0
-                values = {
-                    "epoch": epoch,
-                    "loss": loss.detach(),
-                    "objective_loss": result.loss.detach(),
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "temperature": temperature,
-                    "logit_scale": math.log(1.0 / temperature),
-                    "rho": rho,
-                    "grad_norm": grad_norm,
-                    "samples_per_s": rate,
-                    **resolution.log_values(),
-                    **{f"obj/{k}": _to_float(v) for k, v in result.metrics.items()},
-                }
-                logger.log(step, values)
-            if progress is not None:
-                progress.update(step, {**values, "loss": float(values["loss"])} if log_now else None)
-            # pre-emption and the time-based checkpoint: every process decides the same (one tiny all-reduce
-            # per step, only with several processes)
-            signalled, time_due = distributed.any_ranks(
-                [stop.signum is not None,
-                 checkpoint_seconds > 0 and time.monotonic() - last_save_time >= checkpoint_seconds], device)
-            if signalled:
-                path = save() if last_saved != step else last_good
-                _exit_on_signal(stop, step, path, is_main)
-            if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 or time_due) and step < total_steps:
-                save()
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
-                if is_main and (eval_sets[0] or eval_sets[1] is not None):
-                    # at the current phase's resolution and context length
-                    last_eval = run_evaluation(model, resolution.tokenizer, resolution.eval_transform, eval_sets, cfg,
-                                               device)
-                    logger.log(step, {f"eval/{k}": v for k, v in last_eval.items()})
-                    model.train()
-                distributed.barrier()
-            if step >= total_steps or step == cfg.train.stop_at or resolution.is_boundary(step):
+                batch = distributed.trim_to_common_size(batch, run.device)
+            out = _train_step(run, batch, epoch)
+            _log_step(run, out, epoch, meter)
+            _checkpoint_if_due(run, stop)
+            _evaluate_if_due(run)
+            if run.step >= run.total_steps or run.step == cfg.train.stop_at or run.resolution.is_boundary(run.step):
                 break  # (a new phase restarts the data iterator at this step with its own transforms)
-        if step == cfg.train.stop_at:
+        if run.step == cfg.train.stop_at:
             break
 
-    if progress is not None:
-        progress.close()
-    if last_saved != step:
-        save()
-    if step < total_steps:  # stopped early by train.stop_at
-        if is_main:
-            print(f"stopped at step {step} of {total_steps}; continue with --train.resume latest")
-        logger.close()
-        return RunResult(run_dir=run_dir, step=step)
-    if is_main and (eval_sets[0] or eval_sets[1] is not None):
-        last_eval = run_evaluation(model, tokenizer, eval_transform, eval_sets, cfg, device)
-        logger.log(step, {f"eval/{k}": v for k, v in last_eval.items()})
+
+def _enter_phase(run: Run) -> None:
+    """At a RECLIP phase boundary: the new phase resized parameters (their AdamW state is reset), so wrap again."""
+    if run.resolution.enter(run.step, run.model, run.optimizer):
+        del run.train_model  # the old wrapper goes before the new one is made
+        run.train_model = _wrap(run.model, run.cfg, run.dist)
+        if run.is_main:
+            print(f"step {run.step}: {run.resolution.describe()}")
+
+
+def _train_step(run: Run, batch: dict[str, torch.Tensor], epoch: int) -> StepOutput:
+    """One optimizer step on `batch` (plain or accumulated, amorlip.step): schedules, gradients, clip, update."""
+    cfg, device, optimizer, scaler = run.cfg, run.device, run.optimizer, run.scaler
+    images = batch["image"].to(device, non_blocking=True)
+    texts = batch["text"].to(device, non_blocking=True)
+    indices = batch["index"].to(device, non_blocking=True)
+
+    # Schedules are pure functions of the step (step_thresh: of the temperature the last step left).
+    for group in optimizer.param_groups:
+        group["lr"] = param_group_lr(group, run.step, cfg.optim, run.total_steps, run.temp_thresh_hit)
+    rho = rho_at(run.step, run.total_steps, cfg.temperature.rho, cfg.temperature.rho_final,
+                 cfg.temperature.rho_final_fraction)
+
+    optimizer.zero_grad(set_to_none=True)
+    loss, result = forward_backward(
+        run.train_model, run.objective, images, texts, indices, step=run.step, epoch=epoch,
+        scheme=cfg.temperature.scheme, rho=rho, autocast=lambda: autocast_context(cfg, device),
+        backward=lambda total: scaler.scale(total).backward(), accum_steps=cfg.train.accum_steps,
+    )
+    # Checked once forward and backward are queued, so the wait for the value does not leave the GPU idle
+    # while the host launches the backward pass; still before any parameter changes.
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"loss is {loss.item()} at step {run.step}; lower --optim.lr or check the data; "
+            f"{_last_good_text(run.last_good)}"
+        )
+    if cfg.optim.grad_clip > 0:
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip)
+    else:
+        grad_norm = torch.tensor(float("nan"))
+    scaler.step(optimizer)
+    scaler.update()
+    clamp_logit_scale(run.model)
+    run.step += 1
+    return StepOutput(loss=loss, result=result, grad_norm=grad_norm, rho=rho,
+                      samples=images.shape[0] * run.dist.world_size)
+
+
+def _log_step(run: Run, out: StepOutput, epoch: int, meter: _Throughput) -> None:
+    """Every train.log_every steps and at the last: a metrics line and the progress line. Reads the temperature
+    for them and, while step_thresh watches it, after every step."""
+    cfg = run.cfg
+    meter.samples += out.samples
+    log_now = run.step % cfg.train.log_every == 0 or run.step == run.total_steps
+    if log_now or watch_temperature(cfg.optim, run.temp_thresh_hit):
+        # reading the temperature waits for the GPU: only when it is logged or the threshold is watched
+        temperature = 1.0 / float(unwrap(run.model).logit_scale.detach().exp())
+        run.temp_thresh_hit = step_thresh_hit(cfg.optim, temperature, run.temp_thresh_hit)
+    if log_now:
+        meter.skips = _report_skips(run.stream.stats, run.progress, meter.skips)
+        rate = meter.rate()
+        values = {
+            "epoch": epoch,
+            "loss": out.loss.detach(),
+            "objective_loss": out.result.loss.detach(),
+            "lr": run.optimizer.param_groups[0]["lr"],
+            "temperature": temperature,
+            "logit_scale": math.log(1.0 / temperature),
+            "rho": out.rho,
+            "grad_norm": out.grad_norm,
+            "samples_per_s": rate,
+            **run.resolution.log_values(),
+            **{f"obj/{k}": _to_float(v) for k, v in out.result.metrics.items()},
+        }
+        run.logger.log(run.step, values)
+    if run.progress is not None:
+        run.progress.update(run.step, {**values, "loss": float(values["loss"])} if log_now else None)
+
+
+def _checkpoint_if_due(run: Run, stop: StopRequest) -> None:
+    """After a stop signal: save and exit. Otherwise a checkpoint every train.checkpoint_every steps and every
+    train.checkpoint_minutes (the final step's is written by _finish)."""
+    cfg = run.cfg
+    checkpoint_seconds = 60.0 * cfg.train.checkpoint_minutes
+    # pre-emption and the time-based checkpoint: every process decides the same (one tiny all-reduce
+    # per step, only with several processes)
+    signalled, time_due = distributed.any_ranks(
+        [stop.signum is not None,
+         checkpoint_seconds > 0 and time.monotonic() - run.last_save_time >= checkpoint_seconds], run.device)
+    if signalled:
+        path = _save(run) if run.last_saved != run.step else run.last_good
+        _exit_on_signal(stop, run.step, path, run.is_main)
+    if (cfg.train.checkpoint_every and run.step % cfg.train.checkpoint_every == 0 or time_due) \
+            and run.step < run.total_steps:
+        _save(run)
+
+
+def _evaluate_if_due(run: Run) -> None:
+    """Every train.eval_every steps (not the last: _finish evaluates it), at the current phase's resolution and
+    context length."""
+    cfg = run.cfg
+    if cfg.train.eval_every and run.step % cfg.train.eval_every == 0 and run.step < run.total_steps:
+        if run.is_main and run.has_eval_data:
+            _evaluate(run, run.resolution.tokenizer, run.resolution.eval_transform)
+            run.model.train()
+        distributed.barrier()
+
+
+def _evaluate(run: Run, tokenizer: Any, transform: Any) -> None:
+    """Main rank: evaluate the model, log the results and keep them as the run's latest (run.last_eval)."""
+    run.last_eval = run_evaluation(run.model, tokenizer, transform, run.eval_sets, run.cfg, run.device)
+    run.logger.log(run.step, {f"eval/{k}": v for k, v in run.last_eval.items()})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoint and finish
+# ----------------------------------------------------------------------------------------------------
+
+
+def _save(run: Run) -> Path | None:
+    """Write a checkpoint of the current step; never one whose weights or optimizer state are not finite.
+    Collective: every rank takes part; returns the path on the main rank (None elsewhere)."""
+    state = run.state_dict()
+    bad = ckpt.non_finite_tensors({k: state[k] for k in ("model", "optimizer", "objective")})
+    if distributed.any_rank(bool(bad), run.device):
+        raise FloatingPointError(
+            f"the weights or optimizer state became non-finite by step {run.step} "
+            f"({len(bad)} tensors{', e.g. ' + ', '.join(bad[:3]) if bad else ' on another process'}); "
+            f"not saved. Lower --optim.lr (or check the data); {_last_good_text(run.last_good)}"
+        )
+    path = None
+    if run.is_main:
+        path = ckpt.save_checkpoint(run.run_dir, run.step, state, keep=run.cfg.train.keep_checkpoints)
+        run.last_good = path
+    run.last_saved, run.last_save_time = run.step, time.monotonic()
     distributed.barrier()
-    result = RunResult(run_dir=run_dir, step=step, metrics=last_eval, history=read_history(run_dir) if is_main else [])
-    data_stats = _merged_stats(stream.stats)
-    if is_main:
-        logger.summary(finish_run(result, cfg, data_stats, device.type))
-    logger.close()
+    return path
+
+
+def _finish(run: Run) -> RunResult:
+    """The final checkpoint; then, unless stopped early by train.stop_at, the final evaluation at the model's
+    native size, summary.json, plot and table (finish_run)."""
+    if run.progress is not None:
+        run.progress.close()
+    if run.last_saved != run.step:
+        _save(run)
+    if run.step < run.total_steps:  # stopped early by train.stop_at
+        if run.is_main:
+            print(f"stopped at step {run.step} of {run.total_steps}; continue with --train.resume latest")
+        run.logger.close()
+        return RunResult(run_dir=run.run_dir, step=run.step)
+    if run.is_main and run.has_eval_data:
+        _evaluate(run, run.tokenizer, run.eval_transform)
+    distributed.barrier()
+    result = RunResult(run_dir=run.run_dir, step=run.step, metrics=run.last_eval,
+                       history=read_history(run.run_dir) if run.is_main else [])
+    data_stats = _merged_stats(run.stream.stats)
+    if run.is_main:
+        run.logger.summary(finish_run(result, run.cfg, data_stats, run.device.type))
+    run.logger.close()
     return result
 
 
