@@ -17,12 +17,15 @@ def test_entry_parsing():
         parse_entry("clip[nokey]")
 
 
-def test_table_mean_and_spread():
-    md, csv_text, cols = build_table({"a": [{"zeroshot/mean_top1": 0.5}, {"zeroshot/mean_top1": 0.7}],
-                                      "b": [{"zeroshot/mean_top1": 0.2}]})
-    assert "60.00 ± 14.14" in md and "| b | 1 | 20.00 |" in md
+def test_table_mean_and_interval():
+    """Mean and 95% t interval over seeds: with two seeds t_{0.975,1} = 12.71, so 0.5 and 0.7 give 60 ± 127."""
+    runs = [{"entry": "a", "seed": 0, "metrics": {"zeroshot/mean_top1": 0.5}},
+            {"entry": "a", "seed": 1, "metrics": {"zeroshot/mean_top1": 0.7}},
+            {"entry": "b", "seed": 0, "metrics": {"zeroshot/mean_top1": 0.2}}]
+    md, csv_text, cols = build_table({"entries": ["a", "b"], "runs": runs})
+    assert "| a | 2 | 60.00 ± 127.06 |" in md and "| b | 1 | 20.00 |" in md
     assert cols == ["zeroshot/mean_top1"]
-    assert "0.600000" in csv_text
+    assert csv_text.splitlines()[1] == "a,2,0.6,1.27062,0.141421"
 
 
 def test_compare_cli(tmp_path, capsys):

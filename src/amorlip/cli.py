@@ -23,7 +23,14 @@ TRAIN_DESCRIPTION = (
 )
 COMPARE_DESCRIPTION = (
     "Train several objectives side by side (same model, data, batch and seeds), evaluate each, and write a "
-    "table and plots. Config keys given here apply to every entry; an entry's own [key=value] overrides come last."
+    "table and plots. Config keys given here apply to every entry; an entry's own [key=value] overrides come next, "
+    "then the sweep point's.\n\n"
+    "Each (entry, sweep point, seed) is one run, named by its settings: a rerun of the same command skips the runs "
+    "that finished with the same settings and resumes the half-finished ones from their checkpoint. Tables "
+    "(table.md/.csv) give the mean and the 95% Student t interval over seeds; with --reference each other entry "
+    "also gets its paired difference to the reference (same seeds) and a verdict: better / worse when the "
+    "interval excludes 0, else \"no difference measured\". --jobs N trains N runs at once, each in its own "
+    "process. docs/compare.md explains the outputs."
 )
 BENCH_COMMANDS = ("overhead", "loss", "throughput", "data", "comm", "flops", "memory")
 
@@ -43,10 +50,26 @@ def _compare_options(parser: Any) -> None:
     _train_options(parser)
     parser.add_argument("--objectives", default="clip,amorlip", metavar="ENTRIES",
                         help="comma-separated objectives or presets; an entry may carry overrides, e.g. "
-                             "'clip,clip[temperature.scheme=rescaled],amorlip[amor.divide_by=target]' "
-                             "(default: clip,amorlip)")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds (mean and spread when more than one)")
+                             "'clip,clip[temperature.scheme=rescaled],amorlip[amor.divide_by=target]'")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (mean and 95% interval when more than one)")
     parser.add_argument("--out", default="runs/compare", help="output folder for the table and plots")
+    parser.add_argument("--sweep", action="append", metavar="KEY=V1,V2,...",
+                        help="run every entry at each value of a config key, e.g. --sweep train.batch_size=16,32,64; "
+                             "repeat for a grid (--sweep data.dataset_size=4000,30000); the first key is the plots' "
+                             "x axis")
+    parser.add_argument("--budget", default="samples", metavar="{samples,steps,epochs}",
+                        help="what a sweep holds equal, from train.steps (or train.epochs) at the base batch size: "
+                             "samples (train.steps = base steps x base batch / batch; eval_every, log_every, "
+                             "checkpoint_every, warmup and cooldown steps scale alike), steps (the same train.steps) "
+                             "or epochs (the same train.epochs); a sweep over train.steps or train.epochs sets the "
+                             "length itself")
+    parser.add_argument("--reference", metavar="LABEL",
+                        help="an entry of --objectives (e.g. clip): the others get paired differences to it per "
+                             "metric and sweep point, with a 95% interval and a verdict")
+    parser.add_argument("--jobs", default="1", metavar="N",
+                        help="train N runs at once, each in its own process with one CPU thread (unless "
+                             "--train.threads says otherwise), their output in OUT/jobs/; 1 trains them one after "
+                             "another in this process")
 
 
 def cmd_train(words: list[str]) -> int:
@@ -68,11 +91,13 @@ def cmd_compare(words: list[str]) -> int:
 
     own, overrides = parse_config_args(words, "amorlip compare", COMPARE_DESCRIPTION, _compare_options)
     args = argparse.Namespace(**own)
+    args.budget_given = any(w == "--budget" or w.startswith("--budget=") for w in words)
     if args.print_config:
-        from amorlip.compare import compare_configs
+        from amorlip.compare import compare_configs, point_label
 
-        for (label, seed), cfg in compare_configs(args, overrides).items():
-            print(f"# --- {label}, seed {seed}\n{describe(cfg)}", end="")
+        for run in compare_configs(args, overrides):
+            where = " ".join(filter(None, (run.entry, point_label(run.point))))
+            print(f"# --- {where}, seed {run.seed}\n{describe(run.cfg)}", end="")
         return 0
     from amorlip.compare import run_compare
 
