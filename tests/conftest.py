@@ -1,8 +1,32 @@
+import faulthandler
+import multiprocessing
 import os
 import sys
+import threading
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 # tiny models run fastest single-threaded, and a shared 2-core machine makes 2 threads much slower
 torch.set_num_threads(1)
+
+EXIT_GRACE_S = 180
+"""A finished test session must also end: this long after the last test, a process still alive prints every
+thread's stack and exits 1, so a leaked thread or child (or a library's exit hook that waits forever) shows up
+as a red run with its cause, not as a CI job that hangs until it is killed."""
+
+
+def _report_leftovers() -> None:
+    """Name the non-daemon threads and child processes still alive once the tests are done: what the
+    interpreter would wait for at exit."""
+    threads = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive() and not t.daemon]
+    children = multiprocessing.active_children()
+    if threads or children:
+        print(f"tests left behind: threads {[t.name for t in threads]}, child processes "
+              f"{[(p.name, p.pid, 'daemon' if p.daemon else 'non-daemon') for p in children]}",
+              file=sys.__stderr__, flush=True)
+
+
+def pytest_unconfigure(config):
+    _report_leftovers()
+    faulthandler.dump_traceback_later(EXIT_GRACE_S, exit=True, file=sys.__stderr__)

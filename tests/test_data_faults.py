@@ -138,6 +138,49 @@ def test_all_corrupt_csv_raises_naming_files(micro, csv_src, tmp_path, workers):
     assert "not readable images" in msg  # the files exist: the fix is to re-create them
 
 
+def _live_children() -> list:
+    import multiprocessing
+
+    return [p for p in multiprocessing.active_children() if p.is_alive()]
+
+
+@pytest.mark.parametrize("source", ["csv", "wds"])
+def test_a_data_error_shuts_its_loader_workers_down(micro, csv_src, tmp_path, source):
+    """The workers ignore SIGTERM (stop signals are the main process's), so workers left running by a caught
+    DataError -- whose traceback keeps the loader's iterator alive -- made the interpreter's exit wait forever."""
+    if source == "csv":
+        path = copy_csv(csv_src, tmp_path, corrupt=range(48))
+    else:
+        _custom_shards(tmp_path / "s", 2, 24, image="junk")
+        path = tmp_path / "s"
+    before = {p.pid for p in _live_children()}
+    stream = build_train_stream(DataConfig(source=source, train_path=str(path), workers=2), 8, seed=0)
+    error = within(LIMIT_S, drive, stream, 20, *micro)
+    assert isinstance(error, DataError) and error.__traceback__ is not None  # still held here
+    left = [p for p in _live_children() if p.pid not in before]
+    assert not left, f"loader workers still running after the DataError: {left}"
+
+
+def test_a_process_that_caught_a_data_error_with_workers_exits(csv_src, tmp_path):
+    path = copy_csv(csv_src, tmp_path, corrupt=range(48))
+    script = f"""
+from amorlip.config import DataConfig
+from amorlip.data.loader import build_train_stream
+from amorlip.data.types import DataError
+from amorlip.models import create_model
+_, _, transform, tokenizer = create_model("micro-vit")
+stream = build_train_stream(DataConfig(source="csv", train_path={str(path)!r}, workers=2), 8, seed=0)
+try:
+    for _ in stream.iterate(0, 0, transform, tokenizer):
+        pass
+except DataError as e:
+    kept = e  # as a test framework keeps it, with the traceback and the frames it holds
+print("caught", type(kept).__name__, flush=True)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=LIMIT_S)
+    assert proc.returncode == 0 and "caught DataError" in proc.stdout, proc.stderr[-2000:]
+
+
 def test_csv_paths_wrong_for_its_folder(micro, csv_src, tmp_path):
     path = copy_csv(csv_src, tmp_path)
     moved = tmp_path / "elsewhere" / "train.csv"

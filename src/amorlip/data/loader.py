@@ -46,6 +46,7 @@ from amorlip.data.samples import (  # noqa: F401 - re-exported: the names caller
     sample_seeds,
     preserved_rng,
     seed_rng,
+    loader_items,
     prepare_sample,
     Collate,
     _identity,
@@ -169,8 +170,9 @@ class MapStream(_GuardedStream):
             # a private generator: building the loader must not consume the caller's global RNG
             generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch, _TAG_LOADER)),
         )
-        yield from self._guarded(iter(loader), epoch, len(batches),
-                                 lambda: self._look_back(epoch, skip_batches, transform, tokenizer))
+        with loader_items(loader) as items:
+            yield from self._guarded(items, epoch, len(batches),
+                                     lambda: self._look_back(epoch, skip_batches, transform, tokenizer))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -6,8 +6,10 @@ it, and neither imports the other at module level.
 """
 from __future__ import annotations
 
+import atexit
 import random
 import warnings
+import weakref
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
@@ -108,6 +110,37 @@ def preserved_rng() -> Iterator[None]:
     finally:
         gen.set_state(torch_state)
         random.setstate(py_state)
+
+
+_LIVE_LOADER_ITERATORS: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+@contextmanager
+def loader_items(loader: Any) -> Iterator[Iterator[Any]]:
+    """`iter(loader)`, whose worker processes are shut down when the block ends: by an error, a `break`, or
+    the generator around it being closed, not when the garbage collector gets to it. A DataError's traceback
+    keeps the iterator alive, and the workers ignore SIGTERM (`ignore_in_worker`), so without this a caught
+    error left them running and the interpreter's exit (multiprocessing joins its children) waited forever."""
+    items = iter(loader)
+    if hasattr(items, "_shutdown_workers"):
+        _LIVE_LOADER_ITERATORS.add(items)
+    try:
+        yield items
+    finally:
+        _shut_down(items)
+
+
+def _shut_down(items: Any) -> None:
+    shutdown = getattr(items, "_shutdown_workers", None)  # torch's own clean shutdown (idempotent)
+    if shutdown is not None:
+        shutdown()
+        _LIVE_LOADER_ITERATORS.discard(items)
+
+
+@atexit.register  # registered after multiprocessing's exit hook, so it runs before it
+def _shut_down_all() -> None:
+    for items in list(_LIVE_LOADER_ITERATORS):
+        _shut_down(items)
 
 
 def seed_rng(seed: int) -> None:

@@ -53,6 +53,7 @@ from amorlip.data.samples import (
     _GuardedStream,
     _identity,
     check_batch_size,
+    loader_items,
     mix_seed,
     prepare_sample,
     preserved_rng,
@@ -492,11 +493,12 @@ class WdsStream(_GuardedStream):
         """The last usable batch before position `skip_batches` (at most max_empty_batches back), not counted."""
         start = max(0, skip_batches - self.max_empty_batches)
         last = None
-        for _, (batch, counts) in zip(range(skip_batches - start), self._loader(epoch, start, transform, tokenizer)):
-            if counts.get("error"):
-                return None
-            if batch is not None:
-                last = batch
+        with loader_items(self._loader(epoch, start, transform, tokenizer)) as items:
+            for _, (batch, counts) in zip(range(skip_batches - start), items):
+                if counts.get("error"):
+                    return None
+                if batch is not None:
+                    last = batch
         return last
 
     def iterate(self, epoch: int, skip_batches: int, transform: Callable, tokenizer: Callable) -> Iterator[Batch]:
@@ -504,6 +506,6 @@ class WdsStream(_GuardedStream):
             raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
         if skip_batches >= self.steps_per_epoch:
             return
-        loader = self._loader(epoch, skip_batches, transform, tokenizer)
-        yield from self._guarded(iter(loader), epoch, self.steps_per_epoch - skip_batches,
-                                 lambda: self._look_back(epoch, skip_batches, transform, tokenizer))
+        with loader_items(self._loader(epoch, skip_batches, transform, tokenizer)) as items:
+            yield from self._guarded(items, epoch, self.steps_per_epoch - skip_batches,
+                                     lambda: self._look_back(epoch, skip_batches, transform, tokenizer))
