@@ -109,6 +109,10 @@ class OptimConfig:
     """Steps of linear learning-rate warm-up from 0."""
     grad_clip: float = 1.0
     """Max gradient norm; 0 disables clipping."""
+    fused: bool | None = None
+    """AdamW's fused kernel (one pass over each parameter instead of one per operation: on a tiny model on the
+    CPU the optimizer step is about 10x faster); None = fused on the CPU and CUDA, false = torch's default
+    implementation (open_clip's). The same update up to floating-point rounding."""
     lr_temperature: float | None = None
     """Learning rate of logit_scale (and logit_bias); None = same as lr."""
     temperature_step_thresh: bool = False

@@ -23,7 +23,7 @@ NEUTRAL_KEYS = frozenset({
     "train.wandb", "train.wandb_project", "train.wandb_name", "train.wandb_tags", "train.save_final",
     "train.export_final",
     # memory knobs: the same math (up to the order of floating-point sums)
-    "train.accum_steps", "model.grad_checkpointing",
+    "train.accum_steps", "model.grad_checkpointing", "optim.fused",
     # read only by a fresh run: a resumed one takes its weights from the checkpoint
     "model.pretrained",
 })

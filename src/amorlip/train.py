@@ -147,11 +147,14 @@ def build_eval_sets(cfg: Config):
         return build_eval_data(cfg.data, cfg.train.seed, imagenet_root=cfg.eval.imagenet_root)
 
 
-def run_evaluation(model, tokenizer, transform, eval_sets, cfg: Config, device: torch.device) -> dict[str, float]:
+def run_evaluation(model, tokenizer, transform, eval_sets, cfg: Config, device: torch.device, *,
+                   objective: torch.nn.Module | None = None, diagnostic_sets: Any = None) -> dict[str, float]:
+    """Zero-shot and retrieval on `eval_sets`; with `diagnostic_sets` (eval.normalizers) also the normalizer
+    diagnostics of the model and `objective` as they are now (`normalizer/...` keys, amorlip.evaluate.normalizers)."""
     from amorlip.evaluate import evaluate_model
 
     tasks, retrieval = eval_sets
-    return evaluate_model(
+    metrics = evaluate_model(
         unwrap(model),
         tokenizer,
         transform,
@@ -160,6 +163,23 @@ def run_evaluation(model, tokenizer, transform, eval_sets, cfg: Config, device: 
         device,
         cfg.eval.batch_size,
     )
+    if diagnostic_sets is not None:
+        from amorlip.evaluate.normalizers import run_diagnostics
+
+        metrics.update(run_diagnostics(model, objective, diagnostic_sets, transform, tokenizer, device,
+                                       cfg.eval.batch_size))
+    return metrics
+
+
+def build_optimizer(groups: list[dict[str, Any]], cfg: Config, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the parameter groups; fused (one kernel per parameter) unless optim.fused is false or the
+    device has no fused AdamW."""
+    fused = cfg.optim.fused
+    if fused is None:
+        fused = device.type in ("cpu", "cuda") and all(
+            p.is_floating_point() for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
+                             **({"fused": True} if fused else {}))
 
 
 def train(cfg: Config, stream: Any | None = None) -> RunResult:
@@ -192,6 +212,7 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     eval_sets: tuple[list, Any]  # (zero-shot tasks, retrieval set); ([], None) off the main rank
+    diagnostic_sets: Any  # eval.normalizers: the pairs of the normalizer diagnostics (None: off, or not main)
     model: torch.nn.Module  # the bare model: parameters, clamp, checkpoint and evaluation
     tokenizer: Any  # native tokenizer and eval transform (the final evaluation's); phases have their own
     eval_transform: Any
@@ -220,7 +241,7 @@ class Run:
 
     @property
     def has_eval_data(self) -> bool:
-        return bool(self.eval_sets[0]) or self.eval_sets[1] is not None
+        return bool(self.eval_sets[0]) or self.eval_sets[1] is not None or self.diagnostic_sets is not None
 
     def state_dict(self) -> dict[str, Any]:
         """The checkpoint: everything needed to continue exactly. Collective under DDP (every rank takes part):
@@ -291,6 +312,11 @@ def _set_up(cfg: Config, stream: Any | None) -> Run:
 
     # evaluation data too (the user's val_path / imagenet_root are read and checked here)
     eval_sets = build_eval_sets(cfg) if dist_info.is_main and (cfg.eval.zeroshot or cfg.eval.retrieval) else ([], None)
+    diagnostic_sets = None
+    if dist_info.is_main and cfg.eval.normalizers:  # consumes no RNG
+        from amorlip.evaluate.normalizers import build_diagnostic_sets
+
+        diagnostic_sets = build_diagnostic_sets(cfg, stream)
 
     # initial weights (model.pretrained) only for a new run: a resumed one takes them from its checkpoint
     run_dir = Path(cfg.train.output_dir) / run_name(cfg)
@@ -304,10 +330,11 @@ def _set_up(cfg: Config, stream: Any | None) -> Run:
     resolution = reclip.ResolutionRun(cfg.sections.get("resolution"), model, total_steps,
                                       train_transform, eval_transform, tokenizer)
     groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.lr, cfg.optim.lr_temperature)
-    optimizer = torch.optim.AdamW(groups, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+    optimizer = build_optimizer(groups, cfg, dist_info.device)
     scaler = torch.amp.GradScaler("cuda", enabled=dist_info.device.type == "cuda" and cfg.model.precision == "fp16")
     run = Run(cfg=cfg, dist=dist_info, run_dir=run_dir, resume_path=resume_path, stream=stream,
-              steps_per_epoch=steps_per_epoch, total_steps=total_steps, eval_sets=eval_sets, model=model,
+              steps_per_epoch=steps_per_epoch, total_steps=total_steps, eval_sets=eval_sets,
+              diagnostic_sets=diagnostic_sets, model=model,
               tokenizer=tokenizer, eval_transform=eval_transform, objective=objective, resolution=resolution,
               optimizer=optimizer, scaler=scaler)
     _resume(run)
@@ -579,7 +606,8 @@ def _evaluate_if_due(run: Run) -> None:
 
 def _evaluate(run: Run, tokenizer: Any, transform: Any) -> None:
     """Main rank: evaluate the model, log the results and keep them as the run's latest (run.last_eval)."""
-    run.last_eval = run_evaluation(run.model, tokenizer, transform, run.eval_sets, run.cfg, run.device)
+    run.last_eval = run_evaluation(run.model, tokenizer, transform, run.eval_sets, run.cfg, run.device,
+                                   objective=run.objective, diagnostic_sets=run.diagnostic_sets)
     run.logger.log(run.step, {f"eval/{k}": v for k, v in run.last_eval.items()})
 
 
