@@ -94,18 +94,28 @@ def steady_rate(intervals: list[float], warmup: int, batch: int) -> dict[str, fl
             "steps_measured": len(kept)}
 
 
+def ratio_spread(ratios: list[float]) -> dict[str, float]:
+    """Min, quartiles and max of the per-pair ratios (the quartiles interpolated; one pair: all equal)."""
+    if len(ratios) == 1:
+        q1 = q3 = ratios[0]
+    else:
+        q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return {"min": min(ratios), "q1": q1, "median": statistics.median(ratios), "q3": q3, "max": max(ratios)}
+
+
 def run(extra: list[str]) -> dict[str, Any]:
     parser = base_parser(
         "throughput",
         "Samples/s of `amorlip train` against open_clip's trainer (open_clip_train.main) on the same model, "
         "batch, precision and data, run one after the other.",
     )
-    parser.add_argument("--steps", type=int, default=40, help="training steps per run (default 40)")
-    parser.add_argument("--warmup", type=int, default=8, help="first step intervals dropped (default 8)")
+    parser.add_argument("--steps", type=int, default=60, help="training steps per run (default 60)")
+    parser.add_argument("--warmup", type=int, default=10, help="first step intervals dropped (default 10)")
     parser.add_argument("--data", default="csv", choices=["csv", "synthetic"],
                         help="csv: identical files for both (default); synthetic: each side's own synthetic source")
     parser.add_argument("--workers", type=int, help="data loader workers on both sides (default: data.workers)")
-    parser.add_argument("--repeats", type=int, default=1, help="pairs of runs, order alternating (default 1)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="pairs of runs, order alternating; the ratio is their median (default 5)")
     opts, overrides = parse_args(parser, extra)
     reason = open_clip_available()
     load_warning(opts.threads)
@@ -197,12 +207,19 @@ def run(extra: list[str]) -> dict[str, Any]:
     print(f"\nbench throughput: {model}, batch {batch}, {cfg.model.precision}, {device}, data={opts.data}, "
           f"workers={workers}, threads={threads or 'default'}; {opts.steps} steps per run, first {opts.warmup} dropped, {opts.repeats} pair(s)")
     print(table)
+    spread = ratio_spread([p["ratio"] for p in pairs])
     if len(pairs) > 1:
-        print("per-pair ratios: " + ", ".join(f"{p['ratio']:.3f}" for p in pairs))
+        print("per-pair ratios: " + ", ".join(f"{p['ratio']:.3f}" for p in pairs)
+              + f"; median {ratio:.3f}, range {spread['min']:.3f}-{spread['max']:.3f}, "
+              f"interquartile {spread['q1']:.3f}-{spread['q3']:.3f}")
+        if spread["q1"] <= 1.0 <= spread["q3"]:
+            print("the interquartile range of the pairs holds 1.0: no difference measured at this noise "
+                  "(more --repeats, or an idle machine)")
     print("samples/s: batch / mean interval between consecutive per-step log records (everything the loop does); "
           "process s: the whole subprocess, start-up included.")
     out = {"command": "throughput", "model": model, "batch_size": batch, "precision": cfg.model.precision,
            "data": opts.data, "workers": workers, "threads": threads, "steps": opts.steps, "warmup": opts.warmup,
-           "environment": environment(device), "pairs": pairs, "ratio": ratio, "table": table}
+           "environment": environment(device), "pairs": pairs, "ratio": ratio, "ratio_spread": spread,
+           "table": table}
     write_json(opts.json, out)
     return out
