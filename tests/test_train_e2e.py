@@ -1,5 +1,6 @@
 """End-to-end training from the CLI: runs, resume equivalence, export round trip, bad input."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -152,3 +153,49 @@ def test_torchrun_two_processes_with_a_corrupt_csv_sample(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp-csv" / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["data_skipped"]["skipped_corrupt"] >= 1
+
+
+def test_fused_adamw_is_the_default_and_takes_the_same_step():
+    """optim.fused: None picks the fused kernel on the CPU, false torch's default one; one step of each from the
+    same state agrees to float rounding."""
+    from amorlip.config import build_config
+    from amorlip.models import param_groups
+    from amorlip.train import build_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    cfg = build_config(None, [])
+    assert cfg.optim.fused is None
+    after = {}
+    for fused in (None, False):
+        cfg.optim.fused = fused
+        copy = [p.detach().clone().requires_grad_() for p in model.parameters()]
+        opt = build_optimizer([{"params": copy, "lr": 1e-2, "weight_decay": 0.1}], cfg, torch.device("cpu"))
+        assert opt.defaults["fused"] is (True if fused is None else None)
+        for p in copy:
+            p.grad = torch.linspace(-1, 1, p.numel()).view_as(p)
+        for _ in range(3):
+            opt.step()
+        after[fused] = copy
+    for a, b in zip(after[None], after[False]):
+        assert not torch.equal(a, next(model.parameters()).new_zeros(a.shape))
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_eval_normalizers_logs_the_diagnostics_at_every_evaluation(tmp_path):
+    """eval.normalizers: the diagnostics' keys at each eval_every row of metrics.jsonl (their curve) and in the
+    final metrics; AmorLIP has its own estimate on both splits, and the training itself is unchanged."""
+    common = ["--objective", "amorlip", "--train.steps", "4", "--train.eval-every", "2",
+              "--eval.normalizer-size", "32"]
+    assert run_cli(tmp_path, *common, "--train.name", "diag", "--eval.normalizers", "true") == 0
+    assert run_cli(tmp_path, *common, "--train.name", "plain") == 0
+    rows = [json.loads(line) for line in (tmp_path / "diag" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if any(k.startswith("eval/normalizer/") for k in r)]
+    assert [r["step"] for r in evals] == [2, 4]
+    for split in ("train", "heldout"):
+        for est in ("inbatch", "objective"):
+            assert math.isfinite(evals[-1][f"eval/normalizer/{split}/{est}/image_mse"])
+    summary = json.loads((tmp_path / "diag" / "summary.json").read_text())
+    assert "normalizer/train/objective/text_bias" in summary["metrics"]
+    plain = [json.loads(line) for line in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows if "loss" in r] == [r["loss"] for r in plain if "loss" in r]
