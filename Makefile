@@ -11,6 +11,8 @@ else
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 endif
 PYTEST_ARGS ?=
+# the tests run single-threaded (tests/conftest.py): one pytest-xdist worker per core
+TEST_WORKERS ?= 2
 
 .PHONY: demo test install clean-venv
 
@@ -26,7 +28,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/amorlip train --config tiny-demo --train.name demo --train.resume auto
 
 test: $(VENV)/.installed
-	$(PY) -m pytest $(PYTEST_ARGS) tests
+	$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS) tests
 
 clean-venv:
 	rm -rf $(VENV)

@@ -29,4 +29,6 @@ def _report_leftovers() -> None:
 
 def pytest_unconfigure(config):
     _report_leftovers()
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker lives on until the controller ends the session
+        return
     faulthandler.dump_traceback_later(EXIT_GRACE_S, exit=True, file=sys.__stderr__)

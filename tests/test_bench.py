@@ -185,7 +185,7 @@ def test_throughput_against_open_clip(tmp_path):
     reason = open_clip_available()
     if reason:
         pytest.skip(reason)
-    out = run_command("throughput", [*MICRO, "--steps", "4", "--warmup", "1", "--data", "synthetic",
+    out = run_command("throughput", [*MICRO, "--steps", "4", "--warmup", "1", "--repeats", "1", "--data", "synthetic",
                                      "--json", str(tmp_path / "tp.json")])
     pair = out["pairs"][0]
     assert pair["ours"]["steps_measured"] == 3 and pair["open_clip"]["steps_measured"] == 3
@@ -235,3 +235,11 @@ def test_memory_loss_tiled_vs_dense_and_accum_steps(tmp_path):
     assert all(r["peak_bytes"] and r["step_ms_median"] > 0 and len(r["step_times_s"]) == 2 for r in step["rows"])
     with pytest.raises(ConfigError, match="accum"):
         run_command("memory", [*MICRO, "--skip-loss", "--accum", "3"])
+
+
+def test_throughput_ratio_spread():
+    from amorlip.bench.throughput import ratio_spread
+
+    assert ratio_spread([1.2]) == {"min": 1.2, "q1": 1.2, "median": 1.2, "q3": 1.2, "max": 1.2}
+    s = ratio_spread([0.9, 1.0, 1.1, 1.3, 1.5])
+    assert (s["min"], s["q1"], s["median"], s["q3"], s["max"]) == pytest.approx((0.9, 1.0, 1.1, 1.3, 1.5))
