@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model config name (needed only for an exported checkpoint without config)")
     p.add_argument("--datacomp", metavar="ROOT", help="run the DataComp task list on local clip_benchmark wds folders under ROOT")
     p.add_argument("--datacomp-tasks", help="comma-separated subset of DataComp tasks")
-    p.add_argument("--normalizers", action="store_true", help="normalizer diagnostics on the held-out split")
+    p.add_argument("--normalizers", action="store_true", help="normalizer diagnostics (log partition estimates vs exact) on a fixed training subset and held-out pairs")
     p.add_argument("--data", "--data.source", dest="data", default=None,
                    help="evaluation data: synthetic, fashion-mnist, or a CSV / shards / class folder path (default: what the run evaluated on: its data.val_path, eval.imagenet_root or its source's held-out split)")
     p.add_argument("--out", help="write results JSON here (default: RUN/eval.json)")
