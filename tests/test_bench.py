@@ -191,6 +191,8 @@ def test_throughput_against_open_clip(tmp_path):
     assert pair["ours"]["steps_measured"] == 3 and pair["open_clip"]["steps_measured"] == 3
     assert pair["ours"]["samples_per_s"] > 0 and pair["open_clip"]["samples_per_s"] > 0
     assert out["ratio"] == pytest.approx(pair["ours"]["samples_per_s"] / pair["open_clip"]["samples_per_s"])
+    assert out["cpu_ratio"] == pytest.approx(pair["ours"]["samples_per_cpu_s"] / pair["open_clip"]["samples_per_cpu_s"])
+    assert 0 < pair["ours"]["cpu_ms_per_step"] <= 1.5 * pair["ours"]["step_ms_mean"]  # one thread: CPU <= wall
 
 
 def test_cli_dispatch_and_clear_errors(capsys):

@@ -54,12 +54,28 @@ stamps = []
 class _Stamp(logging.Handler):
     def emit(self, record):
         if str(record.msg).startswith("Train Epoch:"):
-            stamps.append(time.perf_counter())
+            stamps.append([time.perf_counter(), time.process_time()])
 logging.getLogger().addHandler(_Stamp())
 atexit.register(lambda: open(sys.argv[2], "w").write(json.dumps(stamps)))
 from open_clip_train.main import main
 main(sys.argv[3:])
 '''
+
+OURS_LAUNCHER = r'''
+import json, sys, time, atexit
+import amorlip.train
+stamps = []
+_log = amorlip.train.MetricsLogger.log
+def log(self, step, values):
+    _log(self, step, values)
+    if "loss" in values:
+        stamps.append([time.perf_counter(), time.process_time()])
+amorlip.train.MetricsLogger.log = log
+atexit.register(lambda: open(sys.argv[1], "w").write(json.dumps(stamps)))
+from amorlip.cli import main
+sys.exit(main(sys.argv[2:]))
+'''
+"""Our trainer, stamped the same way at each per-step log record (after the record is written)."""
 
 
 def open_clip_available() -> str | None:
@@ -83,15 +99,26 @@ def _run(cmd: list[str], cwd: str, env: dict[str, str], log: Path, label: str) -
     return wall
 
 
-def steady_rate(intervals: list[float], warmup: int, batch: int) -> dict[str, float]:
-    """Rate over the step intervals after the first `warmup`: batch / mean interval (and the median's)."""
+def steady_rate(intervals: list[float], warmup: int, batch: int,
+                cpu_intervals: list[float] | None = None) -> dict[str, float]:
+    """Rate over the step intervals after the first `warmup`: batch / mean interval (and the median's); with
+    `cpu_intervals` (the process's CPU time per step) also samples per CPU second."""
     kept = intervals[warmup:]
     if not kept:
         raise ConfigError(f"no step left after --warmup {warmup}; run more --steps")
     mean = statistics.fmean(kept)
     med = statistics.median(kept)
-    return {"samples_per_s": batch / mean, "step_ms_mean": 1e3 * mean, "step_ms_median": 1e3 * med,
-            "steps_measured": len(kept)}
+    out = {"samples_per_s": batch / mean, "step_ms_mean": 1e3 * mean, "step_ms_median": 1e3 * med,
+           "steps_measured": len(kept)}
+    if cpu_intervals is not None:
+        cpu = statistics.fmean(cpu_intervals[warmup:])
+        out.update(cpu_ms_per_step=1e3 * cpu, samples_per_cpu_s=batch / cpu if cpu > 0 else float("nan"))
+    return out
+
+
+def _intervals(stamps: list[list[float]]) -> tuple[list[float], list[float]]:
+    """(wall, CPU) seconds between consecutive [perf_counter, process_time] stamps."""
+    return ([b[0] - a[0] for a, b in zip(stamps, stamps[1:])], [b[1] - a[1] for a, b in zip(stamps, stamps[1:])])
 
 
 def ratio_spread(ratios: list[float]) -> dict[str, float]:
@@ -156,8 +183,10 @@ def run(extra: list[str]) -> dict[str, Any]:
             data_args_oc = ["--dataset-type", "synthetic", "--train-num-samples", str(batch * opts.steps)]
         for r in range(opts.repeats):
             run_dir = Path(tmp) / f"ours{r}"
+            ours_stamps = Path(tmp) / f"ours{r}.json"
             ours_cmd = [
-                sys.executable, "-m", "amorlip.cli", "train", *(["--config", opts.config] if opts.config else []),
+                sys.executable, "-c", OURS_LAUNCHER, str(ours_stamps), "train",
+                *(["--config", opts.config] if opts.config else []),
                 *[f"--{k}={v}" for k, v in overrides], "--objective", "clip", *data_args_ours,
                 "--train.steps", str(opts.steps), "--train.epochs", "none", "--train.log-every", "1",
                 "--train.progress", "false", "--train.checkpoint-every", "0", "--train.eval-every", "0",
@@ -184,42 +213,46 @@ def run(extra: list[str]) -> dict[str, Any]:
                 if not opts.no_progress:
                     print(f"[{r + 1}/{opts.repeats}] {side}: {opts.steps} steps ...", flush=True)
                 walls[side] = _run(cmd, cwd, env, Path(tmp) / f"{side}{r}.log", side)
-            history = [json.loads(line) for line in (run_dir / "run" / "metrics.jsonl").read_text().splitlines()
-                       if line.strip()]
-            ours_int = [batch / h["samples_per_s"] for h in history if "samples_per_s" in h and h["samples_per_s"] > 0]
-            oc_stamps = json.loads(stamps.read_text())
-            oc_int = [b - a for a, b in zip(oc_stamps, oc_stamps[1:])]
-            ours = steady_rate(ours_int, opts.warmup, batch)
-            oc = steady_rate(oc_int, max(0, opts.warmup - 1), batch)  # stamps start after step 0
+            # both stamped at each per-step log record; the first stamp is after step 1, as open_clip logs step 0
+            ours_wall, ours_cpu = _intervals(json.loads(ours_stamps.read_text()))
+            oc_wall, oc_cpu = _intervals(json.loads(stamps.read_text()))
+            ours = steady_rate(ours_wall, max(0, opts.warmup - 1), batch, ours_cpu)
+            oc = steady_rate(oc_wall, max(0, opts.warmup - 1), batch, oc_cpu)
             pairs.append({"ours": {**ours, "process_wall_s": walls["ours"]},
                           "open_clip": {**oc, "process_wall_s": walls["open_clip"]},
-                          "ratio": ours["samples_per_s"] / oc["samples_per_s"]})
+                          "ratio": ours["samples_per_s"] / oc["samples_per_s"],
+                          "cpu_ratio": ours["samples_per_cpu_s"] / oc["samples_per_cpu_s"]})
 
     ratio = statistics.median(p["ratio"] for p in pairs)
+    cpu_ratio = statistics.median(p["cpu_ratio"] for p in pairs)
     rows = []
     for side in ("ours", "open_clip"):
-        rate = statistics.median(p[side]["samples_per_s"] for p in pairs)
-        ms = statistics.median(p[side]["step_ms_mean"] for p in pairs)
-        wall = statistics.median(p[side]["process_wall_s"] for p in pairs)
-        rows.append(["amorlip train" if side == "ours" else "open_clip_train.main", f"{rate:.1f}", f"{ms:.1f}",
-                     f"{wall:.1f}", "ref" if side == "open_clip" else f"{ratio:.3f}x"])
-    table = format_table(["trainer", "samples/s", "ms/step", "process s", "ratio"], rows)
+        med = {k: statistics.median(p[side][k] for p in pairs)
+               for k in ("samples_per_s", "step_ms_mean", "samples_per_cpu_s", "cpu_ms_per_step", "process_wall_s")}
+        ours = side == "ours"
+        rows.append(["amorlip train" if ours else "open_clip_train.main", f"{med['samples_per_s']:.1f}",
+                     f"{med['step_ms_mean']:.1f}", f"{med['cpu_ms_per_step']:.1f}", f"{med['process_wall_s']:.1f}",
+                     f"{ratio:.3f}x" if ours else "ref", f"{cpu_ratio:.3f}x" if ours else "ref"])
+    table = format_table(["trainer", "samples/s", "ms/step", "CPU ms/step", "process s", "ratio", "CPU ratio"], rows)
     print(f"\nbench throughput: {model}, batch {batch}, {cfg.model.precision}, {device}, data={opts.data}, "
           f"workers={workers}, threads={threads or 'default'}; {opts.steps} steps per run, first {opts.warmup} dropped, {opts.repeats} pair(s)")
     print(table)
     spread = ratio_spread([p["ratio"] for p in pairs])
+    cpu_spread = ratio_spread([p["cpu_ratio"] for p in pairs])
     if len(pairs) > 1:
-        print("per-pair ratios: " + ", ".join(f"{p['ratio']:.3f}" for p in pairs)
-              + f"; median {ratio:.3f}, range {spread['min']:.3f}-{spread['max']:.3f}, "
-              f"interquartile {spread['q1']:.3f}-{spread['q3']:.3f}")
-        if spread["q1"] <= 1.0 <= spread["q3"]:
-            print("the interquartile range of the pairs holds 1.0: no difference measured at this noise "
-                  "(more --repeats, or an idle machine)")
+        for name, key, sp, med in (("wall", "ratio", spread, ratio), ("CPU", "cpu_ratio", cpu_spread, cpu_ratio)):
+            print(f"per-pair {name} ratios: " + ", ".join(f"{p[key]:.3f}" for p in pairs)
+                  + f"; median {med:.3f}, range {sp['min']:.3f}-{sp['max']:.3f}, "
+                  f"interquartile {sp['q1']:.3f}-{sp['q3']:.3f}"
+                  + ("  (the interquartile range holds 1.0: no difference measured at this noise)"
+                     if sp["q1"] <= 1.0 <= sp["q3"] else ""))
     print("samples/s: batch / mean interval between consecutive per-step log records (everything the loop does); "
-          "process s: the whole subprocess, start-up included.")
+          "CPU: the process's CPU time over the same intervals (much less sensitive to other load on the machine; "
+          "with --workers > 0 it leaves out the loader processes); process s: the whole subprocess, start-up included.")
     out = {"command": "throughput", "model": model, "batch_size": batch, "precision": cfg.model.precision,
            "data": opts.data, "workers": workers, "threads": threads, "steps": opts.steps, "warmup": opts.warmup,
            "environment": environment(device), "pairs": pairs, "ratio": ratio, "ratio_spread": spread,
+           "cpu_ratio": cpu_ratio, "cpu_ratio_spread": cpu_spread,
            "table": table}
     write_json(opts.json, out)
     return out
