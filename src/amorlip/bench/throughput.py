@@ -247,7 +247,7 @@ def run(extra: list[str]) -> dict[str, Any]:
                   + ("  (the interquartile range holds 1.0: no difference measured at this noise)"
                      if sp["q1"] <= 1.0 <= sp["q3"] else ""))
     print("samples/s: batch / mean interval between consecutive per-step log records (everything the loop does); "
-          "CPU: the process's CPU time over the same intervals (much less sensitive to other load on the machine; "
+          "CPU: the process's CPU time over the same intervals (less sensitive to other load on the machine; "
           "with --workers > 0 it leaves out the loader processes); process s: the whole subprocess, start-up included.")
     out = {"command": "throughput", "model": model, "batch_size": batch, "precision": cfg.model.precision,
            "data": opts.data, "workers": workers, "threads": threads, "steps": opts.steps, "warmup": opts.warmup,
