@@ -372,3 +372,20 @@ def test_jobs_2_equal_jobs_1_and_rerun_skips_or_resumes(tmp_path, capsys):
     assert "skipping 1 of 2 runs" in out and "clip bs=8 s0" in out
     assert "training 1 run(s), 1 resumed from their checkpoint" in out and "[compare 1/1] clip bs=16 s0" in out
     assert results(tmp_path / "par")[("clip", 16, 0)]["metrics"] == par[("clip", 16, 0)]["metrics"]
+
+
+def test_tables_only_reports_finished_runs_and_trains_nothing(tmp_path, capsys):
+    """--tables-only: the table from the runs finished so far; the others are listed, none is trained."""
+    out = tmp_path / "cmp"
+    common = ["compare", "--seeds", "0", "--out", str(out), "--train.steps", "2", *MICRO]
+    assert main([*common, "--objectives", "clip"]) == 0
+    runs_before = sorted(p.name for p in (out / "runs").iterdir())
+    capsys.readouterr()
+    assert main([*common, "--objectives", "clip,siglip", "--tables-only"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 of 2 runs have finished; training none" in printed
+    assert sorted(p.name for p in (out / "runs").iterdir()) == runs_before  # nothing trained or started
+    table = (out / "table.md").read_text()
+    assert "| clip | 1 |" in table and "not in the table (not finished yet): siglip" in table
+    record = json.loads((out / "results.json").read_text())
+    assert [r["status"] for r in record["runs"]] == ["skipped", "failed"]

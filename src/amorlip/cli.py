@@ -70,6 +70,9 @@ def _compare_options(parser: Any) -> None:
                         help="train N runs at once, each in its own process with one CPU thread (unless "
                              "--train.threads says otherwise), their output in OUT/jobs/; 1 trains them one after "
                              "another in this process")
+    parser.add_argument("--tables-only", action="store_true",
+                        help="train nothing: write the tables and plots from the runs of this command that have "
+                             "finished so far (e.g. while it runs elsewhere); the others are listed as not finished")
 
 
 def cmd_train(words: list[str]) -> int:

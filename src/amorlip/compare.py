@@ -718,7 +718,11 @@ def write_outputs(record: dict[str, Any], out: Path) -> tuple[str, list[Path]]:
         md = "(no run finished)\n"
     failed = [r for r in record["runs"] if r.get("status") == "failed"]
     if failed:
-        md += "\nnot in the table (failed): " + ", ".join(r["label"] for r in failed) + "\n"
+        waiting = [r for r in failed if r.get("error") == "not finished yet"]
+        if len(waiting) < len(failed):
+            md += "\nnot in the table (failed): " + ", ".join(r["label"] for r in failed if r not in waiting) + "\n"
+        if waiting:
+            md += "\nnot in the table (not finished yet): " + ", ".join(r["label"] for r in waiting) + "\n"
     shown = header + md
     reference = record.get("reference")
     if reference:
@@ -821,6 +825,11 @@ def run_compare(args: argparse.Namespace, extra: list[str]) -> int:
     plan.out.mkdir(parents=True, exist_ok=True)
     finished = {run.name: m for run in plan.runs if (m := finished_metrics(run)) is not None}
     todo = [run for run in plan.runs if run.name not in finished]
+    tables_only = bool(getattr(args, "tables_only", False))
+    if tables_only:
+        print(f"--tables-only: {len(finished)} of {len(plan.runs)} runs have finished; training none")
+        finished_only, todo = dict(finished), []
+        finished = {}  # nothing is "skipped" below: list only what has finished
     if finished:
         print(f"skipping {len(finished)} of {len(plan.runs)} runs, finished earlier with the same settings:")
         for run in plan.runs:
@@ -843,6 +852,11 @@ def run_compare(args: argparse.Namespace, extra: list[str]) -> int:
 
     records = []
     for run in plan.runs:
+        if tables_only:
+            metrics = finished_only.get(run.name)
+            records.append(run_record(run, metrics, "skipped" if metrics is not None else "failed",
+                                      "" if metrics is not None else "not finished yet"))
+            continue
         metrics = finished.get(run.name)
         status = "skipped" if metrics is not None else "trained"
         error = failures.get(run.name, "")
@@ -866,6 +880,8 @@ def run_compare(args: argparse.Namespace, extra: list[str]) -> int:
     print(f"wrote {', '.join(str(p) for p in written if p.suffix != '.png')} and "
           f"{sum(p.suffix == '.png' for p in written)} plots in {plan.out}")
     failed = [r for r in records if r["status"] == "failed"]
+    if tables_only:
+        return 0
     if failed:
         print(f"{len(failed)} of {len(records)} runs failed:", file=sys.stderr)
         for r in failed:
