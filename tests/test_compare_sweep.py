@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from amorlip.cli import main
-from amorlip.compare import (build_differences, build_table, compare_plan, finished_metrics, parse_sweeps,
-                             rebuild_outputs, sweep_points, write_outputs)
+from amorlip.compare import (build_differences, build_table, compare_plan, finished_metrics, normalizer_curves,
+                             parse_sweeps, rebuild_outputs, sweep_points, write_outputs)
 from amorlip.config import ConfigError
 from amorlip.jobs import Job, last_error_line, run_jobs
 from amorlip.stats import mean_interval, paired_difference, t975, verdict
@@ -187,6 +187,49 @@ def test_outputs_written_and_rebuilt_from_results_json(tmp_path):
     assert "normalizers.md" not in {p.name for p in written}
     assert (tmp_path / "c" / "sweep_zeroshot_mean_top1.png").is_file()
     assert "| clip | 16 | 512 | 3 |" in (tmp_path / "c" / "table.md").read_text()
+
+
+def test_normalizer_curves_over_training(tmp_path):
+    """The MSE curves of the normaliser diagnostics: mean and interval per step over seeds, x in samples seen;
+    the method's own estimate only where it has one; normalizer_mse.png written only when a run logged them."""
+    record = fabricated()
+    for i, r in enumerate(record["runs"]):
+        run_dir = tmp_path / "runs" / f"r{i}"
+        run_dir.mkdir(parents=True)
+        rows = [{"step": 5, "objective_loss": 1.0}]
+        for step in (10, 20):
+            row = {"step": step, "eval/zeroshot/a/top1": 0.5,
+                   "eval/normalizer/heldout/inbatch/image_mse": 0.1 + 0.2 * (r["seed"] == 1) + 0.01 * step,
+                   "eval/normalizer/train/inbatch/text_mse": 0.4}
+            if r["entry"] != "clip":  # clip has no estimate of its own
+                row["eval/normalizer/heldout/objective/image_mse"] = 0.05 * (r["seed"] + 1)
+            rows.append(row)
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        r["run_dir"] = str(run_dir)
+    histories = {}
+    for r in record["runs"]:
+        if r["seed"] < 2:  # two seeds: held-out in-batch image MSE 0.1 + 0.01 step and 0.3 + 0.01 step
+            histories.setdefault(f"{r['entry']} bs={r['batch_size']}", []).append(
+                [json.loads(line) for line in Path(r["run_dir"], "metrics.jsonl").read_text().splitlines()])
+    curves = normalizer_curves(histories, {"clip bs=16": 16.0})
+    half = t975(1) * math.sqrt(0.02) / math.sqrt(2)  # step 10: (0.2, 0.4), sd sqrt(0.02)
+    (x, mean, low, high), second = curves[("clip bs=16", "heldout", "image", "inbatch")]
+    assert (x, second[0]) == (160.0, 320.0)
+    assert mean == pytest.approx(0.3) and low == pytest.approx(0.3 - half) and high == pytest.approx(0.3 + half)
+    assert second[1] == pytest.approx(0.4)
+    assert curves[("clip bs=16", "train", "text", "inbatch")] == [(160.0, 0.4, 0.4, 0.4), (320.0, 0.4, 0.4, 0.4)]
+    assert ("clip bs=16", "heldout", "image", "objective") not in curves
+    assert curves[("better bs=32", "heldout", "image", "objective")][0][:2] == (10.0, pytest.approx(0.075))
+    assert not any(k[1:3] == ("train", "image") for k in curves)  # never logged
+    _, written = write_outputs(record, tmp_path / "out")  # one plot per sweep point, a line per entry
+    plots = {p.name for p in written if p.name.startswith("normalizer_mse")}
+    assert plots == {"normalizer_mse_bs_16.png", "normalizer_mse_bs_32.png"}
+    assert (tmp_path / "out" / "normalizer_mse_bs_16.png").stat().st_size > 0
+    for r in record["runs"]:  # the same runs without diagnostics: no such plot
+        path = Path(r["run_dir"], "metrics.jsonl")
+        path.write_text("".join(line + "\n" for line in path.read_text().splitlines() if "normalizer" not in line))
+    _, written = write_outputs(record, tmp_path / "plain")
+    assert not any(p.name.startswith("normalizer_mse") for p in written) and "loss.png" in {p.name for p in written}
 
 
 # ----------------------------------------------------------------------------------------------------

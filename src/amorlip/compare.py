@@ -549,6 +549,36 @@ def _band(values: list[float]) -> tuple[float, float, float]:
     return iv.mean, (iv.low if iv.half is not None else iv.mean), (iv.high if iv.half is not None else iv.mean)
 
 
+def _series(runs: list[list[dict[str, Any]]], key: str, x_scale: float = 1.0,
+            y_scale: float = 1.0) -> list[tuple[float, float, float, float]]:
+    """(x, mean, low, high) per logged step of `key` over the seeds' histories `runs`: x = step * x_scale, the
+    values times y_scale, low/high the 95% t interval's ends (the mean itself where one seed logged the step)."""
+    by_step: dict[int, list[float]] = {}
+    for h in runs:
+        for row in h:
+            if key in row and _number(row[key]):
+                by_step.setdefault(row["step"], []).append(row[key])
+    return [(s * x_scale, *_band([y_scale * v for v in by_step[s]])) for s in sorted(by_step)]
+
+
+def _draw(ax: Any, series: list[tuple[float, float, float, float]], alpha_band: float = 0.15, **style: Any) -> None:
+    """A mean line, with the interval as a band where any point has one."""
+    xs = [p[0] for p in series]
+    line, = ax.plot(xs, [p[1] for p in series], **style)
+    if any(p[2] != p[3] for p in series):
+        ax.fill_between(xs, [p[2] for p in series], [p[3] for p in series], alpha=alpha_band, color=line.get_color())
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(histories: dict[str, list[list[dict[str, Any]]]], out: Path,
                 x_scale: dict[str, float] | None = None, xlabel: str = "step") -> list[Path]:
     """One PNG per curve metric (the objective loss, every top-1 and R@1): value vs step per label (mean over
@@ -566,32 +596,78 @@ def plot_curves(histories: dict[str, list[list[dict[str, Any]]]], out: Path,
     paths = []
     for metric in ["loss"] + metrics:
         fig, ax = plt.subplots(figsize=(7, 4.5))
+        key = "objective_loss" if metric == "loss" else metric
         for label, runs in histories.items():
-            by_step: dict[int, list[float]] = {}
-            key = "objective_loss" if metric == "loss" else metric
-            for h in runs:
-                for row in h:
-                    if key in row and _number(row[key]):
-                        by_step.setdefault(row["step"], []).append(row[key])
-            if not by_step:
-                continue
-            steps = sorted(by_step)
-            xs = [s * (x_scale or {}).get(label, 1.0) for s in steps]
-            scale = 1.0 if metric == "loss" else 100.0
-            bands = [_band([scale * v for v in by_step[s]]) for s in steps]
-            ax.plot(xs, [b[0] for b in bands], label=label, marker=None if metric == "loss" else "o", ms=3)
-            if any(len(by_step[s]) > 1 for s in steps):
-                ax.fill_between(xs, [b[1] for b in bands], [b[2] for b in bands], alpha=0.15)
+            series = _series(runs, key, (x_scale or {}).get(label, 1.0), 1.0 if metric == "loss" else 100.0)
+            if series:
+                _draw(ax, series, label=label, marker=None if metric == "loss" else "o", ms=3)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("objective loss" if metric == "loss" else f"{metric[5:]} (%)")
         ax.set_title(metric + " (mean, 95% interval over seeds)")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out / f"{safe_name(metric)}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, out / f"{safe_name(metric)}.png"))
     return paths
+
+
+NORMALIZER_PANELS = tuple((split, modality) for split in ("train", "heldout") for modality in ("image", "text"))
+NORMALIZER_ESTIMATES = ("objective", "inbatch")
+
+
+def normalizer_curves(histories: dict[str, list[list[dict[str, Any]]]], x_scale: dict[str, float] | None = None
+                      ) -> dict[tuple[str, str, str, str], list[tuple[float, float, float, float]]]:
+    """The normaliser diagnostics over training: (label, split, modality, estimate) -> (x, mean, low, high) of
+    the MSE of the log partition estimate, for the splits train | heldout, the modalities image | text and the
+    estimates objective (the method's own) | inbatch (the batch's, at the run's batch size). Labels whose runs
+    logged none are left out, and so is the objective estimate of a method that has none (CLIP, SigLIP)."""
+    curves = {}
+    for label, runs in histories.items():
+        for split, modality in NORMALIZER_PANELS:
+            for estimate in NORMALIZER_ESTIMATES:
+                series = _series(runs, f"eval/normalizer/{split}/{estimate}/{modality}_mse",
+                                 (x_scale or {}).get(label, 1.0))
+                if series:
+                    curves[(label, split, modality, estimate)] = series
+    return curves
+
+
+def plot_normalizer_curves(histories: dict[str, list[list[dict[str, Any]]]], out: Path,
+                           x_scale: dict[str, float] | None = None, xlabel: str = "step",
+                           name: str = "normalizer_mse", title: str = "") -> list[Path]:
+    """NAME.png: the curves of `normalizer_curves`, a panel per split and modality, a colour per label, solid for
+    the method's own estimate and dashed for the in-batch one; nothing when no run logged them."""
+    curves = normalizer_curves(histories, x_scale)
+    if not curves:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9), squeeze=False, layout="constrained")
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    labels = list(dict.fromkeys(k[0] for k in curves))
+    legend: dict[str, Any] = {}
+    for ax, (split, modality) in zip(axes.flat, NORMALIZER_PANELS):
+        for i, label in enumerate(labels):
+            for estimate, dashes in zip(NORMALIZER_ESTIMATES, ("-", "--")):
+                series = curves.get((label, split, modality, estimate))
+                if series:
+                    _draw(ax, series, color=colours[i % len(colours)], linestyle=dashes, marker="o", ms=3,
+                          label=f"{label} ({'own' if estimate == 'objective' else 'in-batch'})", alpha_band=0.07)
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("MSE of log Z estimate")
+        ax.set_title(f"{split} pairs, {modality}", fontsize=10)
+        handles, names = ax.get_legend_handles_labels()
+        legend.update(zip(names, handles))
+        if not handles:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+    order = [f"{label} ({kind})" for label in labels for kind in ("own", "in-batch")]
+    names = [n for n in order if n in legend]
+    fig.legend([legend[n] for n in names], names, loc="outside lower center", ncols=3, fontsize=7)
+    fig.suptitle(f"normaliser diagnostics over training{', ' + title if title else ''} (solid: the method's own "
+                 "estimate, dashed: the in-batch one; mean, 95% interval over seeds)", fontsize=10)
+    return [_save(fig, out / f"{name}.png")]
 
 
 def _axis(key: str, values: list[Any]) -> str:
@@ -631,19 +707,16 @@ def plot_sweeps(record: dict[str, Any], out: Path, columns: list[str]) -> list[P
         fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 4.2 * nrows), squeeze=False)
         for ax, panel in zip(axes.flat, panels):
             for entry in record["entries"]:
-                xs, bands = [], []
+                series = []
                 for i, xv in enumerate(x_values):
                     point = {x_key: xv, **panel}
                     runs = next((r for e, p, r in groups if e == entry and p == point), [])
                     vals = [headline_metrics(r["metrics"])[metric] for r in runs
                             if metric in headline_metrics(r["metrics"])]
                     if vals:
-                        xs.append(i if axis == "category" else xv)
-                        bands.append(_band([100 * v for v in vals]))
-                if not xs:
-                    continue
-                ax.plot(xs, [b[0] for b in bands], marker="o", ms=4, label=entry)
-                ax.fill_between(xs, [b[1] for b in bands], [b[2] for b in bands], alpha=0.15)
+                        series.append((i if axis == "category" else xv, *_band([100 * v for v in vals])))
+                if series:
+                    _draw(ax, series, marker="o", ms=4, label=entry)
             if axis == "category":
                 ax.set_xticks(range(len(x_values)), [format_value(v) for v in x_values])
             elif axis in ("log2", "log"):
@@ -658,11 +731,7 @@ def plot_sweeps(record: dict[str, Any], out: Path, columns: list[str]) -> list[P
             ax.set_visible(False)
         budget = record.get("budget", "samples") + (f", {record['base_length']}" if record.get("base_length") else "")
         fig.suptitle(f"mean and 95% interval over seeds; budget {budget}", fontsize=9)
-        fig.tight_layout()
-        path = out / f"sweep_{safe_name(metric)}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, out / f"sweep_{safe_name(metric)}.png"))
     return paths
 
 
@@ -745,15 +814,24 @@ def write_outputs(record: dict[str, Any], out: Path) -> tuple[str, list[Path]]:
 
     sweep = record.get("sweep") or {}
     histories: dict[str, list[list[dict[str, Any]]]] = {}
+    by_point: dict[str, dict[str, list[list[dict[str, Any]]]]] = {}  # sweep point -> entry -> histories
     x_scale: dict[str, float] = {}
+    point_scale: dict[str, dict[str, float]] = {}  # sweep point -> entry -> batch size
     for r in record["runs"]:
         if not isinstance(r.get("metrics"), dict):
             continue
-        label = " ".join(filter(None, (r["entry"], point_label(r.get("sweep") or {}))))
-        histories.setdefault(label, []).append(read_history(Path(r["run_dir"])))
-        x_scale[label] = float(r.get("batch_size") or 1)
+        point = point_label(r.get("sweep") or {})
+        label = " ".join(filter(None, (r["entry"], point)))
+        history = read_history(Path(r["run_dir"]))
+        histories.setdefault(label, []).append(history)
+        by_point.setdefault(point, {}).setdefault(r["entry"], []).append(history)
+        x_scale[label] = point_scale.setdefault(point, {})[r["entry"]] = float(r.get("batch_size") or 1)
     if any(any(h) for hs in histories.values() for h in hs):
-        written += plot_curves(histories, out, x_scale if sweep else None, "samples seen" if sweep else "step")
+        xlabel = "samples seen" if sweep else "step"
+        written += plot_curves(histories, out, x_scale if sweep else None, xlabel)
+        for point, entries in by_point.items():  # one normaliser plot per sweep point: a line per entry
+            written += plot_normalizer_curves(entries, out, point_scale[point] if sweep else None, xlabel,
+                                              "normalizer_mse" + (f"_{safe_name(point)}" if point else ""), point)
     written += plot_sweeps(record, out, columns)
     return shown, written
 
