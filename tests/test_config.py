@@ -45,6 +45,16 @@ def test_every_preset_loads_and_validates(name):
     assert cfg.train.batch_size >= 2
 
 
+def test_tiny_presets_share_their_resources_and_length():
+    """`amorlip compare --objectives tiny-clip,tiny-siglip,...` compares like for like: the same model, batch,
+    length, loader processes and torch threads (what differs is the objective and its own settings; the RECLIP
+    presets take more steps on purpose, for equal wall-clock time)."""
+    tiny = ["tiny-clip", "tiny-siglip", "tiny-sogclr", "tiny-fastclip", "tiny-amorlip", "tiny-neuclip"]
+    shared = {n: (c.model.name, c.train.batch_size, c.train.steps, c.data.workers, c.train.threads,
+                  c.optim.lr, c.optim.warmup_steps) for n in tiny for c in [build_config(n)]}
+    assert set(shared.values()) == {("tiny-vit", 64, 600, 1, 1, 2e-3, 50)}, shared
+
+
 def test_preset_base_chain(tmp_path):
     p = tmp_path / "mine.yaml"
     p.write_text("base: tiny-clip\ntrain:\n  steps: 7\n")
