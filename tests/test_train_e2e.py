@@ -50,7 +50,15 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert run_cli(tmp_path, *common, "--train.name", "straight") == 0
     # interrupted run: stops after step 6 (as a killed or time-limited job would), then resumes
     assert run_cli(tmp_path, *common, "--train.name", "split", "--train.stop-at", "6") == 0
-    assert load_model_state(tmp_path / "split")["step"] == 6
+    stopped = load_model_state(tmp_path / "split")
+    assert stopped["step"] == 6
+    rows = (tmp_path / "split" / "metrics.jsonl").read_text()
+    for stop in ("6", "4"):  # resumed at (or past) its stop_at, a run trains no step
+        assert run_cli(tmp_path, *common, "--train.name", "split", "--train.resume", "latest",
+                       "--train.stop-at", stop) == 0
+        again = load_model_state(tmp_path / "split")
+        assert again["step"] == 6 and all(torch.equal(again["model"][k], v) for k, v in stopped["model"].items())
+        assert (tmp_path / "split" / "metrics.jsonl").read_text() == rows
     assert run_cli(tmp_path, *common, "--train.name", "split", "--train.resume", "latest") == 0
     a, b = load_model_state(tmp_path / "straight"), load_model_state(tmp_path / "split")
     assert a["step"] == b["step"] == 10

@@ -478,7 +478,7 @@ def _loop(run: Run, stop: StopRequest) -> None:
     trim_batches = run.dist.distributed and cfg.data.source in ("csv", "wds")
     meter = _Throughput(skips=_skipped(run.stream.stats))
     run.model.train()
-    while run.step < run.total_steps:
+    while run.step < run.total_steps and not _stopped_early(run):
         epoch, skip = divmod(run.step, run.steps_per_epoch)
         if skip == 0:
             run.objective.on_epoch_start(epoch)
@@ -490,10 +490,13 @@ def _loop(run: Run, stop: StopRequest) -> None:
             _log_step(run, out, epoch, meter)
             _checkpoint_if_due(run, stop)
             _evaluate_if_due(run)
-            if run.step >= run.total_steps or run.step == cfg.train.stop_at or run.resolution.is_boundary(run.step):
+            if run.step >= run.total_steps or _stopped_early(run) or run.resolution.is_boundary(run.step):
                 break  # (a new phase restarts the data iterator at this step with its own transforms)
-        if run.step == cfg.train.stop_at:
-            break
+
+
+def _stopped_early(run: Run) -> bool:
+    """train.stop_at reached: also when a run resumed at (or past) that step, which then trains none."""
+    return run.cfg.train.stop_at is not None and run.step >= run.cfg.train.stop_at
 
 
 def _enter_phase(run: Run) -> None:
