@@ -5,6 +5,8 @@
 # the one GPU (the tiny model leaves it mostly idle otherwise).
 #   scripts/study_gpu.sh [JOBS] [OUT]        e.g. scripts/study_gpu.sh 4 runs/study-gpu
 # Rerunning skips finished runs (and resumes interrupted ones), so it can be stopped and started again.
+# Environment: OBJECTIVES (entries), SEEDS (0,1,2), BATCHES (64,256,1024,4096), DEVICE (cuda), PRECISION
+# (amp_bf16), AMORLIP (the command), EXTRA (more compare words, last: they override the ones here).
 set -euo pipefail
 JOBS=${1:-4}
 OUT=${2:-runs/study-gpu}
@@ -12,9 +14,9 @@ AMORLIP=${AMORLIP:-amorlip}
 ALL='tiny-clip,tiny-clip[temperature.scheme=rescaled],tiny-siglip,tiny-sogclr,tiny-fastclip,tiny-amorlip,tiny-neuclip'
 # base: batch 256 for 2,344 steps = 600,064 samples = 10 epochs of 60,000; the other batch sizes get the same
 # samples (--budget samples scales the steps, the warm-up and the evaluation points).
-$AMORLIP compare --objectives "${OBJECTIVES:-$ALL}" --seeds 0,1,2 --reference tiny-clip --jobs "$JOBS" \
+$AMORLIP compare --objectives "${OBJECTIVES:-$ALL}" --seeds "${SEEDS:-0,1,2}" --reference tiny-clip --jobs "$JOBS" \
   --train.device ${DEVICE:-cuda} --model.precision ${PRECISION:-amp_bf16} --train.threads 0 \
   --data.source fashion-mnist --data.dataset-size 60000 --data.val-size 1000 --data.eval-size 2000 --data.workers 2 \
   --eval.normalizers true --eval.normalizer-size 2048 \
   --train.batch-size 256 --train.steps 2344 --train.eval-every 586 --train.log-every 50 --train.checkpoint-every 1000 \
-  --sweep train.batch_size=64,256,1024,4096 --budget samples --out "$OUT" ${EXTRA:-}
+  --sweep "train.batch_size=${BATCHES:-64,256,1024,4096}" --budget samples --out "$OUT" ${EXTRA:-}
