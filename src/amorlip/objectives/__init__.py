@@ -1,9 +1,13 @@
-"""Objective registry: `--objective NAME` picks one. Adding an objective = one file + one line here."""
+"""Objective registry: `--objective NAME` picks one. Adding an objective = one file + one line here, and its
+options dataclass with its section in `options.py` (torch-free: the config layer reads it without importing
+torch, so this package imports torch only when an objective class or the base names are asked for)."""
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING, Any
 
-from .base import Objective, ObjectiveContext, ObjectiveOutput
+if TYPE_CHECKING:
+    from .base import Objective, ObjectiveContext, ObjectiveOutput
 
 # name -> "module:Class" (imported lazily so a broken optional objective never breaks the others)
 REGISTRY: dict[str, str] = {
@@ -14,6 +18,15 @@ REGISTRY: dict[str, str] = {
     "amorlip": "amorlip.objectives.amorlip:AmorLIPObjective",
     "neuclip": "amorlip.objectives.neuclip:NeuCLIPObjective",
 }
+
+_BASE_NAMES = ("Objective", "ObjectiveContext", "ObjectiveOutput")
+
+
+def __getattr__(name: str) -> Any:
+    """The base names (`from amorlip.objectives import Objective`), imported with torch on first use."""
+    if name in _BASE_NAMES:
+        return getattr(importlib.import_module("amorlip.objectives.base"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def available() -> list[str]:

@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,105 +34,13 @@ from torch import nn
 from amorlip import distributed
 from amorlip.objectives import tiled
 from amorlip.objectives.base import Objective, ObjectiveContext, ObjectiveOutput
+from amorlip.objectives.options import (  # noqa: F401 - re-exported
+    AMOR_LOSSES, ARCHS, DIVIDE_BY, FDIVS, REINITS, STAGE2_NEGATIVES, AmorConfig,
+)
 from amorlip.schedules import cosine_ramp
 
-ARCHS = ("mlp", "residual")
-AMOR_LOSSES = ("l2-log", "f-div")
-FDIVS = ("kl", "js", "kl-eq9")
-DIVIDE_BY = ("comb", "target", "online")
-STAGE2_NEGATIVES = ("local", "global")
-REINITS = ("fresh", "warm")
 FDIV_MAX_LOG_RATIO = 30.0
 """log(Z / lambda) beyond which the f-div losses continue linearly (finite fp32 gradients for a fresh net)."""
-
-
-@dataclass
-class AmorConfig:
-    """Options of `--objective amorlip` (CLI: `--amor.KEY VALUE`). Defaults: the paper's CC3M setting."""
-
-    arch: Literal["mlp", "residual"] = "mlp"
-    """mlp: the paper's three-layer MLP (Sec. 4). residual: the released variant
-    (Linear-ReLU-LayerNorm, Linear-ReLU-LayerNorm, + input, ReLU, Linear)."""
-    dim_factor: float = 0.5
-    """f_d: hidden width = f_d * embed_dim (0.5 CC3M, 1.0 CC12M)."""
-    loss: Literal["l2-log", "f-div"] = "l2-log"
-    """Stage-I amortization loss: l2-log (Eq. 10) | f-div (Eq. 8)."""
-    fdiv: Literal["kl", "js", "kl-eq9"] = "kl"
-    """f for loss=f-div: kl (generalised KL t log t - t + 1, minimised at lambda = Z) | js |
-    kl-eq9 (Eq. 9 literally, t log t: its minimiser is lambda = e * Z)."""
-    fdiv_l2_coef: float = 0.1
-    """Weight of the l2-log regulariser added to the f-div loss (App. D: 0.1)."""
-    pos_coef: float = 1.0
-    """Weight of the positive pair inside every partition function (target and Stage II). 1.0 = the
-    full partition function (paper Table 3); the released training command uses 1e-3."""
-    t_online: int = 8
-    """T_online: run Stage I every this many steps (8 CC3M, 1 CC12M)."""
-    t_lambda: int = 3
-    """T_lambda: Adam steps per Stage I on the same batch."""
-    t_target: int = 2
-    """T_target: EMA-update the target net every this many steps."""
-    alpha: float = 0.999
-    """EMA decay of the target net (Eq. 11; 0.999 CC3M, 0.92 CC12M)."""
-    ema_debias: bool = False
-    """Bias-correct the EMA (as Adam does), so that after a re-init the target net is the average of the
-    online iterates instead of lagging behind its random initialisation."""
-    beta_final: float = 0.8
-    """beta_T: final weight of the previous-epoch net in Z_comb (Eq. 12)."""
-    beta_decay_epochs: int | None = None
-    """Epochs of the cosine ramp of beta from 0 to beta_final (None = all training epochs)."""
-    lr: float = 1e-3
-    """Adam learning rate of the amortization nets (App. D)."""
-    divide_by: Literal["comb", "target", "online"] = "comb"
-    """Stage II divisor: comb (this batch's Z_comb, released code) | target (target net, paper) |
-    online (online net)."""
-    reinit: Literal["fresh", "warm"] = "fresh"
-    """At each epoch start: fresh (re-initialise online and target nets, Algorithm 1 line 4) |
-    warm (restart them from the previous-epoch net)."""
-    init_bias: bool = False
-    """After a fresh re-initialisation, shift the nets' output bias to the first batch's mean target."""
-    max_log_ratio: float | None = 10.0
-    """Cap on log(Z_batch / lambda) in Stage II (a detached floor on log lambda), so that a net far below
-    the batch partition cannot overflow exp; None disables. Never binds for divide_by=comb."""
-    stage2_negatives: Literal["local", "global"] = "local"
-    """local: Stage II uses this rank's pairs only (no collective). global: all ranks' features,
-    gathered with gradient every step (released code)."""
-    sync_grads: bool = True
-    """All-reduce (mean) the Stage-I gradients on amortization steps, guarding the replicas against drift."""
-    tile_size: int | None = None
-    """Rows per tile of the tiled exact partitions (Stage I targets and Stage II; objectives/tiled.py): null = auto
-    (dense up to 2048 x 2048, then ~2M-entry strips), 0 = never tiled, a value >= the batch = dense."""
-
-    def validate(self) -> None:
-        for key, value, choices in (
-            ("arch", self.arch, ARCHS),
-            ("loss", self.loss, AMOR_LOSSES),
-            ("fdiv", self.fdiv, FDIVS),
-            ("divide_by", self.divide_by, DIVIDE_BY),
-            ("reinit", self.reinit, REINITS),
-            ("stage2_negatives", self.stage2_negatives, STAGE2_NEGATIVES),
-        ):
-            if value not in choices:
-                raise ValueError(f"amor.{key}={value!r} is not one of: {', '.join(choices)}")
-        if not self.dim_factor > 0:
-            raise ValueError(f"amor.dim_factor must be positive (got {self.dim_factor}); the paper uses 0.5 or 1.0")
-        for key in ("t_online", "t_lambda", "t_target"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"amor.{key} must be at least 1 (got {getattr(self, key)})")
-        if not 0.0 <= self.alpha < 1.0:
-            raise ValueError(f"amor.alpha is an EMA decay and must be in [0, 1) (got {self.alpha})")
-        if not 0.0 <= self.beta_final <= 1.0:
-            raise ValueError(f"amor.beta_final is a mixing weight and must be in [0, 1] (got {self.beta_final})")
-        if self.beta_decay_epochs is not None and self.beta_decay_epochs < 0:
-            raise ValueError("amor.beta_decay_epochs must be >= 0, or null for all training epochs")
-        if not self.lr > 0:
-            raise ValueError(f"amor.lr must be positive (got {self.lr})")
-        if self.pos_coef < 0:
-            raise ValueError(f"amor.pos_coef must be >= 0 (got {self.pos_coef}); 1.0 is the full partition function")
-        if self.fdiv_l2_coef < 0:
-            raise ValueError(f"amor.fdiv_l2_coef must be >= 0 (got {self.fdiv_l2_coef})")
-        if self.max_log_ratio is not None and not self.max_log_ratio > 0:
-            raise ValueError("amor.max_log_ratio must be positive, or null to disable the cap")
-        tiled.validate_tile_size("amor.tile_size", self.tile_size)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -30,6 +30,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from amorlip.objectives.options import default_temperature_scheme
+
 
 @dataclass
 class ObjectiveContext:
@@ -67,8 +69,9 @@ class Objective(nn.Module):
 
     @classmethod
     def default_temperature_scheme(cls, cfg: Any) -> str:
-        """The temperature scheme `temperature.scheme auto` means for this objective (options `cfg`)."""
-        return "plain"
+        """The temperature scheme `temperature.scheme auto` means for this objective (options `cfg`): decided by
+        `options.default_temperature_scheme`, which the config layer reads without importing torch."""
+        return default_temperature_scheme(cls.name, cfg)
 
     def __init__(self, cfg: Any, ctx: ObjectiveContext) -> None:
         super().__init__()

@@ -1,26 +1,13 @@
 """CLIP: symmetric InfoNCE over in-batch negatives (Eq. 3), open_clip's ClipLoss semantics."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 from amorlip import distributed
 from amorlip.objectives import tiled
 from amorlip.objectives.base import Objective, ObjectiveOutput, similarity_logits
-
-
-@dataclass
-class ClipConfig:
-    """Options of `--objective clip` (CLI: `--clip.KEY VALUE`)."""
-
-    tile_size: int | None = None
-    """Rows per tile of the tiled exact loss (objectives/tiled.py; never holds the B x N logits): null = auto
-    (dense up to 2048 x 2048, then ~2M-entry strips), 0 = never tiled, a value >= the local batch = dense."""
-
-    def validate(self) -> None:
-        tiled.validate_tile_size("clip.tile_size", self.tile_size)
+from amorlip.objectives.options import ClipConfig
 
 
 class ClipObjective(Objective):

@@ -37,7 +37,6 @@ eps = 1/(N-1) that is exactly InfoNCE's (CLIP) gradient, since InfoNCE_i = log(N
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,6 +45,7 @@ from torch import Tensor
 
 from amorlip import distributed
 from amorlip.objectives.base import Objective, ObjectiveContext, ObjectiveOutput
+from amorlip.objectives.options import NeuCLIPConfig
 from amorlip.objectives.sogclr import (
     GlobalBatch,
     compute_dtype,
@@ -53,45 +53,6 @@ from amorlip.objectives.sogclr import (
     no_autocast,
     with_value,
 )
-
-
-@dataclass
-class NeuCLIPConfig:
-    """Options of `--objective neuclip` (CLI: `--neuclip.KEY VALUE`). Values beyond m = 4096 are this
-    project's choices (the paper's are not public); see docs/neuclip.md."""
-
-    num_prototypes: int = 4096
-    """m: prototypes per modality (capped at the dataset size)."""
-    inner_steps: int = 1
-    """T_u: AdaGrad steps on the prototypes per batch."""
-    restart_every: int = 500
-    """T_r: restart the prototypes from the most recent m batch embeddings every this many steps."""
-    lr: float = 1e-3
-    """AdaGrad learning rate of the prototypes."""
-    adagrad_eps: float = 1e-10
-    eps: float = 1e-14
-    """eps in log(eps + g) (Eq. N1). 1/(B-1) turns the loss into InfoNCE at batch size B."""
-    temperature_term: bool = True
-    """Add FastCLIP-v3's temperature term (mean alpha) / s (use with temperature.scheme rescaled)."""
-    tile_size: int | None = None
-    """Rows per tile of the tiled exact losses (objectives/tiled.py: the SogCLR surrogate's B x N products and
-    the B x m prototype log-sum-exps): null = auto (dense up to 2048 x 2048 entries, then ~2M-entry strips),
-    0 = never tiled, a value >= the rows = dense."""
-
-    def validate(self) -> None:
-        from amorlip.objectives import tiled
-
-        tiled.validate_tile_size("neuclip.tile_size", self.tile_size)
-        if self.num_prototypes < 1:
-            raise ValueError(f"num_prototypes={self.num_prototypes} must be at least 1")
-        if self.inner_steps < 0:
-            raise ValueError(f"inner_steps={self.inner_steps} must be >= 0")
-        if self.restart_every < 1:
-            raise ValueError(f"restart_every={self.restart_every} must be at least 1 (steps between restarts)")
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr} must be positive (AdaGrad learning rate of the prototypes)")
-        if not self.eps > 0:
-            raise ValueError(f"eps={self.eps} must be positive (it keeps log(eps + g) finite)")
 
 
 def prototype_log_normalizer(

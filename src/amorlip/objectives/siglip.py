@@ -14,7 +14,6 @@ divides the summed gradients by W, so every parameter sees the 1-process gradien
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from amorlip import distributed
 from amorlip.objectives import tiled
 from amorlip.objectives.base import Objective, ObjectiveOutput, similarity_logits
+from amorlip.objectives.options import SigLipConfig
 
 
 def siglip_labels(num_rows: int, num_cols: int, offset: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -30,18 +30,6 @@ def siglip_labels(num_rows: int, num_cols: int, offset: int, device: torch.devic
     rows = torch.arange(num_rows, device=device)
     z[rows, rows + offset] = 1.0
     return z
-
-
-@dataclass
-class SigLipConfig:
-    """Options of `--objective siglip` (CLI: `--siglip.KEY VALUE`)."""
-
-    tile_size: int | None = None
-    """Rows per tile of the tiled exact loss (objectives/tiled.py; never holds the B x N logits): null = auto
-    (dense up to 2048 x 2048, then ~2M-entry strips), 0 = never tiled, a value >= the local batch = dense."""
-
-    def validate(self) -> None:
-        tiled.validate_tile_size("siglip.tile_size", self.tile_size)
 
 
 class SigLipObjective(Objective):

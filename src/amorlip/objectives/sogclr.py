@@ -50,94 +50,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from amorlip import distributed
 from amorlip.objectives import tiled
 from amorlip.objectives.base import Objective, ObjectiveContext, ObjectiveOutput
+from amorlip.objectives.options import FASTCLIP_VERSIONS, TEMPERATURE_GRADS, FastCLIPConfig, SogCLRConfig  # noqa: F401 - re-exported
 from amorlip.schedules import cosine_ramp
 
 U_CPU_THRESHOLD = 1_000_000
 """Datasets larger than this keep their u buffers in CPU memory by default (see docs/baselines.md)."""
-
-
-@dataclass
-class SogCLRConfig:
-    """Options of `--objective sogclr` (CLI: `--sogclr.KEY VALUE`)."""
-
-    gamma: float = 0.9
-    """Constant moving-average rate of u (SogCLR paper: 0.9); a sample's first visit uses 1."""
-    temperature: float | None = 0.07
-    """Constant temperature 1/s used by the loss (SogCLR's setting; 0.07 is the released FastCLIP code's
-    default for its constant-temperature scheme). None: use the model's learnable s instead."""
-    u_on_cpu: bool | None = None
-    """Keep the u buffers in CPU memory. None: only when the dataset has more than 1M samples."""
-    eps: float = 0.0
-    """Objective log(eps + g), weights 1/(u + eps). 0: none (SogCLR's own code divides by u alone)."""
-    tile_size: int | None = None
-    """Rows per tile of the tiled exact loss (objectives/tiled.py; never holds the B x N products): null = auto
-    (dense up to 2048 x 2048, then ~2M-entry strips), 0 = never tiled, a value >= the local batch = dense."""
-
-    def validate(self) -> None:
-        tiled.validate_tile_size("sogclr.tile_size", self.tile_size)
-        if not 0.0 < self.gamma <= 1.0:
-            raise ValueError(f"gamma={self.gamma} must be in (0, 1] (the moving-average rate of u)")
-        if self.temperature is not None and not self.temperature > 0:
-            raise ValueError(f"temperature={self.temperature} must be positive (or None for the learnable one)")
-        if not self.eps >= 0.0:
-            raise ValueError(f"eps={self.eps} must be >= 0")
-
-
-FASTCLIP_VERSIONS = (0, 1, 3)
-TEMPERATURE_GRADS = ("release", "exact")
-
-
-@dataclass
-class FastCLIPConfig:
-    """Options of `--objective fastclip` (CLI: `--fastclip.KEY VALUE`). Defaults: FastCLIP-v3, CC3M release."""
-
-    version: Literal[0, 1, 3] = 3
-    """0: GCL + learnable temperature (plain gradient); 1: GCL + constant temperature; 3: RGCL-g (needs
-    temperature.scheme rescaled). Version 2 (individual temperatures) is not implemented."""
-    gamma_min: float = 0.2
-    """Final value of gamma (cosine decay from 1 over `gamma_decay_epochs`)."""
-    gamma_decay_epochs: int = 18
-    """E: epochs of the cosine decay of gamma (18 CC3M, 16 CC12M; about half the epochs)."""
-    temperature: float = 0.07
-    """Constant temperature of version 1 (the released code's default)."""
-    u_on_cpu: bool | None = None
-    """Keep the u buffers in CPU memory. None: only when the dataset has more than 1M samples."""
-    eps: float = 1e-14
-    """Objective log(eps + g), weights 1/(u + eps) (the release's --fastclip_eps default 1e-14; 0: none)."""
-    temperature_grad: Literal["release", "exact"] = "release"
-    """Gradient of the learnt s (versions 0, 3). release: as the released code, s attached in the row and
-    the column block (each pair's term counted twice in d/ds) and log u without eps in the v3 term, the setting
-    its rho values were tuned with. exact: the gradient of RGCL-g (v3: tau GCL_eps + rho tau) with g -> u."""
-    tile_size: int | None = None
-    """Rows per tile of the tiled exact loss (objectives/tiled.py; never holds the B x N products): null = auto
-    (dense up to 2048 x 2048, then ~2M-entry strips), 0 = never tiled, a value >= the local batch = dense."""
-
-    def validate(self) -> None:
-        tiled.validate_tile_size("fastclip.tile_size", self.tile_size)
-        if self.version == 2:
-            raise ValueError(
-                "fastclip.version=2 (per-sample temperatures, iSogCLR's RGCL) is not implemented; "
-                "use 3 (global learnable temperature, the default), 1 (constant) or 0"
-            )
-        if self.version not in FASTCLIP_VERSIONS:
-            raise ValueError(f"fastclip.version={self.version} is not one of {FASTCLIP_VERSIONS}")
-        if not 0.0 < self.gamma_min <= 1.0:
-            raise ValueError(f"gamma_min={self.gamma_min} must be in (0, 1]")
-        if self.gamma_decay_epochs < 0:
-            raise ValueError(f"gamma_decay_epochs={self.gamma_decay_epochs} must be >= 0")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature={self.temperature} must be positive")
-        if not self.eps >= 0.0:
-            raise ValueError(f"eps={self.eps} must be >= 0")
-        if self.temperature_grad not in TEMPERATURE_GRADS:
-            raise ValueError(f"temperature_grad={self.temperature_grad!r} is not one of: {', '.join(TEMPERATURE_GRADS)}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -470,11 +394,6 @@ class FastCLIPObjective(SogCLRObjective):
     name = "fastclip"
     section = "fastclip"
     Config = FastCLIPConfig
-
-    @classmethod
-    def default_temperature_scheme(cls, cfg: Any) -> str:
-        """RGCL-g (version 3) learns its temperature through the rescaled scheme (FastCLIP Alg. 1, line 11)."""
-        return "rescaled" if cfg is not None and cfg.version == 3 else "plain"
 
     def gamma(self, epoch: int) -> float:
         """FastCLIP's inner-rate schedule: cosine from 1 (epoch 0) to gamma_min at epoch E, then constant."""

@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from amorlip.objectives.options import validate_tile_size
+
 AUTO_DENSE_ENTRIES = 2048 * 2048
 """Auto tiling leaves a B x N matrix of at most this many entries dense (16 MiB in fp32)."""
 AUTO_TILE_ENTRIES = 2**21
@@ -44,14 +46,6 @@ TILE_SIZE_HELP = (
     "Rows per tile of the tiled exact loss (never holds the B x N logits): null = auto (dense up to "
     "2048 x 2048, then ~2M-entry strips), 0 = never tiled, t >= B = dense."
 )
-
-
-def validate_tile_size(key: str, value: Any) -> None:
-    """One-line error naming `key` for anything but None or an int >= 0."""
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{key} must be null (auto), 0 (never tiled) or a positive number of rows (got {value!r})")
 
 
 def resolve_tile(tile_size: int | None, rows: int, cols: int) -> int:
