@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MethodType, SimpleNamespace
 from typing import Any, Callable, Sequence
 
@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from amorlip.errors import ConfigError
+from amorlip.reclip_options import ResolutionConfig, _as_int, parse_phase_specs  # noqa: F401 - torch-free, re-exported
 
 VIT_POS_KEY = "visual.positional_embedding"
 RESNET_POS_KEY = "visual.attnpool.positional_embedding"
@@ -58,25 +59,8 @@ RESNET_STRIDE = 32
 
 
 # ----------------------------------------------------------------------------------------------------
-# Configuration and the schedule (pure functions of the step)
+# The schedule (pure functions of the step; its config section: amorlip.reclip_options)
 # ----------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ResolutionConfig:
-    """The `resolution` config section (RECLIP schedule)."""
-
-    phases: list[list[int | float | None]] = field(default_factory=list)
-    """[[fraction, image_size(, context_length)], ...] in training order; fractions of the total steps sum to 1.
-    The last phase must be at the model's native image size (the exported and finally evaluated model).
-    context_length omitted or null = the model's native text context. Empty = native resolution throughout."""
-
-    def validate(self) -> None:
-        parse_phase_specs(self.phases)
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.phases)
 
 
 @dataclass(frozen=True)
@@ -96,44 +80,6 @@ class Phase:
     @property
     def num_steps(self) -> int:
         return self.end_step - self.start_step
-
-
-def _as_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
-        raise ValueError(f"{what} must be a whole number, got {value!r}")
-    return int(value)
-
-
-def parse_phase_specs(specs: Sequence[Any]) -> list[tuple[float, int, int | None]]:
-    """Check `[[fraction, image_size(, context_length)], ...]` and return it as tuples (ValueError when bad)."""
-    if specs is None:
-        return []
-    if not isinstance(specs, (list, tuple)):
-        raise ValueError(f"phases must be a list like [[0.9, 64], [0.1, 224]], got {specs!r}")
-    out: list[tuple[float, int, int | None]] = []
-    for i, spec in enumerate(specs):
-        where = f"phase {i + 1} ({spec!r})"
-        if not isinstance(spec, (list, tuple)) or len(spec) not in (2, 3):
-            raise ValueError(f"{where}: each phase is [fraction, image_size] or [fraction, image_size, context_length]")
-        frac = spec[0]
-        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not math.isfinite(frac) or frac <= 0:
-            raise ValueError(f"{where}: the fraction of training must be a positive number")
-        size = _as_int(spec[1], f"{where}: image_size")
-        if size <= 0:
-            raise ValueError(f"{where}: image_size must be positive")
-        ctx = None
-        if len(spec) == 3 and spec[2] is not None:
-            ctx = _as_int(spec[2], f"{where}: context_length")
-            if ctx < 2:
-                raise ValueError(f"{where}: context_length must be at least 2 (start and end-of-text tokens)")
-        out.append((float(frac), size, ctx))
-    total = sum(f for f, _, _ in out)
-    if out and abs(total - 1.0) > 1e-6:
-        raise ValueError(
-            f"the phase fractions sum to {total:g}, not 1; e.g. [[0.9, 64], [0.1, 224]] trains 90% of the steps "
-            "at 64 px and the last 10% at 224 px"
-        )
-    return out
 
 
 def _specs_of(cfg: ResolutionConfig | Sequence[Any] | None) -> list[tuple[float, int, int | None]]:
