@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from amorlip.errors import ConfigError
+from amorlip.model_catalog import MODEL_CONFIG_DIR, check_lock_options, lock_groups, tower_kinds  # noqa: F401 - re-exported
 
-MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 TINY_MODELS = sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
 """Registered tiny configs that train quickly on a CPU (micro-vit is for tests)."""
 
@@ -31,6 +31,8 @@ def register_tiny_configs() -> None:
 
 
 def model_names() -> list[str]:
+    """open_clip's model config names, the tiny ones included (`amorlip.model_catalog.model_names` lists the same
+    without importing torch)."""
     register_tiny_configs()
     return open_clip.list_models()
 
@@ -328,73 +330,7 @@ def _exported_name(path: Path) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# LiT-style locking (model.lock_image / lock_text) and what each tower supports
-
-
-def tower_kinds(name: str) -> tuple[str, str]:
-    """(image tower kind, text tower kind) of config `name`: vit | resnet | timm, and transformer | hf."""
-    cfg = model_config(name)
-    vision, text = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
-    if vision.get("timm_model_name"):
-        image = "timm"
-    elif isinstance(vision.get("layers"), (list, tuple)):
-        image = "resnet"
-    else:
-        image = "vit"
-    return image, ("hf" if text.get("hf_model_name") else "transformer")
-
-
-def lock_groups(name: str) -> tuple[int | None, int | None]:
-    """How many groups open_clip's lock_image_tower / lock_text_tower can leave unlocked for config `name` (None:
-    decided by the tower itself, timm or Hugging Face). ViT: stem, each block but the last, last block + final
-    norm, projection. Text transformer: embeddings, each block but the last, last block + ln_final, projection."""
-    cfg = model_config(name)
-    image_kind, text_kind = tower_kinds(name)
-    image = int(cfg["vision_cfg"].get("layers", 12)) + 2 if image_kind == "vit" else (0 if image_kind == "resnet" else None)
-    text = int(cfg["text_cfg"].get("layers", 12)) + 2 if text_kind == "transformer" else None
-    return image, text
-
-
-def check_lock_options(mcfg: Any) -> None:
-    """ConfigError for lock options that the model cannot take or that have no effect (called by validate)."""
-    options = {
-        "lock_image": ("lock_image_unlocked_groups", "lock_image_freeze_bn_stats"),
-        "lock_text": ("lock_text_unlocked_layers", "lock_text_freeze_layer_norm"),
-    }
-    defaults = {"lock_image_unlocked_groups": 0, "lock_image_freeze_bn_stats": False, "lock_text_unlocked_layers": 0,
-                "lock_text_freeze_layer_norm": True}
-    for lock, keys in options.items():
-        for key in keys:
-            if getattr(mcfg, key) != defaults[key] and not getattr(mcfg, lock):
-                raise ConfigError(f"model.{key}={getattr(mcfg, key)} has no effect without model.{lock} (pass "
-                                  f"--model.{lock.replace('_', '-')} true, or drop --model.{key.replace('_', '-')})")
-    image_kind, text_kind = tower_kinds(mcfg.name)
-    image_groups, text_groups = lock_groups(mcfg.name)
-    for key in ("lock_image_unlocked_groups", "lock_text_unlocked_layers"):
-        if getattr(mcfg, key) < 0:
-            raise ConfigError(f"model.{key}={getattr(mcfg, key)} must be at least 0 (pass --model."
-                              f"{key.replace('_', '-')} 0 to lock the whole tower)")
-    if mcfg.lock_image:
-        n = mcfg.lock_image_unlocked_groups
-        if image_kind == "resnet" and n:
-            raise ConfigError(f"model.lock_image_unlocked_groups={n}: open_clip locks a ResNet image tower "
-                              f"({mcfg.name}) only as a whole (pass --model.lock-image-unlocked-groups 0)")
-        if image_groups and n >= image_groups:
-            raise ConfigError(f"model.lock_image_unlocked_groups={n} would unlock all {image_groups} groups of "
-                              f"{mcfg.name}'s image tower (pass at most {image_groups - 1}, or drop "
-                              "--model.lock-image)")
-        if mcfg.lock_image_freeze_bn_stats and image_kind == "vit":
-            raise ConfigError(f"model.lock_image_freeze_bn_stats: {mcfg.name}'s image tower is a ViT, without "
-                              "batch norm (drop --model.lock-image-freeze-bn-stats; it is for ResNet and timm towers)")
-    if mcfg.lock_text:
-        n = mcfg.lock_text_unlocked_layers
-        if text_groups and n >= text_groups:
-            raise ConfigError(f"model.lock_text_unlocked_layers={n} would unlock all {text_groups} groups of "
-                              f"{mcfg.name}'s text tower (pass at most {text_groups - 1}, or drop --model.lock-text)")
-        if not mcfg.lock_text_freeze_layer_norm and text_kind != "hf":
-            raise ConfigError(f"model.lock_text_freeze_layer_norm=false: open_clip's own text transformer "
-                              f"({mcfg.name}) freezes its layer norms with the rest (drop "
-                              "--model.lock-text-freeze-layer-norm; unfrozen norms are for Hugging Face text towers)")
+# LiT-style locking (model.lock_image / lock_text; what each tower supports: amorlip.model_catalog)
 
 
 def lock_towers(model: nn.Module, mcfg: Any) -> None:
