@@ -1,5 +1,6 @@
 """The command line as a user meets it: help from the docstrings, presets, --print-config, aliases and
 suggestions, `base:` chains, steps/epochs, unknown flags, startup without torch."""
+import json
 import subprocess
 import sys
 
@@ -239,3 +240,94 @@ def test_model_names_without_torch_match_open_clip():
     from amorlip.models import model_names
 
     assert sorted(model_config_names()) == sorted(model_names())
+
+
+CONFIG_ONLY_COMMANDS = [  # (words, exit status): each finishes in the config layer
+    (["presets", "tiny-amorlip"], 0),
+    (["presets", "tiny-clip"], 0),
+    (["train", "--help"], 0),
+    (["compare", "--help"], 0),
+    (["train", "--objective", "fastclip", "--print-config"], 0),  # temperature.scheme auto -> rescaled
+    (["train", "--train.batch-size", "0"], 2),
+    (["train", "--model.name", "nosuchmodel"], 2),
+    (["train", "--model.lock-image", "true", "--model.lock-image-unlocked-groups", "9"], 2),  # reads tiny-vit's config
+    (["train", "--objective", "amorlip", "--amor.arch", "nope"], 2),
+    (["train", "--resolution.phases", "[[0.5, 16]]"], 2),
+]
+
+
+def test_config_layer_does_not_import_torch_or_open_clip():
+    """Presets, `--help` and the errors config validation finds import neither torch, torchvision nor open_clip; the
+    torch-free model catalog lists what open_clip lists (compared here, in a process that has open_clip)."""
+    from amorlip.models import model_names
+
+    code = (
+        "import io, json, sys, contextlib\n"
+        "from amorlip.cli import main\n"
+        "from amorlip.model_catalog import model_names, tower_kinds\n"
+        "out = {'rc': [], 'stdout': []}\n"
+        "for words, _ in %r:\n"
+        "    buf = io.StringIO()\n"
+        "    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):\n"
+        "        try:\n"
+        "            rc = main(words)\n"
+        "        except SystemExit as e:\n"
+        "            rc = e.code\n"
+        "    out['rc'].append(rc)\n"
+        "    out['stdout'].append(buf.getvalue())\n"
+        "out['names'] = model_names()\n"
+        "out['kinds'] = [tower_kinds(n) for n in ('tiny-vit', 'tiny-rn', 'RN50', 'ViT-B-32')]\n"
+        "out['imported'] = [m for m in ('torch', 'torchvision', 'open_clip') if m in sys.modules]\n"
+        "print(json.dumps(out))\n" % CONFIG_ONLY_COMMANDS
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["imported"] == [], f"imported {out['imported']}"
+    assert out["rc"] == [rc for _, rc in CONFIG_ONLY_COMMANDS]
+    assert yaml.safe_load(out["stdout"][0])["objective"] == "amorlip"
+    assert yaml.safe_load(out["stdout"][4])["temperature"]["scheme"] == "rescaled"
+    assert "--train.batch-size" in out["stdout"][2] and "--amor.dim-factor" in out["stdout"][2]
+    assert out["names"] == model_names()
+    assert out["kinds"] == [["vit", "transformer"], ["resnet", "transformer"], ["resnet", "transformer"],
+                            ["vit", "transformer"]]
+
+
+def test_model_catalog_reads_what_open_clip_reads():
+    """The catalog's JSON configs, read without open_clip, are open_clip's registry (tiny configs registered):
+    the same names in the same order, and the same config dicts."""
+    import open_clip
+
+    from amorlip import model_catalog
+    from amorlip.models import model_names, register_tiny_configs
+
+    register_tiny_configs()
+    own = model_catalog._json_configs()
+    assert sorted(own, key=model_catalog._natural_key) == model_names() == open_clip.list_models()
+    assert all(own[name] == open_clip.get_model_config(name) for name in own)
+    assert model_catalog.model_config("tiny-vit") == open_clip.get_model_config("tiny-vit")
+    with pytest.raises(ValueError, match="unknown model 'ViT-Nope'"):
+        model_catalog.model_config("ViT-Nope")
+
+
+def test_objective_options_are_the_classes_own():
+    """`amorlip.objectives.options` (what the config layer reads, torch-free) names every registered objective's
+    `section` and `Config`, in the registry's order; the old import paths still work."""
+    from amorlip import objectives, reclip, reclip_options
+    from amorlip.objectives import REGISTRY, Objective, ObjectiveContext, ObjectiveOutput, get, options
+    from amorlip.objectives.amorlip import AmorConfig
+    from amorlip.objectives.base import Objective as BaseObjective
+    from amorlip.objectives.sogclr import FastCLIPConfig
+
+    assert list(options.SECTIONS) == list(REGISTRY)
+    for name in REGISTRY:
+        cls = get(name)
+        assert (cls.section, cls.Config) == options.SECTIONS[name], name
+        assert cls.default_temperature_scheme(cls.Config()) == options.default_temperature_scheme(name, cls.Config())
+    assert Objective is BaseObjective and ObjectiveContext.__module__ == ObjectiveOutput.__module__ == "amorlip.objectives.base"
+    assert AmorConfig is options.AmorConfig and reclip.ResolutionConfig is reclip_options.ResolutionConfig
+    assert get("fastclip").default_temperature_scheme(FastCLIPConfig()) == "rescaled"
+    assert get("fastclip").default_temperature_scheme(FastCLIPConfig(version=0)) == "plain"
+    assert get("clip").default_temperature_scheme(None) == "plain"
+    with pytest.raises(AttributeError):
+        objectives.NoSuchName  # noqa: B018

@@ -3,8 +3,10 @@
 `train` and `compare` parse their words with the config parser (jsonargparse, `amorlip.config.config_parser`):
 `--section.key VALUE` for every config key, with help from the dataclass docstrings. The other commands are
 small argparse parsers. Every one rejects unknown flags, and every expected error is one line
-`amorlip <cmd>: error: ... (fix)` with exit status 2, before any work starts. `amorlip --help`, `presets` and
-`models` do not import torch.
+`amorlip <cmd>: error: ... (fix)` with exit status 2, before any work starts. `amorlip --help`, `presets` (a
+preset's resolved configuration too), `models`, `train --help`, `compare --help` and `train --print-config` import
+neither torch nor open_clip, and neither does a `train` error found by config validation, except in the checks
+that need torch: model.pretrained, train.device cuda, model.precision fp16, data.val_path and eval.imagenet_root.
 """
 from __future__ import annotations
 

@@ -3,7 +3,10 @@
 A preset YAML mirrors the dataclasses (`train: {batch_size: 64}`); the command line overrides any key
 with `--section.key value` (dashes or underscores). Unknown keys are an error listing the valid ones.
 Objective options live in a section named by the objective (e.g. `amor:` for AmorLIP), declared by the
-objective's own `Config` dataclass, so adding an objective never touches this file.
+objective's own `Config` dataclass (kept in `amorlip.objectives.options`), so adding an objective never touches
+this file. Building and validating a config imports neither torch nor open_clip (model configs are read from
+their JSON files, `amorlip.model_catalog`), except for the checks that need them: model.pretrained, a CUDA
+device or fp16, and the validation data paths.
 """
 from __future__ import annotations
 
@@ -247,6 +250,18 @@ CORE_SECTIONS: dict[str, type] = {
 }
 
 
+def _objective_section(name: str) -> tuple[str | None, type | None]:
+    """(config section, options dataclass) of the registered objective `name`: from `amorlip.objectives.options`
+    without importing torch; an objective missing there (registered at run time) is asked through its class."""
+    from amorlip import objectives
+    from amorlip.objectives.options import SECTIONS
+
+    if name in SECTIONS:
+        return SECTIONS[name]
+    cls = objectives.get(name)
+    return cls.section, cls.Config
+
+
 def objective_sections() -> dict[str, type]:
     """Config sections declared by the registered objectives (section name -> dataclass)."""
     from amorlip import objectives
@@ -254,11 +269,11 @@ def objective_sections() -> dict[str, type]:
     out: dict[str, type] = {}
     for name in objectives.REGISTRY:
         try:
-            cls = objectives.get(name)
+            section, typ = _objective_section(name)
         except (ImportError, AttributeError):
             continue
-        if cls.section and cls.Config is not None:
-            out.setdefault(cls.section, cls.Config)
+        if section and typ is not None:
+            out.setdefault(section, typ)
     return out
 
 
@@ -266,7 +281,7 @@ def extra_sections() -> dict[str, type]:
     """Sections contributed by optional features (e.g. the RECLIP resolution schedule)."""
     out: dict[str, type] = {}
     try:
-        from amorlip.reclip import ResolutionConfig
+        from amorlip.reclip_options import ResolutionConfig
 
         out["resolution"] = ResolutionConfig
     except ImportError:
@@ -699,8 +714,12 @@ def resolve_auto(cfg: Config) -> None:
     """Replace `auto` values by what they mean for this configuration (the saved config holds the result)."""
     if cfg.temperature.scheme == "auto":
         from amorlip import objectives
+        from amorlip.objectives.options import SECTIONS, default_temperature_scheme
 
-        if cfg.objective in objectives.REGISTRY:
+        if cfg.objective in SECTIONS:
+            section = SECTIONS[cfg.objective][0]
+            cfg.temperature.scheme = default_temperature_scheme(cfg.objective, cfg.sections.get(section))
+        elif cfg.objective in objectives.REGISTRY:  # registered at run time: its class decides
             cls = objectives.get(cfg.objective)
             cfg.temperature.scheme = cls.default_temperature_scheme(cfg.sections.get(cls.section) if cls.section else None)
 
@@ -805,13 +824,9 @@ def override_words(pairs: list[tuple[str, Any]]) -> list[str]:
 
 def model_config_names() -> list[str]:
     """Model config names (open_clip's and the tiny ones), read from the JSON files without importing torch."""
-    import importlib.util
+    from amorlip.model_catalog import model_names
 
-    names = {p.stem for p in (Path(__file__).parent / "model_configs").glob("*.json")}
-    spec = importlib.util.find_spec("open_clip")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        names.update(p.stem for p in (Path(folder) / "model_configs").glob("*.json"))
-    return sorted(names, key=lambda n: [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", n)])
+    return model_names()
 
 
 def _check_choice(value: str, choices: tuple[str, ...], key: str) -> None:
@@ -912,7 +927,7 @@ def validate(cfg: Config) -> None:
         )
 
     # model
-    from amorlip.models import model_names
+    from amorlip.model_catalog import check_lock_options, model_names
 
     names = model_names()
     if cfg.model.name not in names:
@@ -990,8 +1005,6 @@ def validate(cfg: Config) -> None:
                 "model.precision=fp16 needs a CUDA device (fp16 autocast with a gradient scaler) and this run trains "
                 "on the CPU (pass --model.precision bf16 for bf16 autocast on the CPU, or fp32)"
             )
-    from amorlip.models import check_lock_options, check_pretrained
-
     check_lock_options(cfg.model)
     resolution = cfg.sections.get("resolution")
     if (cfg.model.lock_image or cfg.model.lock_text) and getattr(resolution, "enabled", False):
@@ -1000,6 +1013,8 @@ def validate(cfg: Config) -> None:
             "embeddings, frozen ones included (drop --resolution.phases, or the lock)"
         )
     if cfg.model.pretrained and cfg.train.resume in (None, "auto"):  # a resumed run loads the checkpoint instead
+        from amorlip.models import check_pretrained
+
         check_pretrained(cfg.model.name, cfg.model.pretrained, **objectives.get(cfg.objective).model_overrides)
     _check_choice(cfg.train.save_final, ("full", "weights"), "train.save_final")
     if cfg.train.wandb:
