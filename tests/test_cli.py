@@ -253,6 +253,8 @@ CONFIG_ONLY_COMMANDS = [  # (words, exit status): each finishes in the config la
     (["train", "--model.lock-image", "true", "--model.lock-image-unlocked-groups", "9"], 2),  # reads tiny-vit's config
     (["train", "--objective", "amorlip", "--amor.arch", "nope"], 2),
     (["train", "--resolution.phases", "[[0.5, 16]]"], 2),
+    (["compare", "--objectives", "clip,siglip", "--train.batch-size", "0"], 2),
+    (["compare", "--objectives", "clip", "--sweep", "train.batchsize=16,32"], 2),
 ]
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -11,40 +10,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from amorlip.errors import CheckpointError
+from amorlip.files import (TMP_SUFFIX, atomic_write_text, publish,  # noqa: F401 - re-exported
+                           remove_stale_temporaries, write_error)
+
 LATEST = "latest.txt"
-TMP_SUFFIX = ".tmp"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or read; the message says why and what to do."""
-
-
-def _umask() -> int:
-    """The process's umask (read by setting and restoring it: there is no getter)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _publish(tmp: str, path: Path) -> None:
-    """Give a finished temporary file the mode a plain `open()` would (0666 less the umask; mkstemp makes
-    0600, which team-mates on a shared cluster cannot read), then rename it over `path`."""
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
-
-
-def _write_error(path: Path, e: BaseException) -> CheckpointError:
-    """A write failure as one clear message. torch.save reports the OSError of a full disk or an exceeded file
-    size limit as a RuntimeError of its zip writer ('unexpected pos ...', 'file write failed')."""
-    free = ""
-    try:
-        free = f"; {shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
-    except OSError:
-        pass
-    return CheckpointError(
-        f"could not write {path}: {e}{free} (free disk space, raise the file size limit, or change --train.output-dir; "
-        f"earlier checkpoints are intact)"
-    )
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -61,12 +31,12 @@ def atomic_save(obj: Any, path: Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        _publish(tmp, path)
+        publish(tmp, path)
     except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
         if isinstance(e, OSError) or (isinstance(e, RuntimeError) and _is_write_failure(e)):
-            raise _write_error(path, e) from e
+            raise write_error(path, e) from e
         raise
 
 
@@ -74,39 +44,6 @@ def _is_write_failure(e: RuntimeError) -> bool:
     text = str(e).lower()
     return any(s in text for s in ("unexpected pos", "file write failed", "no space", "file too large",
                                    "errno", "write failed"))
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    """Write a text file atomically (same guarantees and file mode as `atomic_save`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        _publish(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise _write_error(path, e) from e
-        raise
-
-
-def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete the temporary files of writes that a kill interrupted (`.NAME.*.tmp`); returns what was removed.
-
-    Call only where no other process is writing into `folder` (the run's main rank, at start-up)."""
-    removed = []
-    for p in Path(folder).glob(f".*{TMP_SUFFIX}"):
-        try:
-            p.unlink()
-            removed.append(p)
-        except OSError:
-            pass
-    return removed
 
 
 def non_finite_tensors(state: Any, prefix: str = "") -> list[str]:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from amorlip.checkpoint import atomic_write_text
+from amorlip.files import atomic_write_text
 from amorlip.config import ConfigError, build_config, convert, default_config, parse_overrides
 from amorlip.resume import config_hash, flatten
 from amorlip.stats import Interval, mean_interval, paired_difference, verdict
@@ -896,10 +896,11 @@ def _train_parallel(plan: Plan, todo: list[Run]) -> dict[str, str]:
 
 
 def run_compare(args: argparse.Namespace, extra: list[str]) -> int:
+    plan = compare_plan(args, parse_overrides(extra))  # bad input stops here, before torch is imported
+
     from amorlip.checkpoint import latest_checkpoint
     from amorlip.jobs import JobsStopped
 
-    plan = compare_plan(args, parse_overrides(extra))
     plan.out.mkdir(parents=True, exist_ok=True)
     finished = {run.name: m for run in plan.runs if (m := finished_metrics(run)) is not None}
     todo = [run for run in plan.runs if run.name not in finished]

@@ -7,3 +7,7 @@ from __future__ import annotations
 
 class ConfigError(ValueError):
     """A bad configuration value or key; the message names the problem and the fix."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint (or another file of a run) could not be written or read; the message says why and what to do."""

@@ -77,7 +77,7 @@ class WandbRun:
         except Exception as e:  # noqa: BLE001 - login, network or settings problems: one clear line
             raise ConfigError(f"W&B could not start: {' '.join(str(e).split())[:300]} (run `wandb login`, or set "
                               "WANDB_MODE=offline and upload later with `wandb sync`, or drop --train.wandb)") from None
-        from amorlip.checkpoint import atomic_write_text
+        from amorlip.files import atomic_write_text
 
         atomic_write_text(run_id + "\n", id_path)
         # our step is a logged value, not W&B's own counter: a resumed run re-logs the steps after its checkpoint,

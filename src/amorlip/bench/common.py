@@ -476,7 +476,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def write_json(path: str | None, data: dict[str, Any]) -> None:
     if not path:
         return
-    from amorlip.checkpoint import atomic_write_text
+    from amorlip.files import atomic_write_text
 
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

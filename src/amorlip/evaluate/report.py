@@ -47,7 +47,7 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
     A reader never sees a half-written file, and a crash leaves the previous version intact.
     Parent folders are created. Returns the path written.
     """
-    from amorlip.checkpoint import atomic_write_text
+    from amorlip.files import atomic_write_text
 
     path = Path(path)
     atomic_write_text(json.dumps(to_jsonable(obj), indent=indent, allow_nan=False) + "\n", path)
