@@ -1,6 +1,7 @@
 """The study scripts of docs/findings.md: the GPU recipe runs end to end (here on the CPU, at a micro size, through
 its environment knobs), and the CPU study's script rejects an unknown part before any work."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -43,3 +44,34 @@ def test_cpu_study_script_rejects_an_unknown_part(tmp_path):
                           capture_output=True, text=True, timeout=50)
     assert done.returncode == 2 and "unknown part mian" in done.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_findings_tables_r2_on_known_numbers(tmp_path, capsys):
+    """R2 = 1 - (mse - bias^2) / std^2 per run, then mean ± 95% t interval over seeds; missing values are '-'."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import findings_tables
+    finally:
+        sys.path.pop(0)
+    runs = []
+    for seed, (mse, bias) in enumerate([(0.5, 0.5), (0.3, 0.1)]):  # R2 = 1 - 0.25/0.25 = 0, 1 - 0.29/0.25 = -0.16
+        metrics = {"normalizer/train/true/image_std": 0.5, "normalizer/train/objective/image_mse": mse,
+                   "normalizer/train/objective/image_bias": bias, "normalizer/train/inbatch/image_mse": 0.2,
+                   "normalizer/train/inbatch/image_bias": 0.0}
+        runs.append({"entry": "amor", "batch_size": 16, "seed": seed, "metrics": metrics})
+    runs.append({"entry": "amor", "batch_size": 16, "seed": 2, "metrics": None})  # failed: left out
+    assert findings_tables.r2(runs[0]["metrics"], "train", "objective", "image") == pytest.approx(0.0)
+    assert findings_tables.r2(runs[1]["metrics"], "train", "objective", "image") == pytest.approx(-0.16)
+    assert findings_tables.r2(runs[0]["metrics"], "heldout", "objective", "image") is None
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"runs": runs}))
+    assert findings_tables.main([str(path)]) == 0
+    row = capsys.readouterr().out.splitlines()[2].split(" | ")
+    # entry, batch, seeds; train: in-batch MSE, in-batch R2 (1 - 0.2/0.25), own MSE, own bias, own R2; held-out: -
+    half = 12.706 * math.sqrt(0.0128) / math.sqrt(2)  # R2s 0 and -0.16: sd 0.1131
+    assert row[1:8] == ["16", "2", "0.20 ± 0.00", "0.20 ± 0.00", "0.40 ± 1.27", "0.30 ± 2.54",
+                        f"-0.08 ± {half:.2f}"]
+    assert row[8:] == ["-"] * 4 + ["- |"]
+    with pytest.raises(SystemExit) as e:
+        findings_tables.main([str(tmp_path / "missing.json")])
+    assert e.value.code == 2
