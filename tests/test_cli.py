@@ -325,7 +325,7 @@ def test_objective_options_are_the_classes_own():
     for name in REGISTRY:
         cls = get(name)
         assert (cls.section, cls.Config) == options.SECTIONS[name], name
-        assert cls.default_temperature_scheme(cls.Config()) == options.default_temperature_scheme(name, cls.Config())
+        assert cls.default_temperature_scheme(cls.Config()) == options.default_temperature_scheme(cls.Config())
     assert Objective is BaseObjective and ObjectiveContext.__module__ == ObjectiveOutput.__module__ == "amorlip.objectives.base"
     assert AmorConfig is options.AmorConfig and reclip.ResolutionConfig is reclip_options.ResolutionConfig
     assert get("fastclip").default_temperature_scheme(FastCLIPConfig()) == "rescaled"

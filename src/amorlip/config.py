@@ -713,15 +713,18 @@ def build_config(preset: str | None = None, overrides: list[tuple[str, Any]] | N
 def resolve_auto(cfg: Config) -> None:
     """Replace `auto` values by what they mean for this configuration (the saved config holds the result)."""
     if cfg.temperature.scheme == "auto":
-        from amorlip import objectives
         from amorlip.objectives.options import SECTIONS, default_temperature_scheme
 
         if cfg.objective in SECTIONS:
-            section = SECTIONS[cfg.objective][0]
-            cfg.temperature.scheme = default_temperature_scheme(cfg.objective, cfg.sections.get(section))
-        elif cfg.objective in objectives.REGISTRY:  # registered at run time: its class decides
-            cls = objectives.get(cfg.objective)
-            cfg.temperature.scheme = cls.default_temperature_scheme(cfg.sections.get(cls.section) if cls.section else None)
+            section, _ = _objective_section(cfg.objective)
+            cfg.temperature.scheme = default_temperature_scheme(cfg.sections.get(section) if section else None)
+        else:  # registered at run time: its class decides
+            from amorlip import objectives
+
+            if cfg.objective in objectives.REGISTRY:
+                cls = objectives.get(cfg.objective)
+                cfg.temperature.scheme = cls.default_temperature_scheme(cfg.sections.get(cls.section) if cls.section
+                                                                        else None)
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

@@ -71,7 +71,7 @@ class Objective(nn.Module):
     def default_temperature_scheme(cls, cfg: Any) -> str:
         """The temperature scheme `temperature.scheme auto` means for this objective (options `cfg`): decided by
         `options.default_temperature_scheme`, which the config layer reads without importing torch."""
-        return default_temperature_scheme(cls.name, cfg)
+        return default_temperature_scheme(cfg)
 
     def __init__(self, cfg: Any, ctx: ObjectiveContext) -> None:
         super().__init__()

@@ -285,10 +285,11 @@ SECTIONS: dict[str, tuple[str, type]] = {
 objective class's `section` and `Config`."""
 
 
-def default_temperature_scheme(objective: str, options: Any) -> str:
-    """The temperature scheme `temperature.scheme auto` means for `objective` with its options `options` (its
+def default_temperature_scheme(options: Any) -> str:
+    """The temperature scheme `temperature.scheme auto` means for an objective with options `options` (its
     section, or None): FastCLIP's RGCL-g (version 3) learns its temperature through the rescaled scheme (FastCLIP
-    Alg. 1, line 11); every other objective optimises the plain loss."""
-    if objective == "fastclip":
-        return "rescaled" if options is not None and options.version == 3 else "plain"
+    Alg. 1, line 11); every other objective optimises the plain loss. Decided by the options' type, so an objective
+    that reuses FastCLIPConfig under another name decides alike."""
+    if isinstance(options, FastCLIPConfig) and options.version == 3:
+        return "rescaled"
     return "plain"
