@@ -813,24 +813,24 @@ def write_outputs(record: dict[str, Any], out: Path) -> tuple[str, list[Path]]:
     written.append(out / "results.json")
 
     sweep = record.get("sweep") or {}
-    histories: dict[str, list[list[dict[str, Any]]]] = {}
     by_point: dict[str, dict[str, list[list[dict[str, Any]]]]] = {}  # sweep point -> entry -> histories
-    x_scale: dict[str, float] = {}
-    point_scale: dict[str, dict[str, float]] = {}  # sweep point -> entry -> batch size
+    batch: dict[str, dict[str, float]] = {}  # sweep point -> entry -> batch size (x scale: samples seen)
     for r in record["runs"]:
-        if not isinstance(r.get("metrics"), dict):
-            continue
-        point = point_label(r.get("sweep") or {})
-        label = " ".join(filter(None, (r["entry"], point)))
-        history = read_history(Path(r["run_dir"]))
-        histories.setdefault(label, []).append(history)
-        by_point.setdefault(point, {}).setdefault(r["entry"], []).append(history)
-        x_scale[label] = point_scale.setdefault(point, {})[r["entry"]] = float(r.get("batch_size") or 1)
-    if any(any(h) for hs in histories.values() for h in hs):
+        if isinstance(r.get("metrics"), dict):
+            point = point_label(r.get("sweep") or {})
+            by_point.setdefault(point, {}).setdefault(r["entry"], []).append(read_history(Path(r["run_dir"])))
+            batch.setdefault(point, {})[r["entry"]] = float(r.get("batch_size") or 1)
+    if any(any(h) for entries in by_point.values() for hs in entries.values() for h in hs):
         xlabel = "samples seen" if sweep else "step"
+
+        def label(entry: str, point: str) -> str:
+            return " ".join(filter(None, (entry, point)))
+
+        histories = {label(e, p): hs for p, entries in by_point.items() for e, hs in entries.items()}
+        x_scale = {label(e, p): b for p, entries in batch.items() for e, b in entries.items()}
         written += plot_curves(histories, out, x_scale if sweep else None, xlabel)
         for point, entries in by_point.items():  # one normaliser plot per sweep point: a line per entry
-            written += plot_normalizer_curves(entries, out, point_scale[point] if sweep else None, xlabel,
+            written += plot_normalizer_curves(entries, out, batch[point] if sweep else None, xlabel,
                                               "normalizer_mse" + (f"_{safe_name(point)}" if point else ""), point)
     written += plot_sweeps(record, out, columns)
     return shown, written
@@ -848,8 +848,8 @@ def rebuild_outputs(results_json: Path, out: Path | None = None) -> tuple[str, l
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """Errors a run reports with a message that names the fix (the others are bugs: their traceback shows)."""
-    from amorlip.checkpoint import CheckpointError
     from amorlip.data.types import DataError
+    from amorlip.errors import CheckpointError
 
     return (ConfigError, DataError, CheckpointError, FloatingPointError, FileNotFoundError)
 
