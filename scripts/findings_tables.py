@@ -22,8 +22,11 @@ from amorlip.stats import mean_interval
 
 
 def r2(metrics: dict, split: str, estimate: str, modality: str) -> float | None:
-    """1 - (mse - bias^2) / std^2 of one run's final metrics (None when a value is missing)."""
+    """The run's logged `normalizer/SPLIT/ESTIMATE/MODALITY_r2` (amorlip.evaluate.normalizers); for runs made
+    before it was logged, 1 - (mse - bias^2) / std^2 from their final metrics (None when a value is missing)."""
     p = f"normalizer/{split}"
+    if f"{p}/{estimate}/{modality}_r2" in metrics:
+        return metrics[f"{p}/{estimate}/{modality}_r2"]
     mse, bias = metrics.get(f"{p}/{estimate}/{modality}_mse"), metrics.get(f"{p}/{estimate}/{modality}_bias")
     std = metrics.get(f"{p}/true/{modality}_std")
     if mse is None or bias is None or not std:

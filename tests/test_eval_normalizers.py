@@ -134,6 +134,36 @@ def test_objective_estimate_errors():
     assert d["objective/text_mse"] == pytest.approx((3 - true) ** 2)
 
 
+def test_r2_is_one_for_an_offset_estimate_and_zero_for_a_constant():
+    """r2 = 1 - Var(error) / Var(log Z): an estimate off by a constant follows all of the spread (1), a constant
+    estimate none (0), the negated spread around the mean less than none (-3); a NaN sample is left out of both."""
+    x, y = _features(8, 3, 11)
+    true_img, _ = exact_log_normalizers(x, y, 4.0)
+
+    class Fixed(Objective):
+        name = "fixed"
+
+        def __init__(self, image):
+            super().__init__(None, None)
+            self.image = image
+
+        def estimate_log_normalizers(self, image_features, text_features, scale, indices):
+            return {"image": self.image[indices], "text": torch.zeros(len(indices), dtype=torch.float64)}
+
+    mean = float(true_img.mean())
+    for image, r2 in ((true_img + 0.5, 1.0), (torch.full((8,), 0.3, dtype=torch.float64), 0.0),
+                      (2 * mean - true_img, -3.0)):
+        d = normalizer_diagnostics(x, y, 4.0, torch.arange(8), 4, objective=Fixed(image))
+        assert d["objective/image_r2"] == pytest.approx(r2, abs=1e-9)
+        assert d["objective/image_r2"] == pytest.approx(
+            1 - (d["objective/image_mse"] - d["objective/image_bias"] ** 2) / float(true_img.var(unbiased=False)))
+    with_nan = (true_img + 0.5).clone()
+    with_nan[0] = float("nan")
+    d = normalizer_diagnostics(x, y, 4.0, torch.arange(8), 4, objective=Fixed(with_nan))
+    assert d["objective/image_r2"] == pytest.approx(1.0) and d["objective/coverage"] == pytest.approx(7 / 8)
+    assert math.isnan(normalizer_diagnostics(torch.eye(2), torch.eye(2), 2.0, None, 1)["inbatch/image_r2"])
+
+
 def test_objective_without_estimate_is_skipped():
     class NoEstimate(Objective):
         name = "none"
@@ -281,9 +311,10 @@ def test_nan_estimates_are_left_out_and_the_effective_scale_is_the_reference():
 N_TRAIN, N_DIAG, BATCH = 96, 24, 16
 SPLIT_KEYS = {"n", "batch_size", "true/image_mean", "true/image_std", "true/text_mean", "true/text_std",
               "true/image_noise", "true/text_noise",
-              "inbatch/image_mse", "inbatch/image_bias", "inbatch/text_mse", "inbatch/text_bias"}
-OBJECTIVE_KEYS = {"objective/image_mse", "objective/image_bias", "objective/text_mse", "objective/text_bias",
-                  "objective/coverage"}
+              "inbatch/image_mse", "inbatch/image_bias", "inbatch/image_r2",
+              "inbatch/text_mse", "inbatch/text_bias", "inbatch/text_r2"}
+OBJECTIVE_KEYS = {"objective/image_mse", "objective/image_bias", "objective/image_r2", "objective/text_mse",
+                  "objective/text_bias", "objective/text_r2", "objective/coverage"}
 
 
 def _cfg(objective: str = "clip", *extra: tuple[str, str]):

@@ -63,6 +63,8 @@ def test_findings_tables_r2_on_known_numbers(tmp_path, capsys):
     assert findings_tables.r2(runs[0]["metrics"], "train", "objective", "image") == pytest.approx(0.0)
     assert findings_tables.r2(runs[1]["metrics"], "train", "objective", "image") == pytest.approx(-0.16)
     assert findings_tables.r2(runs[0]["metrics"], "heldout", "objective", "image") is None
+    logged = {**runs[0]["metrics"], "normalizer/train/objective/image_r2": 0.42}  # newer runs log it: taken as is
+    assert findings_tables.r2(logged, "train", "objective", "image") == 0.42
     path = tmp_path / "results.json"
     path.write_text(json.dumps({"runs": runs}))
     assert findings_tables.main([str(path)]) == 0

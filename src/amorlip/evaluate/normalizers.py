@@ -20,8 +20,9 @@ comparison: an estimator equal to the training-set value would show an mse of ab
       prototypes). An objective with `effective_scale` (SogCLR / FastCLIP-v1 with a constant temperature)
       tracks its estimate at that scale: the reference and the in-batch estimate use it too.
 
-For each estimate and modality: `mse` = mean_i (log Zhat[i] - log Z[i])^2 and `bias` = mean_i
-(log Zhat[i] - log Z[i]) (negative: underestimates). An objective may return NaN for a sample it has no
+For each estimate and modality: `mse` = mean_i (log Zhat[i] - log Z[i])^2, `bias` = mean_i
+(log Zhat[i] - log Z[i]) (negative: underestimates) and `r2` = 1 - (mse - bias^2) / Var_i(log Z[i]) (the share of
+the per-sample spread of log Z the estimate follows once its offset is removed; 0: no better than a constant). An objective may return NaN for a sample it has no
 estimate of (SogCLR's u of a sample not visited yet): those samples are left out of its mse and bias, and
 `objective/coverage` is the fraction that entered.
 
@@ -191,13 +192,20 @@ def _module_device(module: nn.Module) -> torch.device | None:
 
 def _errors(prefix: str, est_img: torch.Tensor, est_txt: torch.Tensor, true_img: torch.Tensor,
             true_txt: torch.Tensor) -> dict[str, float]:
-    """mse and bias per modality over the samples with an estimate (NaN = none; all NaN gives NaN)."""
+    """mse, bias and r2 per modality over the samples with an estimate (NaN = none; all NaN gives NaN).
+
+    r2 = 1 - Var(error) / Var(log Z) = 1 - (mse - bias^2) / Var(log Z), over the same samples: the share of the
+    per-sample spread of the exact log Z that the estimate follows once its constant offset is removed (1: all of
+    it, 0: no better than a constant, below 0: worse than one; NaN when log Z does not vary)."""
     out = {}
     for mod, est, true in (("image", est_img, true_img), ("text", est_txt, true_txt)):
-        err = est.double().cpu().reshape(-1) - true
-        err = err[~torch.isnan(est.double().cpu().reshape(-1))]
+        est = est.double().cpu().reshape(-1)
+        has = ~torch.isnan(est)
+        err, true = est[has] - true[has], true[has]
         out[f"{prefix}/{mod}_mse"] = float((err ** 2).mean()) if err.numel() else math.nan
         out[f"{prefix}/{mod}_bias"] = float(err.mean()) if err.numel() else math.nan
+        spread = float(true.var(unbiased=False)) if true.numel() > 1 else 0.0
+        out[f"{prefix}/{mod}_r2"] = 1.0 - float(err.var(unbiased=False)) / spread if spread > 0 else math.nan
     return out
 
 
