@@ -1,6 +1,7 @@
 """The command line as a user meets it: help from the docstrings, presets, --print-config, aliases and
 suggestions, `base:` chains, steps/epochs, unknown flags, startup without torch."""
 import json
+import os
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ import pytest
 import yaml
 
 from amorlip.cli import BENCH_COMMANDS, build_parser, main
-from amorlip.config import ConfigError, build_config, describe, model_config_names, preset_description, preset_names
+from amorlip.config import ConfigError, build_config, describe, preset_description, preset_names
 
 
 def run(capsys, *words):
@@ -236,10 +237,17 @@ def test_startup_does_not_import_torch(words):
     assert proc.returncode == 0, proc.stderr
 
 
-def test_model_names_without_torch_match_open_clip():
-    from amorlip.models import model_names
-
-    assert sorted(model_config_names()) == sorted(model_names())
+def test_a_closed_pipe_ends_quietly():
+    """`amorlip models | head -1`: the reader has gone when amorlip writes; exit 141 as a shell reports SIGPIPE,
+    and no traceback."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first write
+    try:
+        proc = subprocess.run([sys.executable, "-m", "amorlip.cli", "models"], stdout=write, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr
 
 
 CONFIG_ONLY_COMMANDS = [  # (words, exit status): each finishes in the config layer

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -202,11 +203,10 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from amorlip.config import model_config_names
+    from amorlip.model_catalog import TINY_MODELS, model_names
 
-    tiny = sorted(p.stem for p in (Path(__file__).parent / "model_configs").glob("*.json"))
-    print("tiny CPU configs: " + ", ".join(tiny))
-    print("open_clip configs: " + ", ".join(n for n in model_config_names() if n not in tiny))
+    print("tiny CPU configs: " + ", ".join(TINY_MODELS))
+    print("open_clip configs: " + ", ".join(n for n in model_names() if n not in TINY_MODELS))
     return 0
 
 
@@ -278,15 +278,14 @@ OWN_PARSERS: dict[str, Callable[[list[str]], int]] = {"train": cmd_train, "compa
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
-    """Errors whose message names the fix (printed as one line, exit 2); the modules that raise them are
-    looked up only if already imported, so that startup does not import torch."""
-    from amorlip.config import ConfigError
+    """Errors whose message names the fix (printed as one line, exit 2); DataError's module is looked up only if
+    already imported, so that startup does not import torch."""
+    from amorlip.errors import CheckpointError, ConfigError
 
-    out: list[type[BaseException]] = [ConfigError, FileNotFoundError]
-    for module, name in (("amorlip.checkpoint", "CheckpointError"), ("amorlip.data.types", "DataError")):
-        cls = getattr(sys.modules.get(module), name, None)
-        if isinstance(cls, type):
-            out.append(cls)
+    out: list[type[BaseException]] = [ConfigError, CheckpointError, FileNotFoundError]
+    cls = getattr(sys.modules.get("amorlip.data.types"), "DataError", None)
+    if isinstance(cls, type):
+        out.append(cls)
     return tuple(out)
 
 
@@ -308,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; resume with --train.resume latest", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`amorlip models | head -1`): stop quietly, as `cat` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141
     except Exception as e:
         if not isinstance(e, _expected_errors()):
             raise

@@ -825,13 +825,6 @@ def override_words(pairs: list[tuple[str, Any]]) -> list[str]:
     return [f"--{key}={_as_text(value, types.get(key, Any))}" for key, value in pairs]
 
 
-def model_config_names() -> list[str]:
-    """Model config names (open_clip's and the tiny ones), read from the JSON files without importing torch."""
-    from amorlip.model_catalog import model_names
-
-    return model_names()
-
-
 def _check_choice(value: str, choices: tuple[str, ...], key: str) -> None:
     if value not in choices:
         raise ConfigError(

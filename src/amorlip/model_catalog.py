@@ -21,6 +21,8 @@ from typing import Any
 from amorlip.errors import ConfigError
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+TINY_MODELS = sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
+"""amorlip's own small configs (tiny-vit, ...), registered with open_clip by amorlip.models."""
 """amorlip's tiny configs (open_clip learns them through `amorlip.models.register_tiny_configs`)."""
 
 
@@ -71,9 +73,8 @@ def model_config(name: str) -> dict[str, Any]:
     if cfg is None:
         cfg = copy.deepcopy(_json_configs().get(name))
     if cfg is None:
-        tiny = sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
         raise ValueError(
-            f"unknown model {name!r}: use an open_clip config name (e.g. RN50, ViT-B-32) or one of {tiny}"
+            f"unknown model {name!r}: use an open_clip config name (e.g. RN50, ViT-B-32) or one of {TINY_MODELS}"
         )
     return cfg
 

@@ -13,10 +13,11 @@ import open_clip
 import torch
 from torch import nn
 
+from amorlip import model_catalog
 from amorlip.errors import ConfigError
-from amorlip.model_catalog import MODEL_CONFIG_DIR, check_lock_options, lock_groups, tower_kinds  # noqa: F401 - re-exported
+from amorlip.model_catalog import (MODEL_CONFIG_DIR, TINY_MODELS, check_lock_options,  # noqa: F401 - re-exported
+                                   lock_groups, tower_kinds)
 
-TINY_MODELS = sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
 """Registered tiny configs that train quickly on a CPU (micro-vit is for tests)."""
 
 _registered = False
@@ -31,21 +32,16 @@ def register_tiny_configs() -> None:
 
 
 def model_names() -> list[str]:
-    """open_clip's model config names, the tiny ones included (`amorlip.model_catalog.model_names` lists the same
-    without importing torch)."""
+    """open_clip's model config names, the tiny ones included (as `amorlip.model_catalog.model_names` lists them
+    without importing torch; with open_clip imported, its registry counts too)."""
     register_tiny_configs()
-    return open_clip.list_models()
+    return model_catalog.model_names()
 
 
 def model_config(name: str) -> dict[str, Any]:
     """The open_clip config dict of `name` (clear error for unknown names)."""
     register_tiny_configs()
-    cfg = open_clip.get_model_config(name)
-    if cfg is None:
-        raise ValueError(
-            f"unknown model {name!r}: use an open_clip config name (e.g. RN50, ViT-B-32) or one of {TINY_MODELS}"
-        )
-    return cfg
+    return model_catalog.model_config(name)
 
 
 class _DropRandomInitNotice(logging.Filter):
