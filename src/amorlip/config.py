@@ -279,14 +279,9 @@ def objective_sections() -> dict[str, type]:
 
 def extra_sections() -> dict[str, type]:
     """Sections contributed by optional features (e.g. the RECLIP resolution schedule)."""
-    out: dict[str, type] = {}
-    try:
-        from amorlip.reclip_options import ResolutionConfig
+    from amorlip.reclip_options import ResolutionConfig
 
-        out["resolution"] = ResolutionConfig
-    except ImportError:
-        pass
-    return out
+    return {"resolution": ResolutionConfig}
 
 
 @dataclass

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from amorlip.errors import ConfigError
-from amorlip.reclip_options import ResolutionConfig, _as_int, parse_phase_specs  # noqa: F401 - torch-free, re-exported
+from amorlip.reclip_options import ResolutionConfig, parse_phase_specs  # noqa: F401 - torch-free, re-exported
 
 VIT_POS_KEY = "visual.positional_embedding"
 RESNET_POS_KEY = "visual.attnpool.positional_embedding"
