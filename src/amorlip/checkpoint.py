@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -11,33 +10,17 @@ import numpy as np
 import torch
 
 from amorlip.errors import CheckpointError
-from amorlip.files import (TMP_SUFFIX, atomic_write_text, publish,  # noqa: F401 - re-exported
-                           remove_stale_temporaries, write_error)
+from amorlip.files import (TMP_SUFFIX, atomic_write, atomic_write_text,  # noqa: F401 - re-exported
+                           remove_stale_temporaries)
 
 LATEST = "latest.txt"
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
-
-    A crash or a full disk leaves either the old file or the new one, never a truncated file; a temporary
-    file left by a killed process is removed by `remove_stale_temporaries` when the run starts again.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        publish(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and _is_write_failure(e)):
-            raise write_error(path, e) from e
-        raise
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path` (files.atomic_write):
+    a crash or a full disk leaves either the old file or the new one, never a truncated file."""
+    atomic_write(path, lambda f: torch.save(obj, f), binary=True,
+                 is_write_failure=lambda e: isinstance(e, RuntimeError) and _is_write_failure(e))
 
 
 def _is_write_failure(e: RuntimeError) -> bool:

@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import IO, Any, Callable
 
 from amorlip.errors import CheckpointError
 
@@ -19,14 +20,14 @@ def _umask() -> int:
     return mask
 
 
-def publish(tmp: str, path: Path) -> None:
+def _publish(tmp: str, path: Path) -> None:
     """Give a finished temporary file the mode a plain `open()` would (0666 less the umask; mkstemp makes
     0600, which team-mates on a shared cluster cannot read), then rename it over `path`."""
     os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
 
 
-def write_error(path: Path, e: BaseException) -> CheckpointError:
+def _write_error(path: Path, e: BaseException) -> CheckpointError:
     """A write failure as one clear message. torch.save reports the OSError of a full disk or an exceeded file
     size limit as a RuntimeError of its zip writer ('unexpected pos ...', 'file write failed')."""
     free = ""
@@ -40,23 +41,34 @@ def write_error(path: Path, e: BaseException) -> CheckpointError:
     )
 
 
-def atomic_write_text(text: str, path: Path) -> None:
-    """Write a text file atomically: a temporary file in the same folder, fsync, the umask's mode, rename."""
+def atomic_write(path: Path, write: Callable[[IO[Any]], None], binary: bool = False,
+                 is_write_failure: Callable[[BaseException], bool] = lambda e: False) -> None:
+    """`write(f)` into a temporary file in the same folder, fsync, the umask's mode (`publish`), rename over `path`.
+
+    A crash or a full disk leaves either the old file or the new one, never a truncated file; a temporary file
+    left by a killed process is removed by `remove_stale_temporaries` when the run starts again. An OSError, or an
+    error `is_write_failure` recognises (a writer that wraps the OSError), becomes one CheckpointError that says
+    what to do; other errors pass unchanged."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        publish(tmp, path)
+        _publish(tmp, path)
     except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise write_error(path, e) from e
+        if isinstance(e, OSError) or is_write_failure(e):
+            raise _write_error(path, e) from e
         raise
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    """Write a text file atomically (`atomic_write`)."""
+    atomic_write(path, lambda f: f.write(text))
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
