@@ -43,7 +43,7 @@ def _write_error(path: Path, e: BaseException) -> CheckpointError:
 
 def atomic_write(path: Path, write: Callable[[IO[Any]], None], binary: bool = False,
                  is_write_failure: Callable[[BaseException], bool] = lambda e: False) -> None:
-    """`write(f)` into a temporary file in the same folder, fsync, the umask's mode (`publish`), rename over `path`.
+    """`write(f)` into a temporary file in the same folder, fsync, the umask's mode (`_publish`), rename over `path`.
 
     A crash or a full disk leaves either the old file or the new one, never a truncated file; a temporary file
     left by a killed process is removed by `remove_stale_temporaries` when the run starts again. An OSError, or an
