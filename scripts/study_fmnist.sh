@@ -6,21 +6,27 @@
 # The ablation part varies one AmorLIP setting at a time (t_online, alpha, beta ramp, divide_by, reinit,
 # dim_factor) at batch 16 and 64 with the main part's length; it reuses main's tiny-amorlip runs when present.
 # The steps part runs CLIP and AmorLIP at batch 16, 64 and 256 with 240 steps each (equal steps, not samples).
-# Needs Debian's dataset-fashion-mnist. Usage: scripts/study_fmnist.sh [JOBS] [PART...]  (parts: main size accum ablation steps)
+# The regime part is the small-batch regime AmorLIP is for: all 60,000 pairs, batch 16 and 64 (0.03% and 0.1% of
+# the data), 10 epochs, CLIP / AmorLIP (plain temperature) / AmorLIP (rescaled + rho) / FastCLIP-v3, seeds 0-4
+# (SEEDS=0,1,...), the micro ViT (the fmnist60k-* presets). It runs one seed at a time (every entry and batch of
+# seed 0, then seed 1, ...) so that a study cut short leaves complete seeds, then writes the tables of all seeds.
+# About 90 core-minutes per seed; it resumes where it stopped when rerun.
+# Needs Debian's dataset-fashion-mnist. Usage: scripts/study_fmnist.sh [JOBS] [PART...]  (parts: main size accum ablation steps regime)
 # Each part is one `amorlip compare`; rerunning skips finished runs, so parts can also run side by side.
 # TABLES_ONLY=1 writes the tables and plots of the runs finished so far, training nothing.
 set -euo pipefail
 JOBS=${1:-2}; shift || true
-PARTS=${*:-main size accum ablation steps}
+PARTS=${*:-main size accum ablation steps regime}
 AMORLIP=${AMORLIP:-amorlip}
 OUT=${OUT:-runs/study-fmnist}
 DATA=(--data.source fashion-mnist --data.val-size 500 --data.eval-size 1000 --data.workers 0
       --eval.normalizers true --eval.normalizer-size 512 --train.threads 1)
 LENGTH=(--train.batch-size 64 --train.steps 240 --train.eval-every 80 --train.log-every 10)
 ALL='tiny-clip,tiny-clip[temperature.scheme=rescaled],tiny-siglip,tiny-sogclr,tiny-fastclip,tiny-amorlip,tiny-neuclip'
+REGIME='fmnist60k-clip,fmnist60k-amorlip,fmnist60k-amorlip-rho,fmnist60k-fastclip'
 ABLATION='tiny-amorlip,tiny-amorlip[amor.t_online=8],tiny-amorlip[amor.alpha=0.999],tiny-amorlip[amor.beta_decay_epochs=8],tiny-amorlip[amor.divide_by=target],tiny-amorlip[amor.reinit=warm],tiny-amorlip[amor.dim_factor=2]'
 for part in $PARTS; do  # every part is checked before any runs
-  case $part in main|size|accum|ablation|steps) ;; *) echo "study_fmnist.sh: error: unknown part $part (main, size, accum, ablation, steps)" >&2; exit 2 ;; esac
+  case $part in main|size|accum|ablation|steps|regime) ;; *) echo "study_fmnist.sh: error: unknown part $part (main, size, accum, ablation, steps, regime)" >&2; exit 2 ;; esac
 done
 reuse_main() {  # reuse_main PART ENTRY...: copy main's runs of these entries (the stale-config check reuses the equal ones)
   local part=$1 entry run; shift
@@ -57,5 +63,13 @@ for part in $PARTS; do
       $AMORLIP compare --objectives 'tiny-clip,tiny-amorlip' ${TABLES_ONLY:+--tables-only} --seeds 0,1,2 \
         --reference tiny-clip --jobs "$JOBS" "${DATA[@]}" "${LENGTH[@]}" --data.dataset-size 1500 \
         --sweep train.batch_size=16,64,256 --budget steps --out "$OUT/steps" ;;
+    regime)  # the small-batch regime: 60,000 pairs, batch 16 and 64, 10 epochs, one seed at a time, then all seeds' tables
+      regime() { $AMORLIP compare --objectives "${OBJECTIVES:-$REGIME}" --reference fmnist60k-clip --jobs "$JOBS" \
+                   --sweep train.batch_size=16,64 --budget samples --out "$OUT/regime" "$@"; }
+      seeds=${SEEDS:-0,1,2,3,4}
+      if [ -z "${TABLES_ONLY:-}" ]; then
+        for seed in ${seeds//,/ }; do regime --seeds "$seed"; done
+      fi
+      regime --seeds "$seeds" --tables-only ;;
   esac
 done

@@ -266,28 +266,43 @@ def normalizer_diagnostics(
     out.update(_errors("inbatch", est_img, est_txt, true_img, true_txt))
 
     if objective is not None:
-        device = _module_device(objective) or image_features.device
-        s = torch.as_tensor(_scale(scale), dtype=image_features.dtype, device=device)
-        obj_img = torch.empty(n, dtype=torch.float64)
-        obj_txt = torch.empty(n, dtype=torch.float64)
-        got = True
-        for b in _random_batches(n, batch_size, seed):
-            est = objective.estimate_log_normalizers(
-                image_features[b].to(device), text_features[b].to(device), s, indices[b].to(device)
-            )
-            if est is None:
-                got = False
-                break
-            for key, dst in (("image", obj_img), ("text", obj_txt)):
-                if key not in est:
-                    raise ValueError(f"{type(objective).__name__}.estimate_log_normalizers must return "
-                                     f"{{'image': (B,), 'text': (B,)}}; got keys {sorted(est)}")
-                dst[b] = est[key].detach().double().cpu().reshape(-1)
-        if got:
+        got = _objective_estimate(objective, image_features, text_features, scale, indices, batch_size, seed)
+        if got is not None:
+            obj_img, obj_txt = got
             out.update(_errors("objective", obj_img, obj_txt, true_img, true_txt))
             covered = ~(torch.isnan(obj_img) | torch.isnan(obj_txt))
             out["objective/coverage"] = float(covered.double().mean())
+            for variant in getattr(objective, "estimate_variants", ()):  # e.g. AmorLIP's online net
+                more = _objective_estimate(objective, image_features, text_features, scale, indices, batch_size,
+                                           seed, net=variant)
+                if more is not None:
+                    out.update(_errors(f"objective_{variant}", *more, true_img, true_txt))
     return out
+
+
+def _objective_estimate(
+    objective: nn.Module, image_features: torch.Tensor, text_features: torch.Tensor, scale: Any,
+    indices: torch.Tensor, batch_size: int, seed: int, **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The objective's (image, text) log-normaliser estimates of all n samples, called batch by batch on the
+    random batches of the in-batch estimate (fp64 on the CPU); None when it keeps no estimate."""
+    n = image_features.shape[0]
+    device = _module_device(objective) or image_features.device
+    s = torch.as_tensor(_scale(scale), dtype=image_features.dtype, device=device)
+    obj_img = torch.empty(n, dtype=torch.float64)
+    obj_txt = torch.empty(n, dtype=torch.float64)
+    for b in _random_batches(n, batch_size, seed):
+        est = objective.estimate_log_normalizers(
+            image_features[b].to(device), text_features[b].to(device), s, indices[b].to(device), **kwargs
+        )
+        if est is None:
+            return None
+        for key, dst in (("image", obj_img), ("text", obj_txt)):
+            if key not in est:
+                raise ValueError(f"{type(objective).__name__}.estimate_log_normalizers must return "
+                                 f"{{'image': (B,), 'text': (B,)}}; got keys {sorted(est)}")
+            dst[b] = est[key].detach().double().cpu().reshape(-1)
+    return obj_img, obj_txt
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -463,19 +463,29 @@ class AmorLIPObjective(Objective):
 
     # --- diagnostics --------------------------------------------------------------------------------------
 
+    estimate_variants = ("online",)
+    """Other nets whose estimates the normalizer diagnostics also score (`objective_online/...`): the online
+    net that Stage I trains, beside the EMA target net that `estimate_log_normalizers` reads by default."""
+
     @torch.no_grad()
+
     def estimate_log_normalizers(
-        self, image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor, indices: torch.Tensor
+        self, image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor, indices: torch.Tensor,
+        net: str = "target",
     ) -> dict[str, torch.Tensor]:
-        """The target net's estimate, converted to base.py's convention (mean over the dataset, positive
-        counted once, no logit bias): subtract the bias last seen in training, and move the positive's
-        weight from `pos_coef` to 1 with the dataset size N: `log(lambda + (1 - pos_coef)/N exp(s x_i.y_i))`."""
+        """The target net's estimate (`net="online"`: the online net's, `"previous"`: the previous epoch's),
+        converted to base.py's convention (mean over the dataset, positive counted once, no logit bias):
+        subtract the bias last seen in training, and move the positive's weight from `pos_coef` to 1 with the
+        dataset size N: `log(lambda + (1 - pos_coef)/N exp(s x_i.y_i))`."""
+        nets = {"target": self.target_net, "online": self.amortizer, "previous": self.previous_net}
+        if net not in nets:
+            raise ValueError(f"net={net!r} is not one of: {', '.join(nets)}")
         x, y = _upcast(image_features), _upcast(text_features)
         pos = _upcast(scale.detach()) * (x * y).sum(-1)
         n = max(1, int(self.ctx.dataset_size))
         out = {}
         for key, feats in (("image", x), ("text", y)):
-            log_lam = self.target_net[key](feats.float()).to(pos.dtype)
+            log_lam = nets[net][key](feats.float()).to(pos.dtype)
             if self._last_bias is not None:
                 log_lam = log_lam - self._last_bias
             c = 1.0 - self.cfg.pos_coef
