@@ -35,7 +35,7 @@ COMPARE_DESCRIPTION = (
     "interval excludes 0, else \"no difference measured\". --jobs N trains N runs at once, each in its own "
     "process. docs/compare.md explains the outputs."
 )
-BENCH_COMMANDS = ("overhead", "loss", "throughput", "data", "comm", "flops", "memory")
+BENCH_COMMANDS = ("overhead", "loss", "throughput", "data", "comm", "flops", "memory", "amortizer")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -240,6 +240,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datacomp", metavar="ROOT", help="run the DataComp task list on local clip_benchmark wds folders under ROOT")
     p.add_argument("--datacomp-tasks", help="comma-separated subset of DataComp tasks")
     p.add_argument("--normalizers", action="store_true", help="normalizer diagnostics (log partition estimates vs exact) on a fixed training subset and held-out pairs")
+    p.add_argument("--gradient-fidelity", action="store_true",
+                   help="bias and variance of each objective's minibatch gradient against the exact full-data InfoNCE "
+                        "gradient, on the run's frozen features, per batch size (docs/findings.md); writes "
+                        "gradient_fidelity.png beside the results JSON")
+    p.add_argument("--gf-objectives", default="clip,sogclr,fastclip,amorlip,neuclip",
+                   help="objectives for --gradient-fidelity (default: clip,sogclr,fastclip,amorlip,neuclip)")
+    p.add_argument("--gf-batch-sizes", default="16,64,256,1024",
+                   help="batch sizes for --gradient-fidelity (default: 16,64,256,1024; capped at the pairs)")
+    p.add_argument("--gf-pairs", type=int, default=None,
+                   help="training pairs that make the dataset of --gradient-fidelity (default: all)")
+    p.add_argument("--gf-warmup", type=int, default=2,
+                   help="epochs over the pairs before measuring, so objective states see every pair (default 2)")
+    p.add_argument("--gf-epochs", type=int, default=4, help="epochs measured (visits per pair; default 4)")
     p.add_argument("--data", "--data.source", dest="data", default=None,
                    help="evaluation data: synthetic, fashion-mnist, or a CSV / shards / class folder path (default: what the run evaluated on: its data.val_path, eval.imagenet_root or its source's held-out split)")
     p.add_argument("--out", help="write results JSON here (default: RUN/eval.json)")

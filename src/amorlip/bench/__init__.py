@@ -1,4 +1,5 @@
-"""`amorlip bench {overhead,loss,throughput,data,comm,flops,memory}`: efficiency measurements (docs/benchmarks.md).
+"""`amorlip bench {overhead,loss,throughput,data,comm,flops,memory,amortizer}`: efficiency measurements (docs/benchmarks.md),
+and the amortizer's mechanism check (can Stage I learn log Z on frozen features).
 
 Each command prints a table of figures measured side by side in one run (ratios, never absolute timing
 targets) and writes JSON with `--json PATH`. Options are parsed here from the words the CLI did not use.
@@ -17,6 +18,7 @@ COMMANDS = {
     "comm": "amorlip.bench.comm",
     "flops": "amorlip.bench.flops",
     "memory": "amorlip.bench.memory",
+    "amortizer": "amorlip.bench.amortizer",
 }
 
 

@@ -146,6 +146,44 @@ def run_normalizer_diagnostics(loaded: LoadedModel, device: torch.device, batch_
     return run_diagnostics(loaded.model, objective, sets, loaded.eval_transform, loaded.tokenizer, device, batch_size)
 
 
+def gradient_fidelity_options(args: argparse.Namespace) -> tuple[list[str], list[int]]:
+    """(objectives, batch sizes) of --gradient-fidelity, checked (one-line ConfigError naming the flag)."""
+    from amorlip import objectives
+
+    names = [t.strip() for t in (args.gf_objectives or "").split(",") if t.strip()]
+    unknown = [n for n in names if n not in objectives.REGISTRY]
+    if not names or unknown:
+        raise ConfigError(f"--gf-objectives: unknown or missing objective(s) {unknown or names} "
+                          f"(choose from: {', '.join(objectives.REGISTRY)})")
+    try:
+        sizes = [int(t) for t in (args.gf_batch_sizes or "").split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"--gf-batch-sizes {args.gf_batch_sizes!r}: write comma-separated integers, e.g. 16,64") from None
+    if not sizes or min(sizes) < 2:
+        raise ConfigError("--gf-batch-sizes needs batch sizes >= 2, e.g. 16,64,256")
+    if args.gf_epochs < 2 or args.gf_warmup < 0 or (args.gf_pairs is not None and args.gf_pairs < 2):
+        raise ConfigError("--gf-epochs must be >= 2 (the variance needs two visits), --gf-warmup >= 0, --gf-pairs >= 2")
+    return names, sizes
+
+
+def run_gradient_fidelity(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
+    """--gradient-fidelity: `amorlip.evaluate.gradients` on the run's frozen features; prints a table and writes
+    gradient_fidelity.png beside `out`."""
+    import sys
+
+    from amorlip.evaluate.features import run_features
+    from amorlip.evaluate.gradients import gradient_fidelity, plot_fidelity, fidelity_table
+
+    names, sizes = gradient_fidelity_options(args)
+    feats = run_features(args.checkpoint, args.gf_pairs, 0, args.device, progress=sys.stderr.isatty())
+    print(f"gradient fidelity on {feats.describe()}")
+    records = gradient_fidelity(feats, names, sizes, warmup=args.gf_warmup, epochs=args.gf_epochs,
+                                seed=feats.config.train.seed)
+    print(fidelity_table(records))
+    print(f"wrote {plot_fidelity(records, out.parent / 'gradient_fidelity.png')}")
+    return records
+
+
 def _check_writable(path: Path, flag: str) -> None:
     """`path` (a file to write) can be created: its folder is, or can be made, a writable folder."""
     if path.is_dir():
@@ -163,6 +201,8 @@ def _check_args(args: argparse.Namespace, extra: list[str]) -> None:
         raise ConfigError(f"unexpected arguments for eval: {' '.join(extra)} (see `amorlip eval --help`)")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size} must be at least 1 (pass e.g. --batch-size 256)")
+    if getattr(args, "gradient_fidelity", False):
+        gradient_fidelity_options(args)
     device = args.device
     if device != "auto":
         try:
@@ -257,6 +297,8 @@ def run_eval(args: argparse.Namespace, extra: list[str]) -> int:
             label = "partial average" if summary["partial"] else "average"
             print(f"DataComp {label} over {summary['n_tasks']} tasks: {100 * summary['average']:.2f}"
                   + (f" (missing: {', '.join(summary['missing'])})" if summary["missing"] else ""))
+    if args.gradient_fidelity:
+        results["gradient_fidelity"] = run_gradient_fidelity(args, out)
     if args.normalizers:
         diag = run_normalizer_diagnostics(loaded, device, args.batch_size)
         results["normalizers"] = diag
