@@ -15,24 +15,34 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.skipif(not fmnist.available(), reason="Debian package dataset-fashion-mnist is not installed")
-def test_gpu_recipe_runs_end_to_end_at_a_micro_size_on_cpu(tmp_path):
+def test_gpu_recipe_runs_end_to_end_at_a_micro_size_on_cpu_within_its_budget(tmp_path):
+    """The GPU study's script at a micro size on the CPU: first with a budget too short to finish (its runs are
+    stopped and nothing is lost), then again: the stopped runs resume, and all finish with equal samples."""
     out = tmp_path / "study"
-    extra = ("--model.name micro-vit --data.dataset-size 64 --train.batch-size 16 --train.steps 4 --train.eval-every 2 "
-             "--data.val-size 16 --data.eval-size 32 --eval.normalizer-size 16 --data.workers 0 --train.threads 1 "
-             "--train.progress false")
-    env = {**os.environ, "DEVICE": "cpu", "PRECISION": "fp32", "OBJECTIVES": "tiny-clip,tiny-amorlip", "SEEDS": "0",
-           "BATCHES": "8,16", "EXTRA": extra, "AMORLIP": f"{sys.executable} -m amorlip.cli",
+    extra = ("--data.dataset-size 64 --train.steps 4 --train.eval-every 2 --data.val-size 16 --data.eval-size 32 "
+             "--eval.normalizer-size 16 --train.batch-size 16")
+    env = {**os.environ, "DEVICE": "cpu", "PRECISION": "fp32", "OBJECTIVES": "fmnist60k-clip,fmnist60k-amorlip",
+           "SEEDS": "0", "BATCHES": "8,16", "WORKERS": "0", "EXTRA": extra, "AMORLIP": f"{sys.executable} -m amorlip.cli",
            "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT / "src"), os.environ.get("PYTHONPATH"))))}
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "study_gpu.sh"), "2", str(out)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=540)
+    script = ["bash", str(ROOT / "scripts" / "study_gpu.sh"), "2", str(out)]
+    cut = subprocess.run(script, env={**env, "BUDGET_S": "3"}, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=400)
+    assert cut.returncode in (0, 3), cut.stdout[-3000:] + cut.stderr[-3000:]
+    assert "the budget of 3 s ran out during seed 0" in cut.stdout
+    assert "used " in cut.stdout and "of a budget of 3 s" in cut.stdout
+    done = subprocess.run(script, env={**env, "BUDGET_S": "400"}, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=540)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "ran out" not in done.stdout and "of a budget of 400 s" in done.stdout
     record = json.loads((out / "results.json").read_text())
     runs = record["runs"]
     assert sorted((r["entry"], r["batch_size"], r["steps"]) for r in runs) == [
-        ("tiny-amorlip", 8, 8), ("tiny-amorlip", 16, 4), ("tiny-clip", 8, 8), ("tiny-clip", 16, 4)]  # equal samples
-    assert all(r["status"] == "trained" for r in runs)
-    amor = next(r for r in runs if r["entry"] == "tiny-amorlip")
+        ("fmnist60k-amorlip", 8, 8), ("fmnist60k-amorlip", 16, 4), ("fmnist60k-clip", 8, 8),
+        ("fmnist60k-clip", 16, 4)]  # equal samples
+    assert all(r["status"] == "skipped" for r in runs), [r["status"] for r in runs]  # tables-only: all finished
+    amor = next(r for r in runs if r["entry"] == "fmnist60k-amorlip")
     assert "normalizer/heldout/objective/image_mse" in amor["metrics"]
+    assert "normalizer/heldout/objective_online/image_r2" in amor["metrics"]
     for name in ("table.md", "differences.csv", "normalizers.md", "normalizer_mse_bs_8.png",
                  "sweep_zeroshot_mean_top1.png"):
         assert (out / name).is_file(), name

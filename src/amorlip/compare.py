@@ -833,6 +833,9 @@ def write_outputs(record: dict[str, Any], out: Path) -> tuple[str, list[Path]]:
             written += plot_normalizer_curves(entries, out, batch[point] if sweep else None, xlabel,
                                               "normalizer_mse" + (f"_{safe_name(point)}" if point else ""), point)
     written += plot_sweeps(record, out, columns)
+    from amorlip.crossing import write_crossing
+
+    written += write_crossing(record, out, read_history)
     return shown, written
 
 
