@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from amorlip.bench.amortizer import Setting, stage1_curve, steps_to
 from amorlip.config import default_config
-from amorlip.evaluate.features import FrozenFeatures, cross_log_z, exact_log_z, r2_score
+from amorlip.evaluate.features import FrozenFeatures, exact_log_z, r2_score
+from amorlip.evaluate.normalizers import mean_log_partition
 from amorlip.evaluate.gradients import exact_gradients, fidelity, gradient_fidelity, minibatch_gradients
 from amorlip.objectives.clip import ClipObjective
 from amorlip.objectives.base import ObjectiveContext
@@ -37,10 +38,10 @@ def test_r2_score_on_known_estimates():
     assert r2_score(-truth, truth)[0] == pytest.approx(-3.0)  # mirrored: worse than a constant
 
 
-def test_cross_log_z_is_the_dense_mean_over_the_other_set():
+def test_mean_log_partition_is_the_dense_mean_over_the_other_set():
     x, y = _features(50, 6)
     want = torch.logsumexp(3.0 * x @ y.T, dim=1) - torch.log(torch.tensor(50.0, dtype=torch.float64))
-    assert torch.allclose(cross_log_z(x, y, 3.0), want)
+    assert torch.allclose(mean_log_partition(x, y, 3.0), want)
 
 
 @pytest.mark.parametrize("positive", [True, False])

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 
 from amorlip.stats import Interval, paired_difference
 
+
 def is_crossing_metric(key: str) -> bool:
     """The metrics whose crossing points are reported: zero-shot mean top-1 and each retrieval split's mean R@1."""
     return key == "eval/zeroshot/mean_top1" or (key.startswith("eval/retrieval/") and key.endswith("/mean_R@1"))
@@ -141,11 +142,18 @@ def write_crossing(record: dict[str, Any], out: Path, read_history: Any) -> list
     reference = record.get("reference")
     if not reference:
         return []
+    logs: dict[Path, list[dict[str, Any]]] = {}
+
+    def read_once(run_dir: Path) -> list[dict[str, Any]]:  # each run's log is read once for all metrics
+        if run_dir not in logs:
+            logs[run_dir] = read_history(run_dir)
+        return logs[run_dir]
+
     keys = sorted({k for r in record["runs"] if isinstance(r.get("metrics"), dict) for k in r["metrics"]
                    if is_crossing_metric("eval/" + k.removeprefix("eval/"))})
     parts, written = [], []
     for key in ("eval/" + k.removeprefix("eval/") for k in keys):
-        rows = crossing_rows(record, read_history, key)
+        rows = crossing_rows(record, read_once, key)
         if rows:
             parts.append(crossing_markdown(rows, key, reference))
             written += plot_crossing(rows, key, reference, out, f"crossing_{safe_name(key[5:])}")

@@ -28,6 +28,8 @@ import torch
 from amorlip.bench.common import format_table, split_list, write_json
 from amorlip.config import ConfigError
 from amorlip.evaluate.features import FrozenFeatures, exact_log_z, r2_score
+from amorlip.objectives.amorlip import AmorConfig, AmorLIPObjective
+from amorlip.objectives.base import ObjectiveContext
 
 DEFAULT_STEPS = "100,300,1000,3000,10000,20000"
 
@@ -47,36 +49,25 @@ class Setting:
                 f"targets={self.targets}")
 
 
-def _objective(setting: Setting, feats: FrozenFeatures, t_lambda: int, t_target: int, alpha: float, seed: int):
-    from amorlip.objectives.amorlip import AmorConfig, AmorLIPObjective
-    from amorlip.objectives.base import ObjectiveContext
+class ExactTargets(AmorLIPObjective):
+    """Stage I regressing the exact log Z of the batch's samples (set in `batch_targets` before each call)."""
 
+    batch_targets: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _targets(self, image_features, text_features, scale, bias, beta):
+        zi, zt = self.batch_targets
+        return {"z_image": zi, "z_text": zt, "target_image": zi, "target_text": zt}
+
+
+def _objective(setting: Setting, feats: FrozenFeatures, t_lambda: int, t_target: int, alpha: float, seed: int):
     cfg = AmorConfig(arch=setting.arch, dim_factor=setting.dim_factor, lr=setting.lr, t_online=1,
                      t_lambda=t_lambda, t_target=t_target, alpha=alpha, pos_coef=1.0, loss="l2-log")
     n = feats.image.shape[0]
     ctx = ObjectiveContext(dataset_size=n, steps_per_epoch=max(1, n // setting.batch), total_steps=1,
                            total_epochs=1, embed_dim=feats.image.shape[1], local_batch_size=setting.batch)
     torch.manual_seed(seed)
-    cls = _ExactTargets if setting.targets == "exact" else AmorLIPObjective
+    cls = ExactTargets if setting.targets == "exact" else AmorLIPObjective
     return cls(cfg, ctx)
-
-
-def _exact_targets_class():
-    from amorlip.objectives.amorlip import AmorLIPObjective
-
-    class ExactTargets(AmorLIPObjective):
-        """Stage I regressing the exact log Z of the batch's samples (set in `batch_targets` before each call)."""
-
-        batch_targets: tuple[torch.Tensor, torch.Tensor] | None = None
-
-        def _targets(self, image_features, text_features, scale, bias, beta):
-            zi, zt = self.batch_targets
-            return {"z_image": zi, "z_text": zt, "target_image": zi, "target_text": zt}
-
-    return ExactTargets
-
-
-_ExactTargets = None  # set on first use (the objective module imports torch-heavy code)
 
 
 def _scores(obj, feats: FrozenFeatures, truth: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -100,9 +91,6 @@ def stage1_curve(setting: Setting, feats: FrozenFeatures, truth: dict[str, torch
                  t_lambda: int = 3, t_target: int = 2, alpha: float = 0.92, seed: int = 0) -> list[dict[str, Any]]:
     """Run Stage I alone for max(steps) calls under `setting`; one record per listed count with the online and
     target nets' R2 and bias per split (train, heldout) and modality (`_scores`)."""
-    global _ExactTargets
-    if _ExactTargets is None:
-        _ExactTargets = _exact_targets_class()
     obj = _objective(setting, feats, t_lambda, t_target, alpha, seed)
     n = feats.image.shape[0]
     b = min(setting.batch, n)
@@ -130,11 +118,19 @@ def stage1_curve(setting: Setting, feats: FrozenFeatures, truth: dict[str, torch
 
 
 def steps_to(records: list[dict[str, Any]], key: str, level: float = 0.5) -> int | None:
-    """The first listed step count at which `key` reaches `level` (None: never)."""
+    """The first listed step count at which `key` (or, for `NET/SPLIT/r2`, the mean of its image and text R2)
+    reaches `level` (None: never)."""
     for r in records:
-        if r[key] >= level:
+        if _value(r, key) >= level:
             return int(r["steps"])
     return None
+
+
+def _value(record: dict[str, Any], key: str) -> float:
+    if key in record:
+        return record[key]
+    prefix = key.removesuffix("r2")
+    return (record[prefix + "image_r2"] + record[prefix + "text_r2"]) / 2
 
 
 def _settings(opts) -> list[Setting]:
@@ -226,14 +222,11 @@ def summary_table(results: list[dict[str, Any]], steps: list[int]) -> str:
     for res in results:
         recs = res["records"]
         for net in ("online", "target"):
-            for r in recs:
-                r[f"{net}/train/r2"] = (r[f"{net}/train/image_r2"] + r[f"{net}/train/text_r2"]) / 2
             cells = []
             for r in recs:
-                held = [r.get(f"{net}/heldout/{m}_r2") for m in ("image", "text")]
-                cell = f"{r[f'{net}/train/r2']:.2f}"
-                if None not in held:
-                    cell += f" / {sum(held) / 2:.2f}"
+                cell = f"{_value(r, f'{net}/train/r2'):.2f}"
+                if f"{net}/heldout/image_r2" in r:
+                    cell += f" / {_value(r, f'{net}/heldout/r2'):.2f}"
                 cells.append(cell)
             hit = steps_to(recs, f"{net}/train/r2")
             rows.append([res["setting"]["label"], net, *cells, "never" if hit is None else str(hit)])

@@ -166,16 +166,18 @@ def gradient_fidelity_options(args: argparse.Namespace) -> tuple[list[str], list
     return names, sizes
 
 
-def run_gradient_fidelity(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
+def run_gradient_fidelity(args: argparse.Namespace, out: Path, preloaded: tuple | None = None
+                          ) -> list[dict[str, Any]]:
     """--gradient-fidelity: `amorlip.evaluate.gradients` on the run's frozen features; prints a table and writes
-    gradient_fidelity.png beside `out`."""
+    gradient_fidelity.png beside `out`. `preloaded`: the checkpoint as `read_checkpoint` read it."""
     import sys
 
     from amorlip.evaluate.features import run_features
     from amorlip.evaluate.gradients import gradient_fidelity, plot_fidelity, fidelity_table
 
     names, sizes = gradient_fidelity_options(args)
-    feats = run_features(args.checkpoint, args.gf_pairs, 0, args.device, progress=sys.stderr.isatty())
+    feats = run_features(args.checkpoint, args.gf_pairs, 0, args.device, progress=sys.stderr.isatty(),
+                         preloaded=preloaded)
     print(f"gradient fidelity on {feats.describe()}")
     records = gradient_fidelity(feats, names, sizes, warmup=args.gf_warmup, epochs=args.gf_epochs,
                                 seed=feats.config.train.seed)
@@ -298,7 +300,7 @@ def run_eval(args: argparse.Namespace, extra: list[str]) -> int:
             print(f"DataComp {label} over {summary['n_tasks']} tasks: {100 * summary['average']:.2f}"
                   + (f" (missing: {', '.join(summary['missing'])})" if summary["missing"] else ""))
     if args.gradient_fidelity:
-        results["gradient_fidelity"] = run_gradient_fidelity(args, out)
+        results["gradient_fidelity"] = run_gradient_fidelity(args, out, preloaded)
     if args.normalizers:
         diag = run_normalizer_diagnostics(loaded, device, args.batch_size)
         results["normalizers"] = diag

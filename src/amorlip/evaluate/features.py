@@ -5,20 +5,17 @@ minibatch gradient?) both study the objectives on features that do not move, so 
 estimator alone. `run_features` reads a run folder or checkpoint, encodes `n_train` of its training pairs (all of
 them by default: the exact full-data partition functions are then exact) with their dataset indices, and
 `n_heldout` pairs never trained on (the source's held-out split or data.val_path), with the model's s = exp(logit
-scale). The exact log partition functions against the training set are `exact_log_z` (training pairs) and
-`cross_log_z` (held-out anchors against the training pairs).
+scale). `exact_log_z` gives the exact log partition functions of both against the training pairs.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from amorlip.config import Config, ConfigError
-
-_CHUNK = 2048
+from amorlip.evaluate.normalizers import error_stats, mean_log_partition
 
 
 @dataclass
@@ -43,9 +40,10 @@ class FrozenFeatures:
 
 
 def run_features(path: str, n_train: int | None = None, n_heldout: int = 2000, device: str = "auto",
-                 batch_size: int = 512, progress: bool = False) -> FrozenFeatures:
+                 batch_size: int = 512, progress: bool = False, preloaded: tuple | None = None) -> FrozenFeatures:
     """Encode a run's training pairs (`n_train`, default all; a seeded random subset otherwise) and `n_heldout`
-    held-out pairs with the model of checkpoint or run folder `path` (see the module docstring)."""
+    held-out pairs with the model of checkpoint or run folder `path` (see the module docstring). `preloaded`:
+    `evaluate.cli.read_checkpoint(path)`'s result, when the caller has read it already."""
     from amorlip import objectives
     from amorlip.data.loader import build_train_stream
     from amorlip.distributed import pick_device
@@ -53,7 +51,7 @@ def run_features(path: str, n_train: int | None = None, n_heldout: int = 2000, d
     from amorlip.evaluate.normalizers import build_diagnostic_sets
     from amorlip.evaluate.retrieval import encode_split
 
-    preloaded = read_checkpoint(path)
+    preloaded = preloaded or read_checkpoint(path)
     cfg = preloaded[2]
     if cfg is None:
         raise ConfigError(f"{preloaded[0]} is an export without a run config: pass the run folder (its training "
@@ -82,29 +80,19 @@ def run_features(path: str, n_train: int | None = None, n_heldout: int = 2000, d
     return FrozenFeatures(x, y, train.train_indices.clone(), hx, hy, scale, big_n, cfg, loaded.state.get("step"))
 
 
-@torch.no_grad()
-def cross_log_z(anchors: torch.Tensor, others: torch.Tensor, scale: float) -> torch.Tensor:
-    """`log (1/N) sum_j exp(s a_i . o_j)` for every anchor a_i against all N rows o_j (float64, chunked)."""
-    a, o = anchors.double(), others.double()
-    out = [torch.logsumexp(scale * chunk @ o.T, dim=1) for chunk in a.split(_CHUNK)]
-    return torch.cat(out) - math.log(o.shape[0])
-
-
 def exact_log_z(feats: FrozenFeatures) -> dict[str, Any]:
     """The exact log partition functions against the encoded training pairs (the full data when all were
     encoded): `train_image` / `train_text` (n,) and, with held-out pairs, `heldout_image` / `heldout_text`."""
-    out = {"train_image": cross_log_z(feats.image, feats.text, feats.scale),
-           "train_text": cross_log_z(feats.text, feats.image, feats.scale)}
+    out = {"train_image": mean_log_partition(feats.image, feats.text, feats.scale),
+           "train_text": mean_log_partition(feats.text, feats.image, feats.scale)}
     if feats.heldout_image is not None:
-        out["heldout_image"] = cross_log_z(feats.heldout_image, feats.text, feats.scale)
-        out["heldout_text"] = cross_log_z(feats.heldout_text, feats.image, feats.scale)
+        out["heldout_image"] = mean_log_partition(feats.heldout_image, feats.text, feats.scale)
+        out["heldout_text"] = mean_log_partition(feats.heldout_text, feats.image, feats.scale)
     return out
 
 
 def r2_score(estimate: torch.Tensor, truth: torch.Tensor) -> tuple[float, float]:
-    """(r2, bias) of an estimate: r2 = 1 - Var(error) / Var(truth), the share of the per-sample spread of the
-    truth that the estimate follows once its constant offset is removed; bias = mean error."""
-    err = estimate.double().reshape(-1) - truth.double().reshape(-1)
-    spread = float(truth.double().var(unbiased=False))
-    r2 = 1.0 - float(err.var(unbiased=False)) / spread if spread > 0 else math.nan
-    return r2, float(err.mean())
+    """(r2, bias) of an estimate (`normalizers.error_stats`): the share of the per-sample spread of the truth that
+    the estimate follows once its constant offset is removed, and the mean error."""
+    _, bias, r2 = error_stats(estimate, truth)
+    return r2, bias

@@ -53,6 +53,8 @@ if TYPE_CHECKING:
 __all__ = [
     "normalizer_diagnostics",
     "exact_log_normalizers",
+    "mean_log_partition",
+    "error_stats",
     "reference_noise",
     "inbatch_log_normalizers",
     "encode_split",
@@ -90,10 +92,7 @@ def exact_log_normalizers(
         raise ValueError(f"image and text features must both be (N, d), got {tuple(x.shape)} and {tuple(y.shape)}")
     s, n = _scale(scale), x.shape[0]
     if dataset_size is None or int(dataset_size) == n:
-        log_n = math.log(n)
-        log_z_img = torch.cat([torch.logsumexp(s * xc @ y.T, dim=1) for xc in x.split(_CHUNK)]) - log_n
-        log_z_txt = torch.cat([torch.logsumexp(s * yc @ x.T, dim=1) for yc in y.split(_CHUNK)]) - log_n
-        return log_z_img, log_z_txt
+        return mean_log_partition(x, y, s), mean_log_partition(y, x, s)
     big_n = int(dataset_size)
     if big_n < 1:
         raise ValueError(f"dataset_size must be >= 1, got {dataset_size}")
@@ -113,6 +112,13 @@ def exact_log_normalizers(
         return torch.logaddexp(pos + w_pos, torch.cat(out) + w_neg)
 
     return side(x, y), side(y, x)
+
+
+@torch.no_grad()
+def mean_log_partition(anchors: torch.Tensor, others: torch.Tensor, scale: Any) -> torch.Tensor:
+    """`log (1/N) sum_j exp(s a_i . o_j)` for every anchor a_i against all N rows o_j (float64, in row chunks)."""
+    a, o, s = anchors.detach().double().cpu(), others.detach().double().cpu(), _scale(scale)
+    return torch.cat([torch.logsumexp(s * chunk @ o.T, dim=1) for chunk in a.split(_CHUNK)]) - math.log(o.shape[0])
 
 
 @torch.no_grad()
@@ -190,22 +196,30 @@ def _module_device(module: nn.Module) -> torch.device | None:
     return None
 
 
-def _errors(prefix: str, est_img: torch.Tensor, est_txt: torch.Tensor, true_img: torch.Tensor,
-            true_txt: torch.Tensor) -> dict[str, float]:
-    """mse, bias and r2 per modality over the samples with an estimate (NaN = none; all NaN gives NaN).
+def error_stats(estimate: torch.Tensor, truth: torch.Tensor) -> tuple[float, float, float]:
+    """(mse, bias, r2) of an estimate over the samples it has (NaN = none; all NaN gives NaN).
 
     r2 = 1 - Var(error) / Var(log Z) = 1 - (mse - bias^2) / Var(log Z), over the same samples: the share of the
     per-sample spread of the exact log Z that the estimate follows once its constant offset is removed (1: all of
     it, 0: no better than a constant, below 0: worse than one; NaN when log Z does not vary)."""
+    est = estimate.double().cpu().reshape(-1)
+    true = truth.double().cpu().reshape(-1)
+    has = ~torch.isnan(est)
+    err, true = est[has] - true[has], true[has]
+    if not err.numel():
+        return math.nan, math.nan, math.nan
+    spread = float(true.var(unbiased=False)) if true.numel() > 1 else 0.0
+    r2 = 1.0 - float(err.var(unbiased=False)) / spread if spread > 0 else math.nan
+    return float((err ** 2).mean()), float(err.mean()), r2
+
+
+def _errors(prefix: str, est_img: torch.Tensor, est_txt: torch.Tensor, true_img: torch.Tensor,
+            true_txt: torch.Tensor) -> dict[str, float]:
+    """`error_stats` per modality, as `{prefix}/{image,text}_{mse,bias,r2}`."""
     out = {}
     for mod, est, true in (("image", est_img, true_img), ("text", est_txt, true_txt)):
-        est = est.double().cpu().reshape(-1)
-        has = ~torch.isnan(est)
-        err, true = est[has] - true[has], true[has]
-        out[f"{prefix}/{mod}_mse"] = float((err ** 2).mean()) if err.numel() else math.nan
-        out[f"{prefix}/{mod}_bias"] = float(err.mean()) if err.numel() else math.nan
-        spread = float(true.var(unbiased=False)) if true.numel() > 1 else 0.0
-        out[f"{prefix}/{mod}_r2"] = 1.0 - float(err.var(unbiased=False)) / spread if spread > 0 else math.nan
+        mse, bias, r2 = error_stats(est, true)
+        out[f"{prefix}/{mod}_mse"], out[f"{prefix}/{mod}_bias"], out[f"{prefix}/{mod}_r2"] = mse, bias, r2
     return out
 
 
