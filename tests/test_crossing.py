@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from amorlip.compare import read_history
+from amorlip.compare import point_label, read_history, safe_name
 from amorlip.crossing import crossing, crossing_rows, difference_curve, write_crossing
 from amorlip.stats import mean_interval
 
@@ -17,7 +17,7 @@ def _record(tmp_path):
     for entry in ("ref", "new"):
         for seed in range(3):
             run_dir = tmp_path / f"{entry}-s{seed}"
-            run_dir.mkdir()
+            run_dir.mkdir(parents=True)
             rows = [{"step": 5, "loss": 1.0}]  # a training row without evaluation
             for step, ref in REF.items():
                 value = ref + (DIFF[step][seed] if entry == "new" else 0.0)
@@ -29,8 +29,14 @@ def _record(tmp_path):
     return {"reference": "ref", "runs": runs}
 
 
+def _finished(record):
+    """The runs as compare.write_outputs hands them to amorlip.crossing."""
+    return [{"entry": r["entry"], "point": point_label(r["sweep"]), "seed": r["seed"], "batch_size": r["batch_size"],
+             "history": read_history(r["run_dir"])} for r in record["runs"]]
+
+
 def test_difference_curve_and_crossings_on_known_numbers(tmp_path):
-    rows = crossing_rows(_record(tmp_path), read_history, "eval/zeroshot/mean_top1")
+    rows = crossing_rows(_finished(_record(tmp_path)), "ref", "eval/zeroshot/mean_top1")
     assert len(rows) == 1 and rows[0]["entry"] == "new" and rows[0]["seeds"] == 3
     curve = rows[0]["curve"]
     assert [s for s, _ in curve] == [10, 20, 30]
@@ -58,16 +64,8 @@ def test_only_steps_every_shared_seed_logged_are_compared():
 def test_write_crossing_writes_the_table_and_plot(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    written = write_crossing(_record(tmp_path), out, read_history)
+    written = write_crossing(_finished(_record(tmp_path)), "ref", out, safe_name)
     assert [p.name for p in written] == ["crossing.md", "crossing_zeroshot_mean_top1.png"]
     text = (out / "crossing.md").read_text()
     assert "| new | bs=16 | 3 | +10.00 ± 2.48 | step 20 (320 samples) | step 30 (480 samples) |" in text
-    assert write_crossing(_record_no_ref(tmp_path), out, read_history) == []  # no reference: nothing
-
-
-def _record_no_ref(tmp_path):
-    sub = tmp_path / "noref"
-    sub.mkdir()
-    rec = _record(sub)
-    rec["reference"] = None
-    return rec
+    assert write_crossing(_finished(_record(tmp_path / "noref")), None, out, safe_name) == []  # no reference

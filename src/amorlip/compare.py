@@ -815,11 +815,12 @@ def write_outputs(record: dict[str, Any], out: Path) -> tuple[str, list[Path]]:
     sweep = record.get("sweep") or {}
     by_point: dict[str, dict[str, list[list[dict[str, Any]]]]] = {}  # sweep point -> entry -> histories
     batch: dict[str, dict[str, float]] = {}  # sweep point -> entry -> batch size (x scale: samples seen)
-    for r in record["runs"]:
-        if isinstance(r.get("metrics"), dict):
-            point = point_label(r.get("sweep") or {})
-            by_point.setdefault(point, {}).setdefault(r["entry"], []).append(read_history(Path(r["run_dir"])))
-            batch.setdefault(point, {})[r["entry"]] = float(r.get("batch_size") or 1)
+    finished = [{"entry": r["entry"], "point": point_label(r.get("sweep") or {}), "seed": r["seed"],
+                 "batch_size": float(r.get("batch_size") or 1), "history": read_history(Path(r["run_dir"]))}
+                for r in record["runs"] if isinstance(r.get("metrics"), dict)]  # each run's log, read once
+    for r in finished:
+        by_point.setdefault(r["point"], {}).setdefault(r["entry"], []).append(r["history"])
+        batch.setdefault(r["point"], {})[r["entry"]] = r["batch_size"]
     if any(any(h) for entries in by_point.values() for hs in entries.values() for h in hs):
         xlabel = "samples seen" if sweep else "step"
 
@@ -835,7 +836,7 @@ def write_outputs(record: dict[str, Any], out: Path) -> tuple[str, list[Path]]:
     written += plot_sweeps(record, out, columns)
     from amorlip.crossing import write_crossing
 
-    written += write_crossing(record, out, read_history)
+    written += write_crossing(finished, record.get("reference"), out, safe_name)
     return shown, written
 
 

@@ -55,23 +55,20 @@ def crossing(curve: list[tuple[int, Interval]], measured: bool = False) -> int |
     return found
 
 
-def _histories(record: dict[str, Any], read_history: Any, key: str) -> dict[tuple[str, str], dict[int, Any]]:
-    from amorlip.compare import point_label
-
+def _histories(runs: list[dict[str, Any]], key: str) -> dict[tuple[str, str], dict[int, Any]]:
     out: dict[tuple[str, str], dict[int, Any]] = {}
-    for r in record["runs"]:
-        if isinstance(r.get("metrics"), dict) and r.get("run_dir"):
-            values = per_step(read_history(Path(r["run_dir"])), key)
-            if values:
-                point = point_label(r.get("sweep") or {})
-                out.setdefault((r["entry"], point), {})[int(r["seed"])] = (values, float(r.get("batch_size") or 1))
+    for r in runs:
+        values = per_step(r["history"], key)
+        if values:
+            out.setdefault((r["entry"], r["point"]), {})[int(r["seed"])] = (values, float(r["batch_size"]))
     return out
 
 
-def crossing_rows(record: dict[str, Any], read_history: Any, key: str) -> list[dict[str, Any]]:
-    """A row per (entry, sweep point) other than the reference: its difference curve and crossing points."""
-    reference = record.get("reference")
-    hist = _histories(record, read_history, key)
+def crossing_rows(runs: list[dict[str, Any]], reference: str, key: str) -> list[dict[str, Any]]:
+    """A row per (entry, sweep point) other than the reference: its difference curve and crossing points.
+    `runs`: one dict per finished run with its `entry`, sweep `point` label, `seed`, `batch_size` and `history`
+    (its metrics rows)."""
+    hist = _histories(runs, key)
     rows = []
     for (entry, point), seeds in hist.items():
         ref = hist.get((reference, point))
@@ -134,29 +131,20 @@ def plot_crossing(rows: list[dict[str, Any]], key: str, reference: str, out: Pat
     return [path]
 
 
-def write_crossing(record: dict[str, Any], out: Path, read_history: Any) -> list[Path]:
-    """crossing.md and one plot per metric of CROSSING_METRICS that the runs logged (nothing without a reference)."""
-    from amorlip.compare import safe_name
+def write_crossing(runs: list[dict[str, Any]], reference: str | None, out: Path, file_name: Any) -> list[Path]:
+    """crossing.md and one plot per crossing metric (`is_crossing_metric`) that the runs logged; nothing without a
+    reference. `runs` as `crossing_rows` takes them; `file_name(text)`: a safe file name (compare's `safe_name`)."""
     from amorlip.files import atomic_write_text
 
-    reference = record.get("reference")
     if not reference:
         return []
-    logs: dict[Path, list[dict[str, Any]]] = {}
-
-    def read_once(run_dir: Path) -> list[dict[str, Any]]:  # each run's log is read once for all metrics
-        if run_dir not in logs:
-            logs[run_dir] = read_history(run_dir)
-        return logs[run_dir]
-
-    keys = sorted({k for r in record["runs"] if isinstance(r.get("metrics"), dict) for k in r["metrics"]
-                   if is_crossing_metric("eval/" + k.removeprefix("eval/"))})
+    keys = sorted({k for r in runs for row in r["history"] for k in row if is_crossing_metric(k)})
     parts, written = [], []
-    for key in ("eval/" + k.removeprefix("eval/") for k in keys):
-        rows = crossing_rows(record, read_once, key)
+    for key in keys:
+        rows = crossing_rows(runs, reference, key)
         if rows:
             parts.append(crossing_markdown(rows, key, reference))
-            written += plot_crossing(rows, key, reference, out, f"crossing_{safe_name(key[5:])}")
+            written += plot_crossing(rows, key, reference, out, f"crossing_{file_name(key[5:])}")
     if parts:
         atomic_write_text("\n".join(parts), out / "crossing.md")
         written.insert(0, out / "crossing.md")

@@ -189,11 +189,11 @@ def run(extra: list[str]) -> dict[str, Any]:
     settings = _settings(opts)
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    from amorlip.evaluate.features import run_features
+    from amorlip.evaluate.cli import load_run_features
 
     t0 = time.perf_counter()
-    feats = run_features(opts.run, opts.pairs, opts.heldout, opts.device,
-                         progress=not opts.no_progress and sys.stderr.isatty())
+    feats = load_run_features(opts.run, opts.pairs, opts.heldout, opts.device,
+                              progress=not opts.no_progress and sys.stderr.isatty())
     truth = exact_log_z(feats)
     print(f"bench amortizer: {feats.describe()} (step {feats.step}); features and exact log Z in "
           f"{time.perf_counter() - t0:.0f} s")

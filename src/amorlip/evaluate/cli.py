@@ -146,6 +146,21 @@ def run_normalizer_diagnostics(loaded: LoadedModel, device: torch.device, batch_
     return run_diagnostics(loaded.model, objective, sets, loaded.eval_transform, loaded.tokenizer, device, batch_size)
 
 
+def load_run_features(path: str, n_train: int | None = None, n_heldout: int = 2000, device: str = "auto",
+                      batch_size: int = 512, progress: bool = False, preloaded: tuple | None = None):
+    """`evaluate.features.encode_run` of the checkpoint or run folder `path` (`preloaded`: `read_checkpoint(path)`'s
+    result, when the caller has read it already)."""
+    from amorlip.evaluate.features import encode_run
+
+    preloaded = preloaded or read_checkpoint(path)
+    if preloaded[2] is None:
+        raise ConfigError(f"{preloaded[0]} is an export without a run config: pass the run folder (its training "
+                          "data defines the partition functions)")
+    torch_device = pick_device(device)
+    loaded = load_for_eval(path, None, torch_device, preloaded)
+    return encode_run(loaded, torch_device, n_train, n_heldout, batch_size, progress)
+
+
 def gradient_fidelity_options(args: argparse.Namespace) -> tuple[list[str], list[int]]:
     """(objectives, batch sizes) of --gradient-fidelity, checked (one-line ConfigError naming the flag)."""
     from amorlip import objectives
@@ -172,12 +187,11 @@ def run_gradient_fidelity(args: argparse.Namespace, out: Path, preloaded: tuple 
     gradient_fidelity.png beside `out`. `preloaded`: the checkpoint as `read_checkpoint` read it."""
     import sys
 
-    from amorlip.evaluate.features import run_features
     from amorlip.evaluate.gradients import gradient_fidelity, plot_fidelity, fidelity_table
 
     names, sizes = gradient_fidelity_options(args)
-    feats = run_features(args.checkpoint, args.gf_pairs, 0, args.device, progress=sys.stderr.isatty(),
-                         preloaded=preloaded)
+    feats = load_run_features(args.checkpoint, args.gf_pairs, 0, args.device, progress=sys.stderr.isatty(),
+                              preloaded=preloaded)
     print(f"gradient fidelity on {feats.describe()}")
     records = gradient_fidelity(feats, names, sizes, warmup=args.gf_warmup, epochs=args.gf_epochs,
                                 seed=feats.config.train.seed)

@@ -39,25 +39,21 @@ class FrozenFeatures:
                 f"d = {self.image.shape[1]}, s = {self.scale:.2f}")
 
 
-def run_features(path: str, n_train: int | None = None, n_heldout: int = 2000, device: str = "auto",
-                 batch_size: int = 512, progress: bool = False, preloaded: tuple | None = None) -> FrozenFeatures:
+def encode_run(loaded: Any, device: torch.device, n_train: int | None = None, n_heldout: int = 2000,
+               batch_size: int = 512, progress: bool = False) -> FrozenFeatures:
     """Encode a run's training pairs (`n_train`, default all; a seeded random subset otherwise) and `n_heldout`
-    held-out pairs with the model of checkpoint or run folder `path` (see the module docstring). `preloaded`:
-    `evaluate.cli.read_checkpoint(path)`'s result, when the caller has read it already."""
+    held-out pairs with its model (see the module docstring). `loaded`: the run's checkpoint as
+    `evaluate.cli.load_for_eval` loads it (`evaluate.cli.load_run_features` does both)."""
     from amorlip import objectives
     from amorlip.data.loader import build_train_stream
-    from amorlip.distributed import pick_device
-    from amorlip.evaluate.cli import load_for_eval, read_checkpoint
     from amorlip.evaluate.normalizers import build_diagnostic_sets
     from amorlip.evaluate.retrieval import encode_split
 
-    preloaded = preloaded or read_checkpoint(path)
-    cfg = preloaded[2]
+    cfg = loaded.config
     if cfg is None:
-        raise ConfigError(f"{preloaded[0]} is an export without a run config: pass the run folder (its training "
+        raise ConfigError(f"{loaded.source} is an export without a run config: pass the run folder (its training "
                           "data defines the partition functions)")
-    torch_device = pick_device(device)
-    loaded = load_for_eval(path, None, torch_device, preloaded)
+    torch_device = device
     stream = build_train_stream(cfg.data, cfg.train.batch_size, cfg.train.seed,
                                 needs_indices=objectives.get(cfg.objective).needs_indices)
     big_n = int(stream.dataset_size)
