@@ -79,11 +79,33 @@ def test_presets_list_has_descriptions(capsys):
         assert preset_description(name) in line and len(preset_description(name)) > 10
 
 
+def preset_file_keys(name):
+    """The leaf keys a preset's YAML files set (its `base:` chain, the later file winning), read from the files."""
+    from importlib.resources import files
+
+    raw = yaml.safe_load((files("amorlip") / "presets" / f"{name}.yaml").read_text())
+    keys = preset_file_keys(raw.pop("base")) if raw.get("base") else {}
+    for section, body in raw.items():
+        if isinstance(body, dict):
+            keys.update({f"{section}.{k}": v for k, v in body.items() if not isinstance(v, dict)})
+        else:
+            keys[section] = body
+    return keys
+
+
 @pytest.mark.parametrize("name", ["tiny-clip", "tiny-amorlip", "cc12m-vitb32-fastclip", "tiny-reclip-amorlip"])
-def test_presets_name_prints_the_resolved_config(capsys, name):
+def test_presets_name_prints_the_resolved_config(capsys, tmp_path, name):
+    """What `amorlip presets NAME` prints is a complete config: every key the preset's file chain sets appears
+    with its value, and the printed YAML, read back as a --config file, resolves to the same run."""
     rc, out, _ = run(capsys, "presets", name)
     assert rc == 0
-    assert yaml.safe_load(out) == build_config(name).to_dict()
+    printed = yaml.safe_load(out)
+    for key, value in preset_file_keys(name).items():
+        section, _, leaf = key.rpartition(".")
+        assert (printed[section][leaf] if section else printed[leaf]) == value, key
+    path = tmp_path / "printed.yaml"
+    path.write_text(out)
+    assert build_config(str(path)).to_dict() == printed
 
 
 def test_train_print_config_runs_nothing(capsys, tmp_path):
@@ -303,19 +325,23 @@ def test_config_layer_does_not_import_torch_or_open_clip():
                             ["vit", "transformer"]]
 
 
-def test_model_catalog_reads_what_open_clip_reads():
-    """The catalog's JSON configs, read without open_clip, are open_clip's registry (tiny configs registered):
-    the same names in the same order, and the same config dicts."""
+def test_model_catalog_reads_what_open_clip_reads(monkeypatch):
+    """The catalog's own reading of the JSON configs (open_clip's live registry hidden from it) gives what
+    open_clip's loader built at its import: the same names in the same order, the same config dicts; the tiny
+    configs are our files as written."""
     import open_clip
 
     from amorlip import model_catalog
-    from amorlip.models import model_names, register_tiny_configs
 
-    register_tiny_configs()
-    own = model_catalog._json_configs()
-    assert sorted(own, key=model_catalog._natural_key) == model_names() == open_clip.list_models()
-    assert all(own[name] == open_clip.get_model_config(name) for name in own)
-    assert model_catalog.model_config("tiny-vit") == open_clip.get_model_config("tiny-vit")
+    theirs = {name: open_clip.get_model_config(name) for name in open_clip.list_models()
+              if name not in model_catalog.TINY_MODELS}
+    monkeypatch.setattr(model_catalog, "_live_open_clip", lambda: None)
+    names = model_catalog.model_names()
+    assert [n for n in names if n not in model_catalog.TINY_MODELS] == list(theirs)  # open_clip's order
+    assert len(theirs) > 50 and set(model_catalog.TINY_MODELS) <= set(names)
+    assert all(model_catalog.model_config(name) == cfg for name, cfg in theirs.items())
+    for name in model_catalog.TINY_MODELS:
+        assert model_catalog.model_config(name) == json.loads((model_catalog.MODEL_CONFIG_DIR / f"{name}.json").read_text())
     with pytest.raises(ValueError, match="unknown model 'ViT-Nope'"):
         model_catalog.model_config("ViT-Nope")
 

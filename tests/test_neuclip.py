@@ -13,7 +13,6 @@ from amorlip.config import build_config
 from amorlip.objectives import get
 from amorlip.objectives.base import ObjectiveContext
 from amorlip.objectives.neuclip import conjugate_value, prototype_log_normalizer
-from amorlip.objectives.sogclr import log_partition_from_log_g
 from amorlip.schedules import apply_temperature_scheme
 
 
@@ -167,17 +166,23 @@ def test_state_dict_round_trip_resumes_exactly():
 
 
 def test_estimate_log_normalizers_convention():
-    obj = make(num_prototypes=16)
+    """base.py's convention, log Z_i = log(1/n sum_j exp(s x_i.y_j)) over the n training pairs: with one
+    prototype w per side, the nets say every one of the n - 1 negatives is w, so the estimate must be the dense
+    log partition over [the positive, w repeated n - 1 times]."""
+    n = 64
+    obj = make(n=n, num_prototypes=16)
     x, y = features(n=8, seed=30, dtype=torch.float32)
     s = torch.tensor(6.0)
     assert obj.estimate_log_normalizers(x, y, s, torch.arange(8)) is None  # no prototypes yet
-    obj(x, y, s, None, torch.arange(8), step=0, epoch=0)
+    g = torch.Generator().manual_seed(31)
+    w_txt, w_img = F.normalize(torch.randn(2, 8, generator=g), dim=1)
+    obj.text_prototypes[0], obj.image_prototypes[0], obj.num_valid = w_txt, w_img, 1
     est = obj.estimate_log_normalizers(x, y, s, torch.arange(8))
-    pos = (x * y).sum(1)
-    a_img, a_txt = obj.alphas(x, y, pos, s)
-    for key, a in (("image", a_img), ("text", a_txt)):
-        log_g = torch.log(torch.exp(a) - obj.cfg.eps)
-        torch.testing.assert_close(est[key], log_partition_from_log_g(log_g, s * pos, 64))
+    for key, anchors, positives, w in (("image", x, y, w_txt), ("text", y, x, w_img)):
+        for i in range(8):
+            others = torch.cat([positives[i:i + 1], w.expand(n - 1, 8)])
+            dense = torch.logsumexp(s * others @ anchors[i], 0) - math.log(n)
+            torch.testing.assert_close(est[key][i], dense, rtol=1e-5, atol=1e-5)
 
 
 def test_prototypes_capped_and_preset():

@@ -268,11 +268,29 @@ def test_time_based_checkpoints(tmp_path):
     assert len(steps) >= 6 and steps[-1] == 12, steps
 
 
-def test_default_checkpoint_cadence_is_time_based():
-    from amorlip.config import build_config
+def test_default_cadence_saves_by_the_clock_not_by_steps(monkeypatch):
+    """With the default settings a checkpoint is written once 30 minutes have passed since the last one, at
+    whatever step that is, and not before; never at the final step (the finish writes that one)."""
+    from types import SimpleNamespace
 
-    cfg = build_config(None, [])
-    assert cfg.train.checkpoint_minutes == 30.0
+    from amorlip import train
+    from amorlip.config import build_config
+    from amorlip.signals import StopRequest
+
+    saved = []
+    def save(run):  # what _save does to the clock
+        saved.append(run.step)
+        run.last_save_time = train.time.monotonic()
+
+    monkeypatch.setattr(train, "_save", save)
+    run = SimpleNamespace(cfg=build_config(None, []), device=torch.device("cpu"), last_save_time=1000.0,
+                          total_steps=10_000, step=0)
+    for step, minutes in ((1, 29), (7, 29.9), (8, 30), (9, 31), (50, 59.9), (51, 60.5), (10_000, 200)):
+        now = 1000.0 + 60 * minutes
+        run.step = step
+        monkeypatch.setattr(train.time, "monotonic", lambda now=now: now)
+        train._checkpoint_if_due(run, StopRequest())
+    assert saved == [8, 51]
 
 
 # --- 5: a full disk (or file size limit) is one clear line; earlier checkpoints stay; no temporaries ----------

@@ -21,10 +21,10 @@ TEMP = {"group": "temperature", "base_lr": 2e-4}
 
 
 def cosine(step, warmup=10, total=TOTAL):
-    """Warm-up + cosine factor written out independently of schedules.warmup_cosine_lr."""
+    """Warm-up + cosine factor written out independently of schedules.warmup_cosine_lr (flat after `total`)."""
     if step < warmup:
         return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+    return 0.5 * (1 + math.cos(math.pi * min(step - warmup, total - warmup) / (total - warmup)))
 
 
 def test_warmup_cosine_factor():
@@ -172,25 +172,22 @@ def test_presets_with_lr_temperature_keep_it_constant(name):
 # optim.lr_scheduler: cosine (the default), const, const-cooldown
 
 
-def old_param_group_lr(group, step, optim, total, thresh_hit):
-    """param_group_lr as it was before optim.lr_scheduler: warm-up + cosine to 0 for every scheduled group."""
-    lr = float(group["base_lr"])
-    if group.get("group") != "temperature":
-        return lr * warmup_cosine_lr(step, 1.0, optim.warmup_steps, total)
-    if temperature_lr_schedule(optim.lr_temperature_schedule, optim.lr_temperature) == "same-as-lr":
-        lr *= warmup_cosine_lr(step, 1.0, optim.warmup_steps, total)
-    return lr / 3 if thresh_hit else lr
-
-
 @pytest.mark.parametrize("lr_temperature", [None, 2e-4])
-def test_default_scheduler_equals_the_old_schedule_at_every_step(lr_temperature):
+def test_default_scheduler_is_warmup_then_cosine_to_zero_at_every_step(lr_temperature):
     optim = OptimConfig(lr=1e-3, warmup_steps=7, lr_temperature=lr_temperature, lr_temperature_schedule="same-as-lr")
     assert optim.lr_scheduler == "cosine" and optim.min_lr == 0.0
     temp = {"group": "temperature", "base_lr": lr_temperature or 1e-3}
     for step in range(0, 64 + 2):
         for group in (ENC, temp):
             for hit in (False, True):
-                assert param_group_lr(group, step, optim, 64, hit) == old_param_group_lr(group, step, optim, 64, hit)
+                # the temperature on same-as-lr: the same shape at its own rate, / 3 under step_thresh
+                expected = group["base_lr"] * cosine(step, 7, 64) / (3 if group is temp and hit else 1)
+                assert param_group_lr(group, step, optim, 64, hit) == pytest.approx(expected, rel=1e-12, abs=1e-18)
+    # the shape's landmarks, by hand: the first warm-up step, the peak, mid-decay, the end
+    assert param_group_lr(ENC, 0, optim, 64, False) == pytest.approx(ENC["base_lr"] / 7)
+    assert param_group_lr(ENC, 7, optim, 64, False) == pytest.approx(ENC["base_lr"])
+    assert param_group_lr(ENC, 7 + 57 // 2, optim, 64, False) == pytest.approx(ENC["base_lr"] / 2, rel=0.03)
+    assert param_group_lr(ENC, 64, optim, 64, False) == pytest.approx(0.0, abs=1e-15)
 
 
 def test_cosine_min_lr_is_the_floor():

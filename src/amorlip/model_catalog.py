@@ -22,8 +22,8 @@ from amorlip.errors import ConfigError
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 TINY_MODELS = sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
-"""amorlip's own small configs (tiny-vit, ...), registered with open_clip by amorlip.models."""
-"""amorlip's tiny configs (open_clip learns them through `amorlip.models.register_tiny_configs`)."""
+"""amorlip's own small configs (tiny-vit, ...); open_clip learns them through
+`amorlip.models.register_tiny_configs`."""
 
 
 def _natural_key(name: str) -> list[Any]:
