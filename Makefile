@@ -1,6 +1,7 @@
 # Two entry points, each sets itself up on first use (creates .venv and installs):
 #   make demo   train the default tiny model on the embedded synthetic data and print the results
 #   make test   run the full test suite
+#   make test-fast   the tests not marked slow (no subprocess trainings, no 2-process runs): the edit-test loop
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARCH := $(shell uname -m)
@@ -14,7 +15,7 @@ PYTEST_ARGS ?=
 # the tests run single-threaded (tests/conftest.py): one pytest-xdist worker per core
 TEST_WORKERS ?= 2
 
-.PHONY: demo test install clean-venv
+.PHONY: demo test test-fast install clean-venv
 
 install: $(VENV)/.installed
 
@@ -29,6 +30,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS) tests
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -n $(TEST_WORKERS) -m "not slow" $(PYTEST_ARGS) tests
 
 clean-venv:
 	rm -rf $(VENV)

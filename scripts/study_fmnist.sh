@@ -10,7 +10,9 @@
 # the data), 10 epochs, CLIP / AmorLIP (plain temperature) / AmorLIP (rescaled + rho) / FastCLIP-v3, seeds 0-4
 # (SEEDS=0,1,...), the micro ViT (the fmnist60k-* presets). It runs one seed at a time (every entry and batch of
 # seed 0, then seed 1, ...) so that a study cut short leaves complete seeds, then writes the tables of all seeds.
-# About 90 core-minutes per seed; it resumes where it stopped when rerun.
+# About 90 core-minutes per seed; it resumes where it stopped when rerun. KEEP=DIR (e.g. results/fmnist60k-regime
+# in the repository) keeps the finished runs' small files there after each seed and restores them first, so that
+# a study spanning several machines or sessions skips what finished before (commit DIR to share it).
 # Needs Debian's dataset-fashion-mnist. Usage: scripts/study_fmnist.sh [JOBS] [PART...]  (parts: main size accum ablation steps regime)
 # Each part is one `amorlip compare`; rerunning skips finished runs, so parts can also run side by side.
 # TABLES_ONLY=1 writes the tables and plots of the runs finished so far, training nothing.
@@ -35,6 +37,16 @@ reuse_main() {  # reuse_main PART ENTRY...: copy main's runs of these entries (t
     for run in "$OUT"/main/runs/"$entry"-s*; do
       [ -d "$run" ] && [ ! -e "$OUT/$part/runs/${run##*/}" ] && cp -r "$run" "$OUT/$part/runs/"
     done
+  done
+  return 0
+}
+keep() {  # keep FROM TO: copy the small files of every finished run (config.yaml, summary.json, metrics.jsonl;
+  # no checkpoints) from FROM/runs to TO/runs, newer files only: what a rerun needs to skip the run and to table it
+  local from=$1 to=$2 run f
+  for run in "$from"/runs/*/; do
+    [ -f "$run/summary.json" ] || continue
+    mkdir -p "$to/runs/$(basename "$run")"
+    for f in config.yaml summary.json metrics.jsonl; do cp -u "$run/$f" "$to/runs/$(basename "$run")/$f"; done
   done
   return 0
 }
@@ -67,8 +79,12 @@ for part in $PARTS; do
       regime() { $AMORLIP compare --objectives "${OBJECTIVES:-$REGIME}" --reference fmnist60k-clip --jobs "$JOBS" \
                    --sweep train.batch_size=16,64 --budget samples --out "$OUT/regime" "$@"; }
       seeds=${SEEDS:-0,1,2,3,4}
+      if [ -n "${KEEP:-}" ]; then keep "$KEEP" "$OUT/regime"; fi  # the runs finished in earlier sessions are skipped
       if [ -z "${TABLES_ONLY:-}" ]; then
-        for seed in ${seeds//,/ }; do regime --seeds "$seed"; done
+        for seed in ${seeds//,/ }; do
+          regime --seeds "$seed"
+          if [ -n "${KEEP:-}" ]; then keep "$OUT/regime" "$KEEP"; fi
+        done
       fi
       regime --seeds "$seeds" --tables-only ;;
   esac

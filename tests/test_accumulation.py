@@ -195,6 +195,7 @@ TINY = ["--model.name", "micro-vit", "--data.synthetic-size", "96", "--train.bat
         "--train.checkpoint-every", "4", "--eval.zeroshot", "false", "--eval.retrieval", "false"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["clip", "amorlip"])
 def test_resume_with_accumulation_is_exact(tmp_path, objective):
     base = ["train", "--objective", objective, "--train.output-dir", str(tmp_path), *TINY, "--train.accum-steps", "4"]

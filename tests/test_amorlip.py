@@ -280,6 +280,7 @@ def test_fdiv_regulariser_value_and_the_presets_release_weight():
     ("l2-log", "kl", 0.1, 0.0), ("f-div", "kl", 0.1, 0.0), ("f-div", "js", 0.0, 0.0),
     ("f-div", "kl-eq9", 0.0, 1.0),  # Eq. 9 as printed converges to log Z + 1 (documented)
 ])
+@pytest.mark.slow
 def test_stage1_drives_log_lambda_to_target(loss, fdiv, l2, offset):
     torch.manual_seed(0)
     x, y = features(n=32, d=16, seed=8, dtype=torch.float32)
@@ -326,6 +327,7 @@ def near_pm1(n=16, d=16, sign=1.0):
     return x, y
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_no_inf_or_nan_at_extreme_temperatures(precision):
     configs = [dict(divide_by=dv) for dv in ("comb", "target", "online")]

@@ -11,6 +11,8 @@ from amorlip.objectives.amorlip import AmorConfig, AmorLIPObjective
 from amorlip.objectives.base import ObjectiveContext
 from dist_utils import run_distributed
 
+pytestmark = pytest.mark.slow  # every test here starts two processes
+
 B, D, SPE, TOTAL, WORLD = 6, 8, 12, 20, 2
 PROBE = 13  # epoch 1, k = 1: no Stage I, no EMA: the Stage-II gradient given a fixed amortizer
 AMOR = 16  # epoch 1, k = 4: Stage I + EMA on the global batch
@@ -90,6 +92,7 @@ def dist_results():
     return {"local": [r[0] for r in per_rank], "global": [r[1] for r in per_rank]}
 
 
+@pytest.mark.slow
 def test_two_processes_local_stage2(dist_results):
     kw, out = LOCAL, dist_results["local"]
     check_common(out, kw)

@@ -96,6 +96,7 @@ def test_compare_bad_seed_subprocess(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_eval_and_export_subprocess(tmp_path, run_folder):
     before = files_under(run_folder.parent)
     r = run_subprocess(["eval", str(run_folder), "--datacomp", str(tmp_path / "no-such-root")], cwd=tmp_path)
@@ -168,6 +169,7 @@ PARSE_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,key", TRAIN_CASES, ids=[" ".join(a) for a, _ in TRAIN_CASES])
 def test_train_rejects_before_writing(tmp_path, capsys, args, key):
     runs = tmp_path / "runs"
@@ -271,6 +273,7 @@ def eval_cases(tmp_path: Path, exported: Path) -> list[tuple[list[str], tuple[st
     return cases
 
 
+@pytest.mark.slow
 def test_eval_rejects_before_evaluating(tmp_path, capsys, run_folder, exported):
     watched = run_folder.parent
     before = files_under(watched)

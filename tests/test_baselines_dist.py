@@ -18,6 +18,8 @@ from amorlip.objectives.base import ObjectiveContext
 from amorlip.schedules import apply_temperature_scheme
 from dist_utils import run_distributed
 
+pytestmark = pytest.mark.slow  # every test here starts two processes
+
 WORLD = 2
 N = 12  # global batch
 DATASET = 30
@@ -101,6 +103,7 @@ def results():
             "siglip_inputs": siglip_inputs}
 
 
+@pytest.mark.slow
 def test_siglip_two_processes_equal_open_clip_rank_by_rank(results):
     for r in results["ranks"]:
         out = r["siglip"]

@@ -102,6 +102,7 @@ def test_cpu_tensor_peak_matches_known_allocations():
 # The six commands
 
 
+@pytest.mark.slow
 def test_overhead_rows_json_and_memory(tmp_path):
     out_path = tmp_path / "overhead.json"
     out = run_command("overhead", [*MICRO, "--objectives", "clip,amorlip", "--t-online", "2", "--steps", "4",
@@ -137,6 +138,7 @@ def test_loss_rows_and_memory_floor(tmp_path):
     assert (tmp_path / "loss.json").is_file()
 
 
+@pytest.mark.slow
 def test_comm_counts_gathers_per_step(tmp_path):
     out = run_command("comm", [*MICRO, "--objectives", "clip,amorlip", "--t-online", "2", "--steps", "4",
                                "--warmup", "0", "--json", str(tmp_path / "comm.json")])
@@ -226,6 +228,7 @@ def test_cpu_tensor_peak_is_per_session():
     assert cpu_tensor_peak(lambda: torch.empty(500, 1000)) == 2_000_000
 
 
+@pytest.mark.slow
 def test_memory_loss_tiled_vs_dense_and_accum_steps(tmp_path):
     out = run_command("memory", [*MICRO, "--threads", "1", "--objectives", "clip,amorlip,sogclr",
                                  "--batch-sizes", "24,48", "--dim", "8", "--tile-size", "8", "--repeats", "1",

@@ -47,6 +47,7 @@ def test_train_help_explains_every_key(capsys):
     assert "--print-config" in out and "--batch-size" in out and "= --train.batch-size" in out
 
 
+@pytest.mark.slow
 def test_every_subcommand_has_help(capsys):
     for words in (["--help"], ["compare", "--help"], ["eval", "--help"], ["export", "--help"], ["data", "--help"],
                   ["presets", "--help"], ["models", "--help"]):
@@ -139,6 +140,7 @@ def printed(capsys, *words):
     return yaml.safe_load(out)
 
 
+@pytest.mark.slow
 def test_open_clip_flags_are_aliases(capsys):
     cfg = printed(capsys, "--batch-size", "32", "--lr", "1e-3", "--epochs", "2", "--model", "ViT-B-32",
                   "--seed", "3", "--workers", "1", "--precision", "bf16", "--resume", "latest")
@@ -288,6 +290,7 @@ CONFIG_ONLY_COMMANDS = [  # (words, exit status): each finishes in the config la
 ]
 
 
+@pytest.mark.slow
 def test_config_layer_does_not_import_torch_or_open_clip():
     """Presets, `--help` and the errors config validation finds import neither torch, torchvision nor open_clip; the
     torch-free model catalog lists what open_clip lists (compared here, in a process that has open_clip)."""

@@ -66,6 +66,7 @@ def _two_process_grads(rank, world, x, y, s):
             "ref_loss": ref.detach(), "ref_gx": ref_x.grad, "ref_gy": ref_y.grad, "ref_gs": ref_s.grad}
 
 
+@pytest.mark.slow
 def test_clip_two_processes_equal_open_clip_and_concatenated_batch():
     x, y = features(n=12)
     s = torch.tensor(7.0, dtype=torch.float64)

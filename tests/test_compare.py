@@ -28,6 +28,7 @@ def test_table_mean_and_interval():
     assert csv_text.splitlines()[1] == "a,2,0.6,1.27062,0.141421"
 
 
+@pytest.mark.slow
 def test_compare_cli(tmp_path, capsys):
     out = tmp_path / "cmp"
     rc = main(["compare", "--objectives", "clip,clip[temperature.scheme=rescaled]", "--seeds", "0,1",
@@ -48,6 +49,7 @@ def test_compare_rejects_bad_entry_before_training(tmp_path):
     assert not (tmp_path / "c" / "runs").exists()
 
 
+@pytest.mark.slow
 def test_compare_entry_can_be_a_preset(tmp_path):
     out = tmp_path / "cmp"
     rc = main(["compare", "--objectives", "tiny-fastclip[train.steps=2]", "--out", str(out),
@@ -59,6 +61,7 @@ def test_compare_entry_can_be_a_preset(tmp_path):
     assert "scheme: rescaled" in config and "objective: fastclip" in config
 
 
+@pytest.mark.slow
 def test_compare_never_reuses_runs_made_with_other_settings(tmp_path):
     """Run names carry a hash of the result-changing settings: a rerun with another lr trains anew, a rerun with
     the same settings reuses its finished run (and neutral keys such as log_every do not matter)."""

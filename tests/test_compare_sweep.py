@@ -190,6 +190,7 @@ def test_outputs_written_and_rebuilt_from_results_json(tmp_path):
     assert "| clip | 16 | 512 | 3 |" in (tmp_path / "c" / "table.md").read_text()
 
 
+@pytest.mark.slow
 def test_normalizer_curves_over_training(tmp_path):
     """The MSE curves of the normaliser diagnostics: mean and interval per step over seeds, x in samples seen;
     the method's own estimate only where it has one; normalizer_mse.png written only when a run logged them."""
@@ -419,6 +420,7 @@ def test_jobs_2_equal_jobs_1_and_rerun_skips_or_resumes(tmp_path, capsys):
     assert results(tmp_path / "par")[("clip", 16, 0)]["metrics"] == par[("clip", 16, 0)]["metrics"]
 
 
+@pytest.mark.slow
 def test_tables_only_reports_finished_runs_and_trains_nothing(tmp_path, capsys):
     """--tables-only: the table from the runs finished so far; the others are listed, none is trained."""
     out = tmp_path / "cmp"

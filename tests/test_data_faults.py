@@ -161,6 +161,7 @@ def test_a_data_error_shuts_its_loader_workers_down(micro, csv_src, tmp_path, so
     assert not left, f"loader workers still running after the DataError: {left}"
 
 
+@pytest.mark.slow
 def test_a_process_that_caught_a_data_error_with_workers_exits(csv_src, tmp_path):
     path = copy_csv(csv_src, tmp_path, corrupt=range(48))
     script = f"""
@@ -259,6 +260,7 @@ def test_index_error_in_a_worker_is_one_clean_line(micro, tmp_path):
     assert "outside [0, 16)" in msg and "Original Traceback" not in msg
 
 
+@pytest.mark.slow
 def test_cli_all_corrupt_csv_exits_2_with_one_line(csv_src, tmp_path):
     path = copy_csv(csv_src, tmp_path, corrupt=range(48))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

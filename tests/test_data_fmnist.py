@@ -14,6 +14,7 @@ from amorlip.data import fashion_mnist as fm
 from amorlip.data.loader import build_eval_data, build_train_stream
 from amorlip.data.types import DataError
 from amorlip.models import create_model
+from markers import needs_fashion_mnist
 
 
 def _write_idx(path: Path, array: np.ndarray, gz: bool) -> None:
@@ -86,7 +87,7 @@ def test_missing_files_error_names_the_fix(tmp_path):
         build_train_stream(DataConfig(source="fashion-mnist", fmnist_root=str(tmp_path)), 8, seed=0)
 
 
-real = pytest.mark.skipif(not fm.available(), reason="Debian package dataset-fashion-mnist is not installed")
+real = needs_fashion_mnist
 
 
 @real

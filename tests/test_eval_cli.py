@@ -42,6 +42,7 @@ def trained(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_eval_run_folder_with_normalizers(trained, capsys):
     out = trained / "eval.json"
     assert main(["eval", str(trained / "r"), "--normalizers", "--out", str(out)]) == 0
@@ -65,6 +66,7 @@ def test_eval_run_folder_with_normalizers(trained, capsys):
     assert "normalizer/train/inbatch/image_mse" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_exported_model_same_numbers_in_clip_benchmark(trained, monkeypatch):
     from clip_benchmark.metrics import zeroshot_classification as zsc
 

@@ -219,6 +219,7 @@ def test_winogavil_metrics_hand_example():
 # ------------------------------------------------------------------------------- the clip_benchmark path
 
 
+@pytest.mark.slow
 def test_missing_and_incomplete_tasks_do_not_crash(dc_results):
     tasks = dc_results["tasks"]
     assert len(tasks) == 38

@@ -103,6 +103,7 @@ def test_gradient_fidelity_runs_every_objective_and_sogclr_is_exact_at_batch_n()
     assert by[("sogclr", 64)]["infonce_rel_error"] > 1e-3
 
 
+@pytest.mark.slow
 def test_a_net_that_can_fit_log_z_reaches_r2_near_one():
     feats = _frozen(n=256, d=8)
     truth = exact_log_z(feats)
@@ -117,6 +118,7 @@ def test_a_net_that_can_fit_log_z_reaches_r2_near_one():
     assert steps_to(exact, "online/train/image_r2", 0.9) == 2000
 
 
+@pytest.mark.slow
 def test_reinitialisation_resets_the_nets():
     feats = _frozen(n=256, d=8)
     truth = exact_log_z(feats)
@@ -130,6 +132,7 @@ def test_reinitialisation_resets_the_nets():
     (["bench", "amortizer", "--run", "nowhere", "--steps", "0"], "--steps needs positive counts"),
     (["eval", "nowhere", "--gradient-fidelity", "--gf-objectives", "clip,nope"], "--gf-objectives: unknown"),
 ])
+@pytest.mark.slow
 def test_mechanism_tools_refuse_bad_input_in_one_line(words, message):
     done = subprocess.run([sys.executable, "-m", "amorlip.cli", *words], capture_output=True, text=True, timeout=110)
     assert done.returncode == 2, done.stderr

@@ -26,6 +26,7 @@ def assert_same(a, b, path="state"):
         assert a == b, path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", list(REGISTRY))
 def test_objective_trains_and_resumes_exactly(tmp_path, objective):
     # 96 samples / batch 16 = 6 steps per epoch: the resumed part crosses an epoch boundary

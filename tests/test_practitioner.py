@@ -131,6 +131,7 @@ def _tower(state: dict, tower: str) -> dict:
     return {k: v for k, v in state.items() if k.startswith(text_keys)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", list(objectives.REGISTRY))
 def test_locked_image_tower_is_bit_identical_and_has_no_adam_state(source, tmp_path, objective):
     runs = tmp_path / "runs"
@@ -253,6 +254,7 @@ def test_fp16_on_the_cpu_is_an_error():
 # Weights & Biases
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_and_resume_reuse_the_run(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")

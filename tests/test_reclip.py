@@ -282,6 +282,7 @@ def test_short_text_on_custom_text_tower():
 # ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resume_in_each_phase_and_across_the_switch_is_exact(tmp_path):
     """6 steps straight vs stop at 1 (in phase 1), 3 (at the switch), 4 (in phase 2) and resume each time.
 

@@ -69,6 +69,7 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, deadline_s: 
 # --- 2: a diverged run never saves non-finite weights, and names a finite checkpoint --------------------------
 
 
+@pytest.mark.slow
 def test_divergence_never_saves_non_finite_weights(tmp_path):
     proc = run(tmp_path, "--train.steps", "40", "--optim.lr", "1e3", "--train.checkpoint-every", "1",
                "--train.keep-checkpoints", "100", "--train.name", "nan")
@@ -103,6 +104,7 @@ def finished_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_is_refused(finished_run, tmp_path):
     run_dir = finished_run / "base"
     before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
@@ -116,6 +118,7 @@ def test_resume_with_other_settings_is_refused(finished_run, tmp_path):
     assert after == before, "a refused resume must not touch the run folder (config.yaml, metrics)"
 
 
+@pytest.mark.slow
 def test_resume_with_another_objective_is_a_clear_error(finished_run):
     proc = run(finished_run, "--train.steps", "4", "--train.name", "base", "--objective", "siglip",
                "--train.resume", "latest", "--train.resume-allow-changes", "all")
@@ -123,6 +126,7 @@ def test_resume_with_another_objective_is_a_clear_error(finished_run):
     assert "another objective" in one_error_line(proc)
 
 
+@pytest.mark.slow
 def test_accepted_change_and_neutral_keys(tmp_path):
     assert run(tmp_path, "--train.steps", "4", "--train.name", "r").returncode == 0
     # neutral keys (logging, cadence, evaluation, threads) may always change
@@ -136,6 +140,7 @@ def test_accepted_change_and_neutral_keys(tmp_path):
     assert state_of(ckpt.latest_checkpoint(tmp_path / "r"))["step"] == 6
 
 
+@pytest.mark.slow
 def test_resume_with_another_process_count_is_refused(tmp_path):
     assert run(tmp_path, "--train.steps", "2", "--train.name", "w").returncode == 0
     path = ckpt.latest_checkpoint(tmp_path / "w")
@@ -162,6 +167,7 @@ def test_config_hash_ignores_neutral_keys():
 # --- 4: pre-emption saves a checkpoint; the resumed run equals an uninterrupted one ------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGUSR1])  # SIGTERM: the process-group and torchrun tests below
 def test_stop_signal_saves_and_resume_is_exact(tmp_path, sig):
     common = ["--train.steps", "80", "--train.log-every", "1"]
@@ -206,6 +212,7 @@ def test_sigterm_under_torchrun_saves(tmp_path):
     assert len(saved["rng"]) == 2
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_process_group_with_loader_workers(tmp_path):
     """A scheduler signals every process of the job, data-loader workers included: they leave the signal to the
     main process, which still gets its batches, saves and exits 143."""
@@ -222,6 +229,7 @@ def test_sigterm_to_the_process_group_with_loader_workers(tmp_path):
     assert 3 <= state_of(ckpt.latest_checkpoint(tmp_path / "g"))["step"] < 200
 
 
+@pytest.mark.slow
 def test_skipped_samples_are_reported_while_training(tmp_path):
     from amorlip.data.writers import write_synthetic_csv
 
@@ -260,6 +268,7 @@ def test_two_process_resume_keeps_every_ranks_counts(tmp_path):
     assert a == b and a["skipped_corrupt"] == 4, (a, b)
 
 
+@pytest.mark.slow
 def test_time_based_checkpoints(tmp_path):
     proc = run(tmp_path, "--train.steps", "12", "--train.name", "t", "--train.checkpoint-minutes", "0.0001",
                "--train.keep-checkpoints", "100")
@@ -304,6 +313,7 @@ def _limit_file_size(limit: int):
     return apply
 
 
+@pytest.mark.slow
 def test_full_disk_is_a_clear_error_and_keeps_earlier_checkpoints(tmp_path):
     assert run(tmp_path, "--train.steps", "2", "--train.name", "d").returncode == 0
     first = ckpt.latest_checkpoint(tmp_path / "d")
@@ -319,6 +329,7 @@ def test_full_disk_is_a_clear_error_and_keeps_earlier_checkpoints(tmp_path):
     assert state_of(first)["step"] == 2
 
 
+@pytest.mark.slow
 def test_temporaries_of_a_killed_write_are_removed(tmp_path):
     assert run(tmp_path, "--train.steps", "2", "--train.name", "k").returncode == 0
     ckdir = ckpt.checkpoint_dir(tmp_path / "k")
@@ -330,6 +341,7 @@ def test_temporaries_of_a_killed_write_are_removed(tmp_path):
     assert not stale.exists() and "interrupted checkpoint write" in proc.stdout
 
 
+@pytest.mark.slow
 def test_kill_during_checkpoint_write_leaves_latest_intact(tmp_path):
     """kill -9 while torch.save writes (a slowed-down writer makes the window wide): the previous checkpoint
     stays the latest and loads; the next run cleans up the temporary file and resumes."""
@@ -370,6 +382,7 @@ def test_kill_during_checkpoint_write_leaves_latest_intact(tmp_path):
 # --- 8: a fresh run starts a fresh log; a finished run evaluated again logs its evaluation once ------------
 
 
+@pytest.mark.slow
 def test_fresh_run_starts_a_fresh_log(tmp_path):
     run_dir = tmp_path / "f"
     run_dir.mkdir()
@@ -379,6 +392,7 @@ def test_fresh_run_starts_a_fresh_log(tmp_path):
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_run_does_not_duplicate_its_evaluation(tmp_path):
     args = ["--train.steps", "2", "--train.name", "e", "--eval.retrieval", "true", "--data.val-size", "32",
             "--train.resume", "auto"]
@@ -392,6 +406,7 @@ def test_rerunning_a_finished_run_does_not_duplicate_its_evaluation(tmp_path):
 # --- 9: files follow the umask ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_files_follow_the_umask(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-c", "import os, sys; os.umask(0o027); from amorlip.cli import main; sys.exit(main(sys.argv[1:]))",
@@ -415,6 +430,7 @@ def test_files_follow_the_umask(tmp_path):
 # --- 10: progress on a non-TTY is plain lines ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_progress_on_a_non_tty_is_plain_lines(tmp_path):
     proc = run(tmp_path, "--train.steps", "6", "--train.name", "p", "--train.log-every", "2")
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -5,16 +5,18 @@ import math
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
-from amorlip.data import fashion_mnist as fmnist
+from markers import needs_fashion_mnist
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.skipif(not fmnist.available(), reason="Debian package dataset-fashion-mnist is not installed")
+@pytest.mark.slow
+@needs_fashion_mnist
 def test_gpu_recipe_runs_end_to_end_at_a_micro_size_on_cpu_within_its_budget(tmp_path):
     """The GPU study's script at a micro size on the CPU: first with a budget too short to finish (its runs are
     stopped and nothing is lost), then again: the stopped runs resume, and all finish with equal samples."""
@@ -54,6 +56,39 @@ def test_cpu_study_script_rejects_an_unknown_part(tmp_path):
                           capture_output=True, text=True, timeout=50)
     assert done.returncode == 2 and "unknown part mian" in done.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_regime_study_keeps_finished_runs_for_the_next_session(tmp_path):
+    """KEEP=DIR: after each seed the finished runs' small files (no checkpoints, no unfinished runs) are copied
+    to DIR; a later study on a fresh machine restores them before its first compare, which then skips them."""
+    stub = tmp_path / "amorlip-stub"
+    stub.write_text(textwrap.dedent("""\
+        #!/usr/bin/env bash
+        # a stand-in for `amorlip compare`: records the runs present when called, 'finishes' one run per seed
+        out=; seeds=; tables=
+        while [ $# -gt 0 ]; do case $1 in --out) out=$2; shift;; --seeds) seeds=$2; shift;; --tables-only) tables=1;; esac; shift; done
+        echo "call seeds=$seeds tables=${tables:-0} present=$(ls "$out/runs" 2>/dev/null | tr '\\n' ' ')" >> "$LOG"
+        [ -n "$tables" ] && exit 0
+        mkdir -p "$out/runs/clip-s$seeds/checkpoints" "$out/runs/cut-s$seeds"
+        for f in config.yaml summary.json metrics.jsonl checkpoints/step_1.pt; do echo "$seeds" > "$out/runs/clip-s$seeds/$f"; done
+        echo partial > "$out/runs/cut-s$seeds/metrics.jsonl"
+        """))
+    stub.chmod(0o755)
+    keep, log = tmp_path / "results", tmp_path / "calls.log"
+
+    def study(out):
+        env = {**os.environ, "AMORLIP": str(stub), "OUT": str(out), "KEEP": str(keep), "SEEDS": "0,1", "LOG": str(log)}
+        done = subprocess.run(["bash", str(ROOT / "scripts" / "study_fmnist.sh"), "1", "regime"], env=env,
+                              capture_output=True, text=True, timeout=50)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    study(tmp_path / "first")
+    assert sorted(str(p.relative_to(keep)) for p in keep.rglob("*") if p.is_file()) == [
+        f"runs/clip-s{seed}/{f}" for seed in (0, 1) for f in ("config.yaml", "metrics.jsonl", "summary.json")]
+    study(tmp_path / "second")  # a fresh output folder, as on a new machine
+    calls = log.read_text().splitlines()
+    assert calls[3] == "call seeds=0 tables=0 present=clip-s0 clip-s1 ", calls
+    assert (tmp_path / "second" / "regime" / "runs" / "clip-s1" / "summary.json").read_text() == "1\n"
 
 
 def test_findings_tables_r2_on_known_numbers(tmp_path, capsys):

@@ -1,7 +1,6 @@
 """Tiled exact losses (objectives/tiled.py): loss, metrics and gradients (features, scale, bias) of the tiled
 CLIP, SigLIP, AmorLIP, SogCLR, FastCLIP and NeuCLIP paths equal the dense ones in fp64, for batches the tile does not divide; the
 tile_size key (auto, 0, >= B, bad values); 2 gloo processes; no B x B tensor in the autograd graph."""
-import math
 
 import pytest
 import torch
@@ -187,6 +186,7 @@ def _two_process(rank, world, x, y, s, bias, name, kw, tile):
 @pytest.mark.parametrize("name,kw", [("clip", {}), ("siglip", {}), ("amorlip", {"stage2_negatives": "global"}),
                                      ("sogclr", {"temperature": None}), ("fastclip", {"temperature_grad": "release"}),
                                      ("neuclip", {})])
+@pytest.mark.slow
 def test_two_processes_tiled_equals_dense(name, kw):
     x, y = features(2 * 13, seed=5)
     out = run_distributed(_two_process, 2, x, y, torch.tensor(6.0, dtype=torch.float64),

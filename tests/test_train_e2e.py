@@ -43,6 +43,7 @@ def test_train_writes_run_folder(tmp_path, capsys):
     assert "after 6 steps" in out
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(tmp_path):
     """Train 10 steps straight, and 6 + resume to 10 (crossing an epoch boundary): identical weights."""
     common = ["--train.steps", "10", "--data.synthetic-size", "112", "--train.checkpoint-every", "3",
@@ -169,7 +170,6 @@ def test_fused_adamw_is_the_default_and_takes_the_same_step():
     """optim.fused: None picks the fused kernel on the CPU, false torch's default one; one step of each from the
     same state agrees to float rounding."""
     from amorlip.config import build_config
-    from amorlip.models import param_groups
     from amorlip.train import build_optimizer
 
     torch.manual_seed(0)
@@ -199,6 +199,7 @@ def test_fused_adamw_is_the_default_and_takes_the_same_step():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_eval_normalizers_logs_the_diagnostics_at_every_evaluation(tmp_path):
     """eval.normalizers: the diagnostics' keys at each eval_every row of metrics.jsonl (their curve) and in the
     final metrics; AmorLIP has its own estimate on both splits, and the training itself is unchanged."""

@@ -205,6 +205,7 @@ def _bad_inputs(root: Path, data: dict) -> dict[str, tuple[list[str], list[str]]
     }
 
 
+@pytest.mark.slow
 def test_bad_validation_data_is_one_line_before_training(data, tmp_path, capsys):
     cases = _bad_inputs(tmp_path, data)
     for name, (flags, words) in cases.items():
