@@ -11,14 +11,11 @@ The public API (docs/api.md), loaded on first use so that `import amorlip` stays
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 __version__ = "0.1.0"
-
-if TYPE_CHECKING:
-    from amorlip.errors import ConfigError
-    from amorlip.loss import ContrastiveLoss, make_loss
-    from amorlip.models import register_tiny_configs
+# the names' types, for type checkers: __init__.pyi (an import here would make every module that imports from
+# `amorlip` a circle through it)
 
 _PUBLIC = {
     "make_loss": "amorlip.loss",

@@ -231,10 +231,12 @@ def _check_layout(folder: Path, task: DataCompTask) -> str:
 
 def require_clip_benchmark() -> None:
     """A one-line error naming the extra when clip_benchmark (only DataComp evaluation needs it) is not installed."""
+    import importlib
+
     from amorlip.errors import ConfigError
 
     try:
-        import clip_benchmark  # noqa: F401
+        importlib.import_module("clip_benchmark")
     except ImportError:
         raise ConfigError("DataComp evaluation needs clip_benchmark, which is not installed: "
                           "pip install 'amorlip[datacomp]'") from None
