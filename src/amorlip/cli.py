@@ -86,6 +86,9 @@ def cmd_train(words: list[str]) -> int:
     if own["print_config"]:
         print(describe(cfg), end="")
         return 0
+    from amorlip.model_catalog import skip_unused_imports
+
+    skip_unused_imports(cfg.model.name)  # a lean start: open_clip would import transformers and timm unasked
     from amorlip.train import main_worker
 
     main_worker(cfg)

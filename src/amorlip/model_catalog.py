@@ -147,3 +147,37 @@ def check_lock_options(mcfg: Any) -> None:
             raise ConfigError(f"model.lock_text_freeze_layer_norm=false: open_clip's own text transformer "
                               f"({mcfg.name}) freezes its layer norms with the rest (drop "
                               "--model.lock-text-freeze-layer-norm; unfrozen norms are for Hugging Face text towers)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# A lean start: what open_clip would import without need
+
+OPTIONAL_IMPORTS = ("transformers", "timm")
+"""Packages open_clip imports whenever they are installed (open_clip.hf_model, coca_model, timm_model), about a
+quarter of its import time, though only Hugging Face text towers and timm image towers use them."""
+
+
+def unused_imports(name: str) -> list[str]:
+    """The packages of OPTIONAL_IMPORTS model `name` does not use: transformers unless its text tower or tokenizer
+    is Hugging Face's, timm unless its image tower is timm's. Empty for a model whose config is not known here."""
+    try:
+        image, text = tower_kinds(name)
+        text_cfg = model_config(name).get("text_cfg", {})
+    except ValueError:
+        return []
+    needed = {"timm"} if image == "timm" else set()
+    if text == "hf" or text_cfg.get("hf_tokenizer_name"):
+        needed.add("transformers")
+    return [m for m in OPTIONAL_IMPORTS if m not in needed]
+
+
+def skip_unused_imports(name: str) -> list[str]:
+    """Before open_clip is first imported (the `amorlip train` command): keep it from importing the packages model
+    `name` does not use (`unused_imports`; an `import` of them then raises ImportError, which open_clip catches).
+    Returns the packages skipped; none once open_clip is loaded."""
+    if "open_clip" in sys.modules:
+        return []
+    skipped = [m for m in unused_imports(name) if m not in sys.modules]
+    for module in skipped:
+        sys.modules[module] = None  # type: ignore[assignment]
+    return skipped

@@ -246,7 +246,9 @@ def _check_args(args: argparse.Namespace, extra: list[str]) -> None:
     if args.datacomp_tasks and not args.datacomp:
         raise ConfigError("--datacomp-tasks needs --datacomp ROOT (the folder of the clip_benchmark wds datasets)")
     if args.datacomp:
-        from amorlip.evaluate.datacomp import DATACOMP_TASKS, find_task_dir, get_task
+        from amorlip.evaluate.datacomp import DATACOMP_TASKS, find_task_dir, get_task, require_clip_benchmark
+
+        require_clip_benchmark()
 
         root = Path(args.datacomp)
         if not root.exists():

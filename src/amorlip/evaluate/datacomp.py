@@ -229,8 +229,22 @@ def _check_layout(folder: Path, task: DataCompTask) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 
+def require_clip_benchmark() -> None:
+    """A one-line error naming the extra when clip_benchmark (only DataComp evaluation needs it) is not installed."""
+    import importlib
+
+    from amorlip.errors import ConfigError
+
+    try:
+        importlib.import_module("clip_benchmark")
+    except ImportError:
+        raise ConfigError("DataComp evaluation needs clip_benchmark, which is not installed: "
+                          "pip install 'amorlip[datacomp]'") from None
+
+
 def _clip_benchmark_builder():
     """clip_benchmark's dataset builder (imported lazily: it pulls in torchvision datasets and requests)."""
+    require_clip_benchmark()
     from clip_benchmark.datasets import builder
 
     return builder
@@ -250,6 +264,7 @@ def _cb_device(device: torch.device | str) -> Iterator[str]:
 @contextlib.contextmanager
 def _clip_benchmark_progress(enabled: bool) -> Iterator[None]:
     """clip_benchmark's metric loops always show tqdm bars; silence them unless progress is wanted."""
+    require_clip_benchmark()
     from clip_benchmark.metrics import zeroshot_classification as zsc
     from clip_benchmark.metrics import zeroshot_retrieval as zsr
 
