@@ -179,15 +179,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from amorlip.data.writers import write_synthetic_csv, write_synthetic_wds
+    from amorlip.data.writers import write_dataset
 
-    out = Path(args.out)
+    written = write_dataset(args.format, Path(args.out), args.n, args.seed, args.shard_size, args.overwrite)
     if args.format == "csv":
-        path = write_synthetic_csv(out, args.n, args.seed)
-        print(f"wrote {path}  (train with: amorlip train --data.source csv --data.train-path {path})")
+        print(f"wrote {written[0]}  (train with: amorlip train --data.source csv --data.train-path {written[0]})")
     else:
-        shards = write_synthetic_wds(out, args.n, args.seed, args.shard_size)
-        print(f"wrote {len(shards)} shards in {out}  (train with: amorlip train --data.source wds --data.train-path {out})")
+        print(f"wrote {len(written)} shards in {args.out}  (train with: amorlip train --data.source wds "
+              f"--data.train-path {args.out})")
     return 0
 
 
@@ -276,10 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="write the embedded synthetic data as CSV+PNG or webdataset shards")
     p.add_argument("format", choices=["csv", "wds"])
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the folder to write (created; files of other kinds in it are kept)")
     p.add_argument("--n", type=int, default=2000, help="number of pairs (default: 2000)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the synthetic scenes' seed (default: 0)")
     p.add_argument("--shard-size", type=int, default=1000, help="pairs per webdataset shard (default: 1000)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a dataset of this format already in --out (by default that is an error)")
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("presets", help="list the built-in presets, or print one's resolved configuration")

@@ -350,7 +350,8 @@ def compare_plan(args: argparse.Namespace, common: list[tuple[str, Any]]) -> Pla
                     raise ConfigError(f"entry {entry.label!r}, {where}{e}" if point else str(e)) from None
                 if jobs > 1 and cfg.train.threads == 0:
                     cfg.train.threads = 1  # N runs at once: one thread each, unless the user said otherwise
-                cfg.train.name = f"{safe_name(entry.label)}-s{seed}-{config_hash(cfg.to_dict())}"
+                # a long entry is cut to stay one folder name (NAME_MAX); the hash keeps names apart
+                cfg.train.name = f"{safe_name(entry.label)[:200]}-s{seed}-{config_hash(cfg.to_dict())}"
                 run = Run(entry.label, point, seed, cfg)
                 if cfg.train.name in names:
                     other = names[cfg.train.name]

@@ -828,6 +828,10 @@ def _check_choice(value: str, choices: tuple[str, ...], key: str) -> None:
         )
 
 
+NAME_MAX = 255
+"""The longest file or folder name (bytes) of common file systems (ext4, XFS, APFS, NTFS)."""
+
+
 def validate(cfg: Config) -> None:
     """Reject inconsistent values up front, before anything is built or written.
 
@@ -915,6 +919,13 @@ def validate(cfg: Config) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(
             f"train.output_dir={str(out_dir)!r}: cannot write in {str(existing)!r} (pass a writable --train.output-dir)"
+        )
+    name = cfg.train.name
+    if name is not None and (len(os.fsencode(name)) > NAME_MAX or name in ("", ".", "..") or "/" in name):
+        raise ConfigError(
+            f"train.name={name[:40]!r}{'...' if len(name) > 40 else ''} ({len(os.fsencode(name))} bytes) must be one "
+            f"folder name of 1 to {NAME_MAX} bytes without '/' (pass a shorter --train.name, or none for "
+            "objective-model-seed)"
         )
 
     # model

@@ -50,8 +50,11 @@ def atomic_write(path: Path, write: Callable[[IO[Any]], None], binary: bool = Fa
     error `is_write_failure` recognises (a writer that wraps the OSError), becomes one CheckpointError that says
     what to do; other errors pass unchanged."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    try:  # a read-only or missing folder is the same clear error as a full disk
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    except OSError as e:
+        raise _write_error(path, e) from e
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)

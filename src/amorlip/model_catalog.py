@@ -159,7 +159,10 @@ quarter of its import time, though only Hugging Face text towers and timm image 
 
 def unused_imports(name: str) -> list[str]:
     """The packages of OPTIONAL_IMPORTS model `name` does not use: transformers unless its text tower or tokenizer
-    is Hugging Face's, timm unless its image tower is timm's. Empty for a model whose config is not known here."""
+    is Hugging Face's, timm unless its image tower is timm's. Empty for a model whose config is not known here
+    (an `hf-hub:` name is never looked up: open_clip would try to download its config)."""
+    if name.startswith("hf-hub:"):
+        return []
     try:
         image, text = tower_kinds(name)
         text_cfg = model_config(name).get("text_cfg", {})

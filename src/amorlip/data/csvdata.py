@@ -10,6 +10,7 @@ when it is read only makes that sample "corrupt" (skipped and counted by the tra
 from __future__ import annotations
 
 import csv
+import tarfile
 from pathlib import Path
 
 from PIL import Image
@@ -37,17 +38,16 @@ class CsvCaptions(Dataset):
         separator = _SEPARATOR_NAMES.get(separator, separator)
         if len(separator) != 1:
             raise DataError(f"data.csv_separator must be one character (or 'tab'), got {separator!r}")
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter=separator)
-            header = reader.fieldnames or []
-            missing = [k for k in (img_key, caption_key) if k not in header]
-            if missing:
-                raise DataError(
-                    f"{path}: column(s) {missing} not found; the header has {header} (read with separator "
-                    f"{separator!r}). Set --data.csv-img-key / --data.csv-caption-key to the right column names "
-                    f"or --data.csv-separator to the file's separator"
-                )
-            rows = [(r.get(img_key) or "", r.get(caption_key) or "") for r in reader]
+        try:
+            rows = _read_rows(path, img_key, caption_key, separator)
+        except UnicodeDecodeError as e:
+            kind = "a tar archive (webdataset shards: --data.source wds)" if tarfile.is_tarfile(path) else "text in another encoding"
+            raise DataError(
+                f"{path} is not a UTF-8 CSV file (byte {e.start} cannot be decoded; it looks like {kind}); pass a "
+                f"UTF-8 CSV with image-path and caption columns (re-encode it, e.g. `iconv -t utf-8`)"
+            ) from None
+        except (OSError, csv.Error) as e:
+            raise DataError(f"{path}: cannot be read as a CSV file ({e}); pass a readable UTF-8 CSV") from None
         if not rows:
             raise DataError(f"{path}: the CSV has a header but no rows; add image-caption rows")
         if limit is not None:
@@ -106,3 +106,18 @@ class CsvCaptions(Dataset):
             fixes.append(f"rows with an empty column {self.caption_key!r} have no caption: fill it in, or choose the "
                          f"caption column with --data.csv-caption-key")
         return "; ".join(fixes) or "check the CSV's image paths and captions"
+
+
+def _read_rows(path: Path, img_key: str, caption_key: str, separator: str) -> list[tuple[str, str]]:
+    """The (image path, caption) rows of a UTF-8 CSV; a clear DataError when the columns are missing."""
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter=separator)
+        header = reader.fieldnames or []
+        missing = [k for k in (img_key, caption_key) if k not in header]
+        if missing:
+            raise DataError(
+                f"{path}: column(s) {missing} not found; the header has {header} (read with separator "
+                f"{separator!r}). Set --data.csv-img-key / --data.csv-caption-key to the right column names "
+                f"or --data.csv-separator to the file's separator"
+            )
+        return [(r.get(img_key) or "", r.get(caption_key) or "") for r in reader]
