@@ -91,6 +91,32 @@ def test_regime_study_keeps_finished_runs_for_the_next_session(tmp_path):
     assert (tmp_path / "second" / "regime" / "runs" / "clip-s1" / "summary.json").read_text() == "1\n"
 
 
+def test_within_epoch_r2_bins_evaluations_by_the_epoch_fraction(tmp_path, capsys):
+    """Steps per epoch = dataset size // batch (10 here): evaluations at steps 12 and 22 fall 0.2 into an epoch,
+    17 falls 0.7; per bin the mean of the modalities' R2 and a t interval over the evaluations."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import within_epoch_r2
+    finally:
+        sys.path.pop(0)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("data: {dataset_size: 100}\ntrain: {batch_size: 10}\n")
+    rows = [{"step": 5, "loss": 1.0}]
+    for step, r2 in ((12, 0.1), (22, 0.3), (17, 0.8)):
+        rows.append({"step": step, **{f"eval/normalizer/{split}/{net}/{m}_r2": r2 + (0.1 if m == "text" else 0.0)
+                                      for split in ("train", "heldout") for net in ("objective", "objective_online")
+                                      for m in ("image", "text")}})
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{\"step\": 3")  # a torn line
+    assert within_epoch_r2.main([str(run), "--bins", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    half = 12.706 * math.sqrt(((0.15 - 0.25) ** 2 + (0.35 - 0.25) ** 2) / 1) / math.sqrt(2)  # t(1) interval
+    assert lines[2] == "| 10 | 0.00-0.50 | 2 | " + " | ".join([f"0.25 ± {half:.2f}"] * 4) + " |"
+    assert lines[3] == "| 10 | 0.50-1.00 | 1 | " + " | ".join(["0.85"] * 4) + " |"
+    assert within_epoch_r2.main([str(tmp_path / "nothing")]) == 2
+    assert "no config.yaml and metrics.jsonl" in capsys.readouterr().err
+
+
 def test_findings_tables_r2_on_known_numbers(tmp_path, capsys):
     """R2 = 1 - (mse - bias^2) / std^2 per run, then mean ± 95% t interval over seeds; missing values are '-'."""
     sys.path.insert(0, str(ROOT / "scripts"))
