@@ -135,3 +135,14 @@ def test_a_folder_where_no_temporary_can_be_created_is_a_clear_write_error(tmp_p
     with pytest.raises(CheckpointError, match=r"could not write .*config\.yaml: \[Errno 13\] Permission denied"):
         files.atomic_write_text("x", tmp_path / "run" / "config.yaml")
     assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("flag,typed,suggested", [
+    ("--amor.divide-by", "tagret", "--amor.divide-by target"),
+    ("--data.source", "cvs", "--data.source csv"),
+    ("--data.source", "zzz", "--data.source synthetic"),  # nothing close: the first choice
+])
+def test_a_mistyped_choice_suggests_the_nearest(tmp_path, capsys, flag, typed, suggested):
+    assert train(tmp_path, flag, typed) == 2
+    assert f"(pass {suggested}, or another of them)" in one_line_error(capsys, "train")
+    assert not (tmp_path / "runs").exists()

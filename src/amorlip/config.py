@@ -19,7 +19,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from types import UnionType
-from typing import Any, Callable, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Literal, Sequence, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -488,7 +488,7 @@ def _value_error(key: str, value: Any, typ: Any) -> ConfigError:
     if choices:
         return ConfigError(
             f"{key}={value!r} is not one of: {', '.join(map(str, choices))} "
-            f"(pass {flag_of(key)} {choices[0]}, or another of them)"
+            f"(pass {flag_of(key)} {nearest_choice(value, choices)}, or another of them)"
         )
     if isinstance(value, str):  # show what was typed as YAML reads it: `16`, not `'16'`
         try:
@@ -820,11 +820,20 @@ def override_words(pairs: list[tuple[str, Any]]) -> list[str]:
     return [f"--{key}={_as_text(value, types.get(key, Any))}" for key, value in pairs]
 
 
+def nearest_choice(value: Any, choices: Sequence[Any]) -> Any:
+    """The choice closest to what was typed (`tagret` -> `target`), for the error's suggestion; the first
+    choice when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
+    return close[0] if close else choices[0]
+
+
 def _check_choice(value: str, choices: tuple[str, ...], key: str) -> None:
     if value not in choices:
         raise ConfigError(
-            f"{key}={value!r} is not one of: {', '.join(choices)} (pass --{key.replace('_', '-')} {choices[0]}, "
-            f"or another of them)"
+            f"{key}={value!r} is not one of: {', '.join(choices)} (pass --{key.replace('_', '-')} "
+            f"{nearest_choice(value, choices)}, or another of them)"
         )
 
 
