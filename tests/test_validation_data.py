@@ -193,7 +193,24 @@ def _bad_inputs(root: Path, data: dict) -> dict[str, tuple[list[str], list[str]]
     empty_root.mkdir()
     empty_class = root / "empty_class"
     (empty_class / "n01440764").mkdir(parents=True)
+    # one unreadable image among 200 pairs (the 200th), in a CSV, in shards, in a class folder
+    from amorlip.data.writers import write_synthetic_csv, write_synthetic_wds
+
+    bad_csv = write_synthetic_csv(root / "val200", 200, seed=5)
+    (root / "val200" / "images" / "00000199.png").write_bytes(b"not an image")
+    bad_shards = root / "shards200"
+    write_synthetic_wds(bad_shards, 200, seed=5, shard_size=100, image_format="png")
+    with wds.TarWriter(str(bad_shards / "shard-00002.tar")) as sink:
+        sink.write({"__key__": "00000200", "png": b"not an image", "txt": "a caption"})
+    bad_class = root / "bad_class"
+    (bad_class / "n01440764").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(bad_class / "n01440764" / "a.png")
+    (bad_class / "n01440764" / "b.png").write_bytes(b"not an image")
     return {
+        "an unreadable csv image": (["--data.val-path", str(bad_csv)], ["00000199.png", "line 201", "cannot be read"]),
+        "an unreadable shard image": (["--data.val-path", str(bad_shards)], ["shard-00002.tar:00000200",
+                                                                           "cannot be read"]),
+        "an unreadable class image": (["--eval.imagenet-root", str(bad_class)], ["b.png", "cannot be read"]),
         "csv without caption column": (["--data.val-path", str(no_caption_col)], ["title"]),
         "csv row without caption": (["--data.val-path", str(empty_caption)], ["line 2", "no caption"]),
         "folder of images": (["--data.val-path", str(images_only)], ["data.val_path", "captions"]),

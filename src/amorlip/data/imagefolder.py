@@ -13,8 +13,9 @@
   the task takes the folder's name. The prompts are always open_clip's `OPENAI_IMAGENET_TEMPLATES` (80).
 
 Everything is checked when the split / task is built (before any model): a missing path, a CSV without the
-caption column or with an empty caption, a sample without caption or image, a folder without class
-sub-folders or a class folder without images raise a `DataError` naming the file and the fix. `check_paths`
+caption column or with an empty caption, a sample without caption or image, an image PIL cannot read (header
+and checksums, `Image.verify`), a folder without class sub-folders or a class folder without images raise a
+`DataError` naming the file and the fix. `check_paths`
 is the cheap part of those checks (existence and layout), run by `config.validate`.
 """
 from __future__ import annotations
@@ -71,6 +72,16 @@ def _open_image(data: Any, name: str) -> Image.Image:
                         "(re-create it, or drop it from data.val_path)") from None
 
 
+def _check_image(data: Any, name: str, fix: str) -> None:
+    """That `data` (a path or a file object) is an image PIL can read: its header and, for PNG, its checksums
+    (`Image.verify`: no full decode, so checking every validation image before training is cheap)."""
+    try:
+        with Image.open(data) as im:
+            im.verify()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DataError(f"validation image {name} cannot be read ({type(e).__name__}: {e}) ({fix})") from None
+
+
 class CsvPairs(Dataset):
     """`ds[i] -> (PIL image RGB, caption)` of every row of a validation CSV (checked when built)."""
 
@@ -89,6 +100,7 @@ class CsvPairs(Dataset):
             if not image.is_file():
                 raise DataError(f"{where}: image {image} does not exist (relative paths are resolved against "
                                 f"{csv.root}; correct the path or drop the row)")
+            _check_image(image, f"{image} ({where})", "re-create it, or drop the row from data.val_path")
         self.csv = csv
 
     def __len__(self) -> int:
@@ -124,9 +136,11 @@ class WdsPairs(IterableDataset):
             if not caption:
                 raise DataError(f"data.val_path sample {ref} has no caption (every validation sample needs a non-empty "
                                 f"KEY.txt next to its image; {_PAIRS_HELP})")
-            if self._image_bytes(sample) is None:
+            data = self._image_bytes(sample)
+            if data is None:
                 raise DataError(f"data.val_path sample {ref} has no image (every sample needs KEY.{{{','.join(self.exts)}}})"
                                 )
+            _check_image(io.BytesIO(data), f"{ref} (data.val_path)", "re-write that shard without it")
             n += 1
         if n == 0:
             raise DataError(f"data.val_path {path} holds no samples (write shards with `amorlip data wds --out DIR`)")
@@ -232,6 +246,8 @@ def imagenet_folder_task(root: str, key: str = "eval.imagenet_root") -> ZeroShot
         if not files:
             raise DataError(f"{key} {root}: class folder {d.name}/ holds no images ({', '.join(IMAGE_SUFFIXES)}) "
                             "(add its images or remove the folder)")
+        for f in files:
+            _check_image(f, f"{f} ({key})", f"re-create it, or remove it from {root}")
         samples.extend((f, label) for f in files)
     classnames, is_imagenet = folder_classnames([d.name for d in dirs])
     name = "imagenet" if is_imagenet else (p.resolve().name or "folder")
