@@ -146,3 +146,15 @@ def test_a_mistyped_choice_suggests_the_nearest(tmp_path, capsys, flag, typed, s
     assert train(tmp_path, flag, typed) == 2
     assert f"(pass {suggested}, or another of them)" in one_line_error(capsys, "train")
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_shard_glob_reads_the_files_it_matches(tmp_path, capsys):
+    from amorlip.data.types import DataError
+    from amorlip.data.wds import expand_shards
+
+    assert main(["data", "wds", "--n", "30", "--shard-size", "10", "--out", str(tmp_path / "w")]) == 0
+    shards = [str(tmp_path / "w" / f"shard-{i:05d}.tar") for i in range(3)]
+    assert expand_shards(str(tmp_path / "w" / "shard-*.tar")) == shards
+    assert expand_shards(str(tmp_path / "w" / "shard-0000[02].tar") + "::" + shards[1]) == [shards[0], shards[2], shards[1]]
+    with pytest.raises(DataError, match=r"pattern '.*nope-\*\.tar' matches no files"):
+        expand_shards(str(tmp_path / "w" / "nope-*.tar"))

@@ -34,8 +34,10 @@ skipped samples once.
 """
 from __future__ import annotations
 
+import glob
 import io
 import json
+import os
 import random
 import warnings
 from itertools import count, islice
@@ -71,7 +73,8 @@ def _is_remote(url: str) -> bool:
 
 
 def expand_shards(train_path: str) -> list[str]:
-    """Shard URLs of `train_path`: brace patterns joined with `::`, or directories (their *.tar).
+    """Shard URLs of `train_path`: brace patterns or shell globs (`*`, `?`, `[...]`) joined with `::`, or
+    directories (their *.tar).
 
     Local shards must exist; an empty result is an error.
     """
@@ -88,7 +91,15 @@ def expand_shards(train_path: str) -> list[str]:
                 raise DataError(f"folder {part!r} has no .tar shards; write some with `amorlip data wds --out DIR` or point elsewhere")
             urls.extend(found)
         else:
-            urls.extend(braceexpand.braceexpand(part))
+            for url in braceexpand.braceexpand(part):
+                if not _is_remote(url) and glob.has_magic(url):  # a shell-style glob: the files it matches, sorted
+                    matched = sorted(glob.glob(os.path.expanduser(url)))
+                    if not matched:
+                        raise DataError(f"data.train_path pattern {url!r} matches no files; check the folder and "
+                                        "the pattern (e.g. 'shards/shard-*.tar')")
+                    urls.extend(matched)
+                else:
+                    urls.append(url)
     if not urls:
         raise DataError(f"data.train_path={train_path!r} names no shards; give a pattern like 'shards/{{00000..00009}}.tar'")
     missing = [u for u in urls if not _is_remote(u) and not Path(u).expanduser().is_file()]
