@@ -217,3 +217,21 @@ def test_eval_normalizers_logs_the_diagnostics_at_every_evaluation(tmp_path):
     assert "normalizer/train/objective/text_bias" in summary["metrics"]
     plain = [json.loads(line) for line in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in rows if "loss" in r] == [r["loss"] for r in plain if "loss" in r]
+
+
+def test_the_temperature_rate_and_step_thresh_are_logged(tmp_path):
+    """metrics.jsonl carries the temperature group's own rate and the step_thresh flag, so the rule can be
+    audited from the log: the rate of step t is lr_temperature / 3 exactly when the temperature after step t-1
+    was at most 0.03 (rho 50 drives it there within two steps)."""
+    assert run_cli(tmp_path, "--train.steps", "6", "--optim.lr-temperature", "0.5", "--optim.temperature-step-thresh",
+                   "true", "--temperature.scheme", "rescaled", "--temperature.rho", "50", "--train.name", "t",
+                   "--eval.zeroshot", "false", "--eval.retrieval", "false") == 0
+    rows = [r for r in map(json.loads, (tmp_path / "t" / "metrics.jsonl").read_text().splitlines())
+            if "lr_temperature" in r]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    hit_before = 0.0
+    for r in rows:
+        assert r["lr_temperature"] == pytest.approx(0.5 / (3 if hit_before else 1)), r
+        assert r["temp_thresh_hit"] == float(r["temperature"] <= 0.03), r
+        hit_before = r["temp_thresh_hit"]
+    assert {r["temp_thresh_hit"] for r in rows} == {0.0, 1.0}

@@ -565,6 +565,9 @@ def _log_step(run: Run, out: StepOutput, epoch: int, meter: _Throughput) -> None
             "loss": out.loss.detach(),
             "objective_loss": out.result.loss.detach(),
             "lr": run.optimizer.param_groups[0]["lr"],
+            # the temperature's own rate (step_thresh divides it by 3 while the temperature is at most 0.03)
+            **{"lr_temperature": g["lr"] for g in run.optimizer.param_groups if g.get("group") == "temperature"},
+            "temp_thresh_hit": float(run.temp_thresh_hit),
             "temperature": temperature,
             "logit_scale": math.log(1.0 / temperature),
             "rho": out.rho,
