@@ -44,6 +44,19 @@ def non_finite_tensors(state: Any, prefix: str = "") -> list[str]:
     return bad
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """`optimizer.load_state_dict(state)`, keeping the settings the optimizer was built with.
+
+    torch restores each saved group's settings (lr, weight decay, betas, eps, ...) along with the moments, and
+    the lr schedules scale a group's saved `base_lr`: a change accepted on resume (`--train.resume-allow-changes
+    optim.lr`) would be recorded but not applied. The checkpoint gives the moments and step counts; the run's
+    settings give every group's hyperparameters (the same values when nothing changed)."""
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
+
+
 def rng_state() -> dict[str, Any]:
     """This process's RNG states: CPU torch, numpy, Python and, when CUDA is in use, its current device's
     (only that one: asking for every visible GPU's state would open a context on each from every rank)."""

@@ -265,7 +265,7 @@ class Run:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint made by `state_dict` (its settings already checked)."""
         reclip.load_model_state(self.model, state["model"], self.optimizer)  # at the resolution it was saved at
-        self.optimizer.load_state_dict(state["optimizer"])
+        ckpt.load_optimizer_state(self.optimizer, state["optimizer"])  # this run's lr, wd, betas, eps
         self.scaler.load_state_dict(state["scaler"])
         self.objective.load_state_dict(state["objective"])
         rng = state["rng"]

@@ -1,0 +1,53 @@
+"""Helpers of the fault tests (tests/test_faults_*.py): tiny training runs as real subprocesses, with timeouts."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+TINY = ["--model.name", "micro-vit", "--data.synthetic-size", "256", "--train.batch-size", "16",
+        "--optim.warmup-steps", "2", "--train.threads", "1", "--eval.zeroshot", "false", "--eval.retrieval", "false"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+TIMEOUT = 240
+
+
+def train_cmd(out: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "amorlip.cli", "train", "--train.output-dir", str(out), *TINY, *args]
+
+
+def run(out: Path, *args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(train_cmd(out, *args), env=ENV, capture_output=True, text=True, timeout=TIMEOUT, **kw)
+
+
+def one_error_line(proc: subprocess.CompletedProcess, command: str = "train") -> str:
+    """The run's single `amorlip <command>: error:` line (and no traceback)."""
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith(f"amorlip {command}: error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    return errors[0]
+
+
+def history(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, deadline_s: float = TIMEOUT) -> None:
+    """Poll metrics.jsonl until it holds `step` (the run is then past its set-up and mid-training)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < deadline_s:
+        assert proc.poll() is None, f"the run ended early (exit {proc.returncode})"
+        try:
+            steps = [row["step"] for row in history(run_dir)]
+        except json.JSONDecodeError:  # a line being written
+            steps = []
+        if steps and max(steps) >= step:
+            return
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"no step {step} within {deadline_s} s")
