@@ -51,3 +51,16 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, deadline_s: 
         time.sleep(0.05)
     proc.kill()
     pytest.fail(f"no step {step} within {deadline_s} s")
+
+
+def compare_runs(words: list[str]) -> list:
+    """The runs (compare.Run: label, cfg, run_dir) that `amorlip compare WORDS` would train."""
+    import argparse
+
+    from amorlip.cli import _compare_options
+    from amorlip.compare import compare_configs
+    from amorlip.config import parse_config_args
+
+    own, overrides = parse_config_args(words, "amorlip compare", "", _compare_options)
+    budget_given = any(w == "--budget" or w.startswith("--budget=") for w in words)
+    return compare_configs(argparse.Namespace(**own, budget_given=budget_given), overrides)

@@ -13,6 +13,7 @@ temperature scheme, and back-propagates. Runs unchanged under torchrun (gloo on 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -30,7 +31,8 @@ from amorlip import checkpoint as ckpt
 from amorlip import distributed, objectives, reclip
 from amorlip import resume as resume_check
 from amorlip.progress import Progress
-from amorlip.signals import StopRequest
+from amorlip.runlock import RUN_IN_USE_FIX, FolderInUse, FolderLock
+from amorlip.signals import Stopped, StopRequest
 from amorlip.step import forward_backward, has_batch_norm
 from amorlip.config import Config, ConfigError, describe
 from amorlip.models import build_model, clamp_logit_scale, describe_precision, model_config, param_groups, unwrap
@@ -54,7 +56,7 @@ def seed_everything(seed: int) -> None:
 
 
 def run_name(cfg: Config) -> str:
-    return cfg.train.name or f"{cfg.objective}-{cfg.model.name}-b{cfg.train.batch_size}-s{cfg.train.seed}"
+    return cfg.run_dir.name
 
 
 def autocast_context(cfg: Config, device: torch.device):
@@ -186,11 +188,11 @@ def train(cfg: Config, stream: Any | None = None) -> RunResult:
     """Train according to `cfg`; returns the run folder, final step and final metrics.
 
     `stream` (a `TrainStream` for this rank) replaces the one built from `cfg.data`: `amorlip bench` passes
-    pre-made batches to time the real training step. SIGTERM / SIGUSR1 during the run save a checkpoint and
-    exit 128 + signal (amorlip.signals).
+    pre-made batches to time the real training step. SIGTERM / SIGUSR1 / SIGINT (Ctrl-C) during the run save a
+    checkpoint and exit 128 + signal (amorlip.signals.Stopped).
     """
-    with StopRequest() as stop:
-        run = _set_up(cfg, stream)
+    with StopRequest() as stop, contextlib.ExitStack() as held:  # held: the run folder's lock, until the end
+        run = _set_up(cfg, stream, held)
         _loop(run, stop)
         return _finish(run)
 
@@ -292,9 +294,12 @@ class StepOutput:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _set_up(cfg: Config, stream: Any | None) -> Run:
-    """Checks, data, model, objective, RECLIP phases, optimizer, resume, logger and progress line."""
+def _set_up(cfg: Config, stream: Any | None, held: contextlib.ExitStack) -> Run:
+    """The run folder's lock (released by `held`), checks, data, model, objective, RECLIP phases, optimizer,
+    resume, logger and progress line."""
     dist_info = _init_process(cfg)
+    run_dir = cfg.run_dir
+    held.callback(_lock_run_dir(run_dir, dist_info).release)
     _check_batch_split(cfg, dist_info.world_size)
     seed_everything(cfg.train.seed)
 
@@ -319,7 +324,6 @@ def _set_up(cfg: Config, stream: Any | None) -> Run:
         diagnostic_sets = build_diagnostic_sets(cfg, stream)
 
     # initial weights (model.pretrained) only for a new run: a resumed one takes them from its checkpoint
-    run_dir = Path(cfg.train.output_dir) / run_name(cfg)
     resume_path = _resume_path(cfg, run_dir)
     model, train_transform, eval_transform, tokenizer = build_model(
         cfg.model, device=dist_info.device, load_pretrained_weights=resume_path is None, output_dict=True,
@@ -367,6 +371,24 @@ def _init_process(cfg: Config) -> distributed.DistInfo:
         torch.backends.cudnn.allow_tf32 = cfg.train.tf32
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     return dist_info
+
+
+def _lock_run_dir(run_dir: Path, dist_info: distributed.DistInfo) -> FolderLock:
+    """Collective. The main rank locks the run folder (amorlip.runlock) before any work; when another process holds
+    it, every rank stops: the main rank with the error naming that process, the others quietly (exit 2)."""
+    lock = FolderLock(run_dir, "run folder", RUN_IN_USE_FIX)
+    error = None
+    if dist_info.is_main:
+        try:
+            lock.acquire()
+        except FolderInUse as e:
+            error = str(e)
+    error = distributed.gather_objects(error)[0]
+    if error is not None:
+        if dist_info.is_main:
+            raise FolderInUse(error)
+        raise SystemExit(2)
+    return lock
 
 
 def _check_batch_split(cfg: Config, world_size: int) -> None:
@@ -676,7 +698,7 @@ def _exit_on_signal(stop: StopRequest, step: int, path: Path | None, is_main: bo
         print(f"received {stop.name} at step {step}: checkpoint {path} saved; continue with --train.resume latest",
               file=sys.stderr, flush=True)
     distributed.teardown()
-    raise SystemExit(128 + int(stop.signum or 0))
+    raise Stopped(int(stop.signum or 0))
 
 
 def _check_resume_settings(state: dict[str, Any], cfg: Config, world_size: int, path: Path, is_main: bool) -> None:
