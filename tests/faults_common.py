@@ -1,7 +1,6 @@
 """Helpers of the fault tests (tests/test_faults_*.py): tiny training runs as real subprocesses, with timeouts."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -33,8 +32,9 @@ def one_error_line(proc: subprocess.CompletedProcess, command: str = "train") ->
 
 
 def history(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    from amorlip.history import read_history
+
+    return read_history(run_dir)
 
 
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, deadline_s: float = TIMEOUT) -> None:
@@ -42,10 +42,7 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, deadline_s: 
     t0 = time.monotonic()
     while time.monotonic() - t0 < deadline_s:
         assert proc.poll() is None, f"the run ended early (exit {proc.returncode})"
-        try:
-            steps = [row["step"] for row in history(run_dir)]
-        except json.JSONDecodeError:  # a line being written
-            steps = []
+        steps = [row["step"] for row in history(run_dir)]  # a line being written is left out
         if steps and max(steps) >= step:
             return
         time.sleep(0.05)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from amorlip.files import atomic_write_text
+from amorlip.history import read_history
 from amorlip.config import ConfigError, build_config, convert, default_config, parse_overrides
 from amorlip.resume import config_hash, flatten
 from amorlip.runlock import FolderLock, check_free
@@ -402,20 +403,6 @@ def finished_metrics(run: Run) -> dict[str, float] | None:
     if any(k in old and old[k] != new[k] for k in new if k in EVAL_KEYS or k.startswith("eval.")):
         return None
     return summary["metrics"]
-
-
-def read_history(run_dir: Path) -> list[dict[str, Any]]:
-    """A run's metrics.jsonl rows (as amorlip.train writes them; read here without importing the trainer)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut short by a kill
-    return rows
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -28,8 +28,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from amorlip import checkpoint as ckpt
-from amorlip import distributed, objectives, reclip
+from amorlip import distributed, history, objectives, reclip
 from amorlip import resume as resume_check
+from amorlip.history import read_history  # noqa: F401 - the run's history, re-exported
 from amorlip.progress import Progress
 from amorlip.runlock import RUN_IN_USE_FIX, FolderInUse, FolderLock
 from amorlip.signals import Stopped, StopRequest
@@ -71,7 +72,7 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, fresh: bool = False,
                  wandb: Config | None = None, device_type: str = "cpu") -> None:
         self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
+        self.path = history.metrics_path(run_dir)
         self.tb = None
         self.wandb = None
         if enabled and fresh:  # a new run never mixes its lines with a failed earlier run's
@@ -93,8 +94,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         clean = {k: (float(v) if isinstance(v, (int, float, torch.Tensor, np.floating)) else v) for k, v in values.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **clean}) + "\n")
+        history.append_row(self.path, {"step": step, **clean})  # a failed write: one error line, no torn line
         if self.tb is not None:
             for k, v in clean.items():
                 if isinstance(v, float):
@@ -108,18 +108,13 @@ class MetricsLogger:
             self.wandb.summary(values)
 
     def truncate_after(self, step: int, drop_eval_at_step: bool = False) -> None:
-        """On resume, drop lines logged after the checkpoint (they will be logged again); with
+        """On resume, drop lines logged after the checkpoint (they will be logged again) and a torn last line; with
         `drop_eval_at_step` also the evaluation at the checkpoint's step (a finished run evaluates again)."""
-        if not self.enabled or not self.path.exists():
+        if not self.enabled:
             return
-
-        def keep(row: dict[str, Any]) -> bool:
-            if row["step"] == step and drop_eval_at_step:
-                return not any(k.startswith("eval/") for k in row)
-            return row["step"] <= step
-
-        kept = [line for line in self.path.read_text().splitlines() if line.strip() and keep(json.loads(line))]
-        ckpt.atomic_write_text("".join(line + "\n" for line in kept), self.path)
+        torn = history.truncate_after(self.path.parent, step, drop_eval_at_step)
+        if torn is not None:
+            print(f"{self.path}: dropped a torn last line, left by an interrupted write ({torn[:40]!r}...)")
 
     def close(self) -> None:
         if self.tb is not None:
@@ -128,13 +123,6 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
-
-
-def read_history(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _to_float(v: Any) -> float:
