@@ -213,7 +213,8 @@ class Run:
     step: int = 0
     temp_thresh_hit: bool = False  # step_thresh (schedules.step_thresh_hit), from the temperature the last step left
     last_saved: int = -1  # the step of the newest checkpoint (-1: none yet)
-    last_good: Path | None = None  # the newest checkpoint known to hold finite weights
+    last_good: Path | None = None  # the newest checkpoint whose next step had a finite loss and gradient norm
+    unconfirmed: Path | None = None  # the newest checkpoint while its next step has not run yet (or was not finite)
     last_save_time: float = 0.0  # time.monotonic() of the newest checkpoint (train.checkpoint_minutes)
     last_eval: dict[str, float] = field(default_factory=dict)
     # set at the end of set-up, in this order: the model compiled / wrapped in DDP, the logger, the progress line
@@ -312,7 +313,7 @@ def _set_up(cfg: Config, stream: Any | None, held: contextlib.ExitStack) -> Run:
         diagnostic_sets = build_diagnostic_sets(cfg, stream)
 
     # initial weights (model.pretrained) only for a new run: a resumed one takes them from its checkpoint
-    resume_path = _resume_path(cfg, run_dir)
+    resume_path = _resume_path(cfg, run_dir, dist_info.is_main)
     model, train_transform, eval_transform, tokenizer = build_model(
         cfg.model, device=dist_info.device, load_pretrained_weights=resume_path is None, output_dict=True,
         **objective_cls.model_overrides
@@ -431,9 +432,10 @@ def _resume(run: Run) -> None:
             )
         return
     state = ckpt.load_checkpoint(path, map_location=run.device)
+    ckpt.check_finite(state, path)
     _check_resume_settings(state, run.cfg, run.dist.world_size, path, run.is_main)
     run.load_state_dict(state)
-    run.last_saved, run.last_good = run.step, path
+    run.last_saved, run.unconfirmed = run.step, path
 
 
 def _wrap(model: torch.nn.Module, cfg: Config, dist_info: distributed.DistInfo) -> torch.nn.Module:
@@ -542,13 +544,15 @@ def _train_step(run: Run, batch: dict[str, torch.Tensor], epoch: int) -> StepOut
     if not torch.isfinite(loss):
         raise FloatingPointError(
             f"loss is {loss.item()} at step {run.step}; lower --optim.lr or check the data; "
-            f"{_last_good_text(run.last_good)}"
+            f"{_last_good_text(run)}"
         )
     if cfg.optim.grad_clip > 0:
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip)
     else:
         grad_norm = torch.tensor(float("nan"))
+    if run.unconfirmed is not None and (cfg.optim.grad_clip <= 0 or bool(torch.isfinite(grad_norm))):
+        run.last_good, run.unconfirmed = run.unconfirmed, None  # its next step was finite: a checkpoint to name
     scaler.step(optimizer)
     scaler.update()
     clamp_logit_scale(run.model)
@@ -599,7 +603,7 @@ def _checkpoint_if_due(run: Run, stop: StopRequest) -> None:
         [stop.signum is not None,
          checkpoint_seconds > 0 and time.monotonic() - run.last_save_time >= checkpoint_seconds], run.device)
     if signalled:
-        path = _save(run) if run.last_saved != run.step else run.last_good
+        path = _save(run) if run.last_saved != run.step else (run.unconfirmed or run.last_good)
         _exit_on_signal(stop, run.step, path, run.is_main)
     if (cfg.train.checkpoint_every and run.step % cfg.train.checkpoint_every == 0 or time_due) \
             and run.step < run.total_steps:
@@ -638,12 +642,13 @@ def _save(run: Run) -> Path | None:
         raise FloatingPointError(
             f"the weights or optimizer state became non-finite by step {run.step} "
             f"({len(bad)} tensors{', e.g. ' + ', '.join(bad[:3]) if bad else ' on another process'}); "
-            f"not saved. Lower --optim.lr (or check the data); {_last_good_text(run.last_good)}"
+            f"not saved. Lower --optim.lr (or check the data); {_last_good_text(run)}"
         )
     path = None
     if run.is_main:
-        path = ckpt.save_checkpoint(run.run_dir, run.step, state, keep=run.cfg.train.keep_checkpoints)
-        run.last_good = path
+        path = ckpt.save_checkpoint(run.run_dir, run.step, state, keep=run.cfg.train.keep_checkpoints,
+                                    protect=run.last_good)  # kept until a newer one has proved itself
+        run.unconfirmed = path
     run.last_saved, run.last_save_time = run.step, time.monotonic()
     distributed.barrier()
     return path
@@ -673,8 +678,14 @@ def _finish(run: Run) -> RunResult:
     return result
 
 
-def _last_good_text(path: Path | None) -> str:
+def _last_good_text(run: Run) -> str:
+    """The checkpoint to continue from after a divergence: the newest whose next step was finite (the checkpoint
+    just before a non-finite step may hold finite weights that already give a NaN loss)."""
+    path = run.last_good
     if path is None:
+        if run.unconfirmed is not None:
+            return (f"no checkpoint whose next step was finite is left (the newest, {run.unconfirmed}, was followed "
+                    "by this one); start again")
         return "no checkpoint was saved before this (start again)"
     return (f"last good checkpoint: {path} (continue from it with --train.resume {path} and "
             f"--train.resume-allow-changes KEYS for the settings you change, e.g. optim.lr)")
@@ -743,17 +754,23 @@ def _merged_stats(stats: Any) -> dict[str, Any]:
     return {**counts, **{k: v for k, v in merged.extra.items()}, "summary": merged.describe()}
 
 
-def _resume_path(cfg: Config, run_dir: Path) -> Path | None:
-    """`--train.resume latest|auto|PATH` -> the checkpoint to load (None: start fresh)."""
+def _resume_path(cfg: Config, run_dir: Path, is_main: bool) -> Path | None:
+    """`--train.resume latest|auto|PATH` -> the checkpoint to load (None: start fresh). Only a whole file
+    (ckpt.verify_checkpoint): latest / auto / a run folder pass over a truncated or damaged newest checkpoint to
+    the one before it, with a line saying so; a damaged PATH is an error."""
     what = cfg.train.resume
     if not what:
         return None
-    if what in ("latest", "auto"):
-        found = ckpt.latest_checkpoint(run_dir)
-        if found is None and what == "latest":
-            raise ConfigError(f"--train.resume latest: no checkpoint in {ckpt.checkpoint_dir(run_dir)}")
+    say = print if is_main else (lambda text: None)
+    if what in ("latest", "auto") or Path(what).is_dir():
+        folder = run_dir if what in ("latest", "auto") else Path(what)
+        found = ckpt.latest_whole_checkpoint(folder, say)
+        if found is None and what != "auto":
+            raise ConfigError(f"--train.resume {what}: no checkpoint in {ckpt.checkpoint_dir(folder)}")
         return found
-    return ckpt.resolve_checkpoint(what)
+    path = ckpt.resolve_checkpoint(what)
+    ckpt.verify_checkpoint(path)
+    return path
 
 
 def save_final(run_dir: Path, cfg: Config) -> dict[str, str]:
