@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from amorlip import checkpoint as ckpt
+from amorlip.history import read_history
 
 MICRO = ["--model.name", "micro-vit", "--data.synthetic-size", "256", "--train.batch-size", "16",
          "--optim.warmup-steps", "2", "--train.threads", "1", "--eval.zeroshot", "false", "--eval.retrieval", "false",
@@ -73,12 +74,10 @@ def popen(out: Path, *args: str) -> subprocess.Popen:
 
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen) -> bool:
     t0 = time.monotonic()
-    path = run_dir / "metrics.jsonl"
     while time.monotonic() - t0 < LIMIT_S and proc.poll() is None:
-        if path.exists():
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            if rows and max(r["step"] for r in rows) >= step:
-                return True
+        rows = read_history(run_dir)  # a line being written is left out
+        if rows and max(r["step"] for r in rows) >= step:
+            return True
         time.sleep(0.01)
     return False
 

@@ -4,6 +4,7 @@ import os
 import sys
 import threading
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -32,3 +33,24 @@ def pytest_unconfigure(config):
     if hasattr(config, "workerinput"):  # a pytest-xdist worker lives on until the controller ends the session
         return
     faulthandler.dump_traceback_later(EXIT_GRACE_S, exit=True, file=sys.__stderr__)
+
+
+def pytest_configure(config):
+    if not config.pluginmanager.hasplugin("timeout"):
+        config.addinivalue_line("markers", "timeout(seconds): fail a test that runs longer (pytest-timeout, or "
+                                           "the fallback below)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """Without pytest-timeout, `@pytest.mark.timeout(S)` still ends a hung test: after S seconds every thread's
+    stack is printed and the session exits 1."""
+    marker = item.get_closest_marker("timeout")
+    if marker is None or item.config.pluginmanager.hasplugin("timeout"):
+        yield
+        return
+    faulthandler.dump_traceback_later(float(marker.args[0]), exit=True, file=sys.__stderr__)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()

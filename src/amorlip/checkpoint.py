@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,19 @@ def non_finite_tensors(state: Any, prefix: str = "") -> list[str]:
     return bad
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """`optimizer.load_state_dict(state)`, keeping the settings the optimizer was built with.
+
+    torch restores each saved group's settings (lr, weight decay, betas, eps, ...) along with the moments, and
+    the lr schedules scale a group's saved `base_lr`: a change accepted on resume (`--train.resume-allow-changes
+    optim.lr`) would be recorded but not applied. The checkpoint gives the moments and step counts; the run's
+    settings give every group's hyperparameters (the same values when nothing changed)."""
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
+
+
 def rng_state() -> dict[str, Any]:
     """This process's RNG states: CPU torch, numpy, Python and, when CUDA is in use, its current device's
     (only that one: asking for every visible GPU's state would open a context on each from every rank)."""
@@ -74,16 +88,64 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write `step_XXXXXXXX.pt` atomically, then point `latest.txt` at it, then prune old ones."""
+def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int = 2,
+                    protect: Path | None = None) -> Path:
+    """Write `step_XXXXXXXX.pt` atomically, then point `latest.txt` at it, then prune old ones (all but the newest
+    `keep`, and never `protect`: the newest checkpoint known to be good, see amorlip.train)."""
     ckdir = checkpoint_dir(run_dir)
     path = ckdir / f"step_{step:08d}.pt"
     atomic_save(state, path)
     atomic_write_text(path.name + "\n", ckdir / LATEST)
     if keep > 0:
         for old in sorted(ckdir.glob("step_*.pt"))[:-keep]:
-            old.unlink(missing_ok=True)
+            if protect is None or old != Path(protect):
+                old.unlink(missing_ok=True)
     return path
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise CheckpointError unless `path` is a whole checkpoint. torch.save writes a zip archive with a CRC-32 of
+    every member, which torch.load does not check: a truncated file or a bit flipped on disk would load (or fail
+    deep inside unpickling). zipfile's testzip reads every member and checks its CRC."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is truncated or damaged ({e})") from None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged: {bad} does not match its CRC-32 (a changed byte)")
+
+
+def check_finite(state: dict[str, Any], path: Path) -> None:
+    """Raise CheckpointError when a checkpoint's weights, optimizer or objective state hold NaN or inf."""
+    bad = non_finite_tensors({k: state[k] for k in ("model", "optimizer", "objective") if k in state})
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {path} holds non-finite values ({len(bad)} tensors, e.g. {', '.join(bad[:3])}); resume "
+            f"from an earlier one in {Path(path).parent} with --train.resume PATH")
+
+
+def checkpoints_newest_first(run_dir: Path) -> list[Path]:
+    """The run's checkpoints, the one `latest.txt` names first, then the step files from the newest."""
+    first = latest_checkpoint(run_dir)
+    files = sorted(checkpoint_dir(run_dir).glob("step_*.pt"), reverse=True)
+    return ([first] if first is not None else []) + [f for f in files if f != first]
+
+
+def latest_whole_checkpoint(run_dir: Path, say: Any = print) -> Path | None:
+    """The newest checkpoint that `verify_checkpoint` accepts; each damaged newer one is passed over with a line
+    (`say`). CheckpointError when every one is damaged."""
+    candidates = checkpoints_newest_first(run_dir)
+    for path in candidates:
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as e:
+            say(f"warning: {e}; trying the one before it")
+    if candidates:
+        raise CheckpointError(f"no readable checkpoint in {checkpoint_dir(run_dir)} (each is damaged); start a new "
+                              "run with --train.name NEW_NAME")
+    return None
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

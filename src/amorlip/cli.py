@@ -86,6 +86,10 @@ def cmd_train(words: list[str]) -> int:
     if own["print_config"]:
         print(describe(cfg), end="")
         return 0
+    if os.environ.get("RANK", "0") == "0":  # a run folder in use is refused now, before torch is imported
+        from amorlip.runlock import RUN_IN_USE_FIX, check_free
+
+        check_free(cfg.run_dir, "run folder", RUN_IN_USE_FIX)
     from amorlip.model_catalog import skip_unused_imports
 
     skip_unused_imports(cfg.model.name)  # a lean start: open_clip would import transformers and timm unasked
@@ -321,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as e:  # the loss diverged: the message says what to change
         print(f"amorlip {command}: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted; resume with --train.resume latest", file=sys.stderr)
+    except KeyboardInterrupt:  # outside a training (which saves on Ctrl-C, amorlip.signals): nothing more to save
+        print(f"amorlip {command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (`amorlip models | head -1`): stop quietly, as `cat` does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes

@@ -32,8 +32,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from amorlip.files import atomic_write_text
+from amorlip.history import read_history
 from amorlip.config import ConfigError, build_config, convert, default_config, parse_overrides
 from amorlip.resume import config_hash, flatten
+from amorlip.runlock import FolderLock, check_free
+from amorlip.signals import Stopped
 from amorlip.stats import Interval, mean_interval, paired_difference, verdict
 
 
@@ -401,20 +404,6 @@ def finished_metrics(run: Run) -> dict[str, float] | None:
     if any(k in old and old[k] != new[k] for k in new if k in EVAL_KEYS or k.startswith("eval.")):
         return None
     return summary["metrics"]
-
-
-def read_history(run_dir: Path) -> list[dict[str, Any]]:
-    """A run's metrics.jsonl rows (as amorlip.train writes them; read here without importing the trainer)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut short by a kill
-    return rows
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -900,9 +889,23 @@ def _train_parallel(plan: Plan, todo: list[Run]) -> dict[str, str]:
     return {run.name: f"{o.describe_exit()}: {o.error_line}" for run, o in zip(todo, outcomes) if not o.ok}
 
 
-def run_compare(args: argparse.Namespace, extra: list[str]) -> int:
-    plan = compare_plan(args, parse_overrides(extra))  # bad input stops here, before torch is imported
+COMPARE_IN_USE_FIX = "wait for it to end, or stop it (Ctrl-C or kill -TERM PID saves its runs), or pass another --out"
 
+
+def run_compare(args: argparse.Namespace, extra: list[str]) -> int:
+    """The runs of the plan (skipping finished ones), then tables and plots. The --out folder is locked for the
+    command's life and every run folder must be free (amorlip.runlock), so two compares never mix their runs;
+    --tables-only trains nothing and locks nothing."""
+    plan = compare_plan(args, parse_overrides(extra))  # bad input stops here, before torch is imported
+    if getattr(args, "tables_only", False):
+        return _compare(args, plan)
+    with FolderLock(plan.out, "compare folder", COMPARE_IN_USE_FIX):
+        for run in plan.runs:
+            check_free(run.run_dir, f"the run folder of {run.label},", COMPARE_IN_USE_FIX)
+        return _compare(args, plan)
+
+
+def _compare(args: argparse.Namespace, plan: Plan) -> int:
     from amorlip.checkpoint import latest_checkpoint
     from amorlip.jobs import JobsStopped
 
@@ -928,7 +931,7 @@ def run_compare(args: argparse.Namespace, extra: list[str]) -> int:
             failures = _train_parallel(plan, todo)
         else:
             failures = _train_sequential(plan, todo)
-    except (JobsStopped, KeyboardInterrupt) as e:
+    except (JobsStopped, Stopped, KeyboardInterrupt) as e:  # Stopped: a run trained here saved and stopped
         signum = getattr(e, "signum", 2)
         print("stopped: rerun the same command to continue (finished runs are skipped, stopped ones resume from "
               "their last checkpoint)", file=sys.stderr)

@@ -299,6 +299,12 @@ class Config:
     def section(self, name: str) -> Any:
         return self.sections[name]
 
+    @property
+    def run_dir(self) -> Path:
+        """The run's folder: train.output_dir / (train.name, or objective-model-bBATCH-sSEED)."""
+        t = self.train
+        return Path(t.output_dir) / (t.name or f"{self.objective}-{self.model.name}-b{t.batch_size}-s{t.seed}")
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"objective": self.objective}
         for name in CORE_SECTIONS:

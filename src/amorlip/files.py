@@ -27,7 +27,7 @@ def _publish(tmp: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _write_error(path: Path, e: BaseException) -> CheckpointError:
+def write_error(path: Path, e: BaseException) -> CheckpointError:
     """A write failure as one clear message. torch.save reports the OSError of a full disk or an exceeded file
     size limit as a RuntimeError of its zip writer ('unexpected pos ...', 'file write failed')."""
     free = ""
@@ -65,7 +65,7 @@ def atomic_write(path: Path, write: Callable[[IO[Any]], None], binary: bool = Fa
         if os.path.exists(tmp):
             os.unlink(tmp)
         if isinstance(e, OSError) or is_write_failure(e):
-            raise _write_error(path, e) from e
+            raise write_error(path, e) from e
         raise
 
 

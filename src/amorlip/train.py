@@ -13,6 +13,7 @@ temperature scheme, and back-propagates. Runs unchanged under torchrun (gloo on 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -27,10 +28,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from amorlip import checkpoint as ckpt
-from amorlip import distributed, objectives, reclip
+from amorlip import distributed, history, objectives, reclip
 from amorlip import resume as resume_check
+from amorlip.history import read_history  # noqa: F401 - the run's history, re-exported
 from amorlip.progress import Progress
-from amorlip.signals import StopRequest
+from amorlip.runlock import RUN_IN_USE_FIX, FolderInUse, FolderLock
+from amorlip.signals import Stopped, StopRequest
 from amorlip.step import forward_backward, has_batch_norm
 from amorlip.config import Config, ConfigError, describe
 from amorlip.models import build_model, clamp_logit_scale, describe_precision, model_config, param_groups, unwrap
@@ -54,7 +57,7 @@ def seed_everything(seed: int) -> None:
 
 
 def run_name(cfg: Config) -> str:
-    return cfg.train.name or f"{cfg.objective}-{cfg.model.name}-b{cfg.train.batch_size}-s{cfg.train.seed}"
+    return cfg.run_dir.name
 
 
 def autocast_context(cfg: Config, device: torch.device):
@@ -69,7 +72,7 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, fresh: bool = False,
                  wandb: Config | None = None, device_type: str = "cpu") -> None:
         self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
+        self.path = history.metrics_path(run_dir)
         self.tb = None
         self.wandb = None
         if enabled and fresh:  # a new run never mixes its lines with a failed earlier run's
@@ -91,8 +94,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         clean = {k: (float(v) if isinstance(v, (int, float, torch.Tensor, np.floating)) else v) for k, v in values.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **clean}) + "\n")
+        history.append_row(self.path, {"step": step, **clean})  # a failed write: one error line, no torn line
         if self.tb is not None:
             for k, v in clean.items():
                 if isinstance(v, float):
@@ -106,18 +108,13 @@ class MetricsLogger:
             self.wandb.summary(values)
 
     def truncate_after(self, step: int, drop_eval_at_step: bool = False) -> None:
-        """On resume, drop lines logged after the checkpoint (they will be logged again); with
+        """On resume, drop lines logged after the checkpoint (they will be logged again) and a torn last line; with
         `drop_eval_at_step` also the evaluation at the checkpoint's step (a finished run evaluates again)."""
-        if not self.enabled or not self.path.exists():
+        if not self.enabled:
             return
-
-        def keep(row: dict[str, Any]) -> bool:
-            if row["step"] == step and drop_eval_at_step:
-                return not any(k.startswith("eval/") for k in row)
-            return row["step"] <= step
-
-        kept = [line for line in self.path.read_text().splitlines() if line.strip() and keep(json.loads(line))]
-        ckpt.atomic_write_text("".join(line + "\n" for line in kept), self.path)
+        torn = history.truncate_after(self.path.parent, step, drop_eval_at_step)
+        if torn is not None:
+            print(f"{self.path}: dropped a torn last line, left by an interrupted write ({torn[:40]!r}...)")
 
     def close(self) -> None:
         if self.tb is not None:
@@ -126,13 +123,6 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
-
-
-def read_history(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _to_float(v: Any) -> float:
@@ -186,11 +176,11 @@ def train(cfg: Config, stream: Any | None = None) -> RunResult:
     """Train according to `cfg`; returns the run folder, final step and final metrics.
 
     `stream` (a `TrainStream` for this rank) replaces the one built from `cfg.data`: `amorlip bench` passes
-    pre-made batches to time the real training step. SIGTERM / SIGUSR1 during the run save a checkpoint and
-    exit 128 + signal (amorlip.signals).
+    pre-made batches to time the real training step. SIGTERM / SIGUSR1 / SIGINT (Ctrl-C) during the run save a
+    checkpoint and exit 128 + signal (amorlip.signals.Stopped).
     """
-    with StopRequest() as stop:
-        run = _set_up(cfg, stream)
+    with StopRequest() as stop, contextlib.ExitStack() as held:  # held: the run folder's lock, until the end
+        run = _set_up(cfg, stream, held)
         _loop(run, stop)
         return _finish(run)
 
@@ -223,7 +213,8 @@ class Run:
     step: int = 0
     temp_thresh_hit: bool = False  # step_thresh (schedules.step_thresh_hit), from the temperature the last step left
     last_saved: int = -1  # the step of the newest checkpoint (-1: none yet)
-    last_good: Path | None = None  # the newest checkpoint known to hold finite weights
+    last_good: Path | None = None  # the newest checkpoint whose next step had a finite loss and gradient norm
+    unconfirmed: Path | None = None  # the newest checkpoint while its next step has not run yet (or was not finite)
     last_save_time: float = 0.0  # time.monotonic() of the newest checkpoint (train.checkpoint_minutes)
     last_eval: dict[str, float] = field(default_factory=dict)
     # set at the end of set-up, in this order: the model compiled / wrapped in DDP, the logger, the progress line
@@ -265,7 +256,7 @@ class Run:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint made by `state_dict` (its settings already checked)."""
         reclip.load_model_state(self.model, state["model"], self.optimizer)  # at the resolution it was saved at
-        self.optimizer.load_state_dict(state["optimizer"])
+        ckpt.load_optimizer_state(self.optimizer, state["optimizer"])  # this run's lr, wd, betas, eps
         self.scaler.load_state_dict(state["scaler"])
         self.objective.load_state_dict(state["objective"])
         rng = state["rng"]
@@ -292,9 +283,12 @@ class StepOutput:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _set_up(cfg: Config, stream: Any | None) -> Run:
-    """Checks, data, model, objective, RECLIP phases, optimizer, resume, logger and progress line."""
+def _set_up(cfg: Config, stream: Any | None, held: contextlib.ExitStack) -> Run:
+    """The run folder's lock (released by `held`), checks, data, model, objective, RECLIP phases, optimizer,
+    resume, logger and progress line."""
     dist_info = _init_process(cfg)
+    run_dir = cfg.run_dir
+    held.callback(_lock_run_dir(run_dir, dist_info).release)
     _check_batch_split(cfg, dist_info.world_size)
     seed_everything(cfg.train.seed)
 
@@ -319,8 +313,7 @@ def _set_up(cfg: Config, stream: Any | None) -> Run:
         diagnostic_sets = build_diagnostic_sets(cfg, stream)
 
     # initial weights (model.pretrained) only for a new run: a resumed one takes them from its checkpoint
-    run_dir = Path(cfg.train.output_dir) / run_name(cfg)
-    resume_path = _resume_path(cfg, run_dir)
+    resume_path = _resume_path(cfg, run_dir, dist_info.is_main)
     model, train_transform, eval_transform, tokenizer = build_model(
         cfg.model, device=dist_info.device, load_pretrained_weights=resume_path is None, output_dict=True,
         **objective_cls.model_overrides
@@ -367,6 +360,24 @@ def _init_process(cfg: Config) -> distributed.DistInfo:
         torch.backends.cudnn.allow_tf32 = cfg.train.tf32
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     return dist_info
+
+
+def _lock_run_dir(run_dir: Path, dist_info: distributed.DistInfo) -> FolderLock:
+    """Collective. The main rank locks the run folder (amorlip.runlock) before any work; when another process holds
+    it, every rank stops: the main rank with the error naming that process, the others quietly (exit 2)."""
+    lock = FolderLock(run_dir, "run folder", RUN_IN_USE_FIX)
+    error = None
+    if dist_info.is_main:
+        try:
+            lock.acquire()
+        except FolderInUse as e:
+            error = str(e)
+    error = distributed.gather_objects(error)[0]
+    if error is not None:
+        if dist_info.is_main:
+            raise FolderInUse(error)
+        raise SystemExit(2)
+    return lock
 
 
 def _check_batch_split(cfg: Config, world_size: int) -> None:
@@ -421,9 +432,10 @@ def _resume(run: Run) -> None:
             )
         return
     state = ckpt.load_checkpoint(path, map_location=run.device)
+    ckpt.check_finite(state, path)
     _check_resume_settings(state, run.cfg, run.dist.world_size, path, run.is_main)
     run.load_state_dict(state)
-    run.last_saved, run.last_good = run.step, path
+    run.last_saved, run.unconfirmed = run.step, path
 
 
 def _wrap(model: torch.nn.Module, cfg: Config, dist_info: distributed.DistInfo) -> torch.nn.Module:
@@ -532,13 +544,15 @@ def _train_step(run: Run, batch: dict[str, torch.Tensor], epoch: int) -> StepOut
     if not torch.isfinite(loss):
         raise FloatingPointError(
             f"loss is {loss.item()} at step {run.step}; lower --optim.lr or check the data; "
-            f"{_last_good_text(run.last_good)}"
+            f"{_last_good_text(run)}"
         )
     if cfg.optim.grad_clip > 0:
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip)
     else:
         grad_norm = torch.tensor(float("nan"))
+    if run.unconfirmed is not None and (cfg.optim.grad_clip <= 0 or bool(torch.isfinite(grad_norm))):
+        run.last_good, run.unconfirmed = run.unconfirmed, None  # its next step was finite: a checkpoint to name
     scaler.step(optimizer)
     scaler.update()
     clamp_logit_scale(run.model)
@@ -592,7 +606,7 @@ def _checkpoint_if_due(run: Run, stop: StopRequest) -> None:
         [stop.signum is not None,
          checkpoint_seconds > 0 and time.monotonic() - run.last_save_time >= checkpoint_seconds], run.device)
     if signalled:
-        path = _save(run) if run.last_saved != run.step else run.last_good
+        path = _save(run) if run.last_saved != run.step else (run.unconfirmed or run.last_good)
         _exit_on_signal(stop, run.step, path, run.is_main)
     if (cfg.train.checkpoint_every and run.step % cfg.train.checkpoint_every == 0 or time_due) \
             and run.step < run.total_steps:
@@ -631,12 +645,13 @@ def _save(run: Run) -> Path | None:
         raise FloatingPointError(
             f"the weights or optimizer state became non-finite by step {run.step} "
             f"({len(bad)} tensors{', e.g. ' + ', '.join(bad[:3]) if bad else ' on another process'}); "
-            f"not saved. Lower --optim.lr (or check the data); {_last_good_text(run.last_good)}"
+            f"not saved. Lower --optim.lr (or check the data); {_last_good_text(run)}"
         )
     path = None
     if run.is_main:
-        path = ckpt.save_checkpoint(run.run_dir, run.step, state, keep=run.cfg.train.keep_checkpoints)
-        run.last_good = path
+        path = ckpt.save_checkpoint(run.run_dir, run.step, state, keep=run.cfg.train.keep_checkpoints,
+                                    protect=run.last_good)  # kept until a newer one has proved itself
+        run.unconfirmed = path
     run.last_saved, run.last_save_time = run.step, time.monotonic()
     distributed.barrier()
     return path
@@ -666,8 +681,14 @@ def _finish(run: Run) -> RunResult:
     return result
 
 
-def _last_good_text(path: Path | None) -> str:
+def _last_good_text(run: Run) -> str:
+    """The checkpoint to continue from after a divergence: the newest whose next step was finite (the checkpoint
+    just before a non-finite step may hold finite weights that already give a NaN loss)."""
+    path = run.last_good
     if path is None:
+        if run.unconfirmed is not None:
+            return (f"no checkpoint whose next step was finite is left (the newest, {run.unconfirmed}, was followed "
+                    "by this one); start again")
         return "no checkpoint was saved before this (start again)"
     return (f"last good checkpoint: {path} (continue from it with --train.resume {path} and "
             f"--train.resume-allow-changes KEYS for the settings you change, e.g. optim.lr)")
@@ -679,7 +700,7 @@ def _exit_on_signal(stop: StopRequest, step: int, path: Path | None, is_main: bo
         print(f"received {stop.name} at step {step}: checkpoint {path} saved; continue with --train.resume latest",
               file=sys.stderr, flush=True)
     distributed.teardown()
-    raise SystemExit(128 + int(stop.signum or 0))
+    raise Stopped(int(stop.signum or 0))
 
 
 def _check_resume_settings(state: dict[str, Any], cfg: Config, world_size: int, path: Path, is_main: bool) -> None:
@@ -736,17 +757,23 @@ def _merged_stats(stats: Any) -> dict[str, Any]:
     return {**counts, **{k: v for k, v in merged.extra.items()}, "summary": merged.describe()}
 
 
-def _resume_path(cfg: Config, run_dir: Path) -> Path | None:
-    """`--train.resume latest|auto|PATH` -> the checkpoint to load (None: start fresh)."""
+def _resume_path(cfg: Config, run_dir: Path, is_main: bool) -> Path | None:
+    """`--train.resume latest|auto|PATH` -> the checkpoint to load (None: start fresh). Only a whole file
+    (ckpt.verify_checkpoint): latest / auto / a run folder pass over a truncated or damaged newest checkpoint to
+    the one before it, with a line saying so; a damaged PATH is an error."""
     what = cfg.train.resume
     if not what:
         return None
-    if what in ("latest", "auto"):
-        found = ckpt.latest_checkpoint(run_dir)
-        if found is None and what == "latest":
-            raise ConfigError(f"--train.resume latest: no checkpoint in {ckpt.checkpoint_dir(run_dir)}")
+    say = print if is_main else (lambda text: None)
+    if what in ("latest", "auto") or Path(what).is_dir():
+        folder = run_dir if what in ("latest", "auto") else Path(what)
+        found = ckpt.latest_whole_checkpoint(folder, say)
+        if found is None and what != "auto":
+            raise ConfigError(f"--train.resume {what}: no checkpoint in {ckpt.checkpoint_dir(folder)}")
         return found
-    return ckpt.resolve_checkpoint(what)
+    path = ckpt.resolve_checkpoint(what)
+    ckpt.verify_checkpoint(path)
+    return path
 
 
 def save_final(run_dir: Path, cfg: Config) -> dict[str, str]:

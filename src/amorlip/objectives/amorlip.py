@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from amorlip import distributed
+from amorlip.checkpoint import load_optimizer_state
 from amorlip.objectives import tiled
 from amorlip.objectives.base import Objective, ObjectiveContext, ObjectiveOutput
 from amorlip.objectives.options import (  # noqa: F401 - re-exported
@@ -516,7 +517,8 @@ class AmorLIPObjective(Objective):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict) or state.get("version") != 1:
             raise ValueError("this checkpoint's AmorLIP state is not in a format this version can read (version 1)")
-        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        # the moments from the checkpoint, amor.lr from this run's settings (a change accepted on resume applies)
+        load_optimizer_state(self.optimizer, copy.deepcopy(state["optimizer"]))
         self._seed = int(state["seed"])
         self._started_epoch = state["started_epoch"]
         self._epoch_start_step = state["epoch_start_step"]
