@@ -37,7 +37,7 @@ def test_ctrl_c_saves_and_the_advice_works(tmp_path):
     assert f"received SIGINT at step {saved}: checkpoint" in err and "continue with --train.resume latest" in err
     resumed = run(tmp_path, *common, "--train.resume", "latest", "--train.stop-at", str(saved + 2))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resumed from" in resumed.stdout
+    assert "resumed from" in resumed.stdout
     assert ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "c"))["step"] == saved + 2
 
 

@@ -54,7 +54,7 @@ def atomic_write(path: Path, write: Callable[[IO[Any]], None], binary: bool = Fa
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     except OSError as e:
-        raise _write_error(path, e) from e
+        raise write_error(path, e) from e
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
