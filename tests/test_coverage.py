@@ -94,3 +94,49 @@ def test_epochs_alone_sets_the_number_of_steps(tmp_path):
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert [r["epoch"] for r in rows] == [0, 0, 0, 1, 1, 1]
     assert final_state(tmp_path / "ep")["step"] == 6
+
+
+# --- 3: gradient clipping's effect on the first update ------------------------------------------------------
+
+
+def first_update(tmp_path: Path, monkeypatch, name: str, clip: str) -> tuple[list[torch.Tensor], float, dict]:
+    """One step (lr at its peak from step 0, no weight decay): every parameter's change, the lr, the log row."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    real = torch.optim.AdamW.step
+
+    def recording(self, *a, **k):
+        params = [p for g in self.param_groups for p in g["params"]]
+        before = [p.detach().clone() for p in params]
+        result = real(self, *a, **k)
+        seen["delta"] = [p.detach() - b for p, b in zip(params, before)]
+        seen["lr"] = [g["lr"] for g in self.param_groups]
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    assert run_cli(tmp_path, "--train.steps", "1", "--optim.warmup-steps", "0", "--optim.weight-decay", "0",
+                   "--optim.lr", "1e-3", "--optim.grad-clip", clip, "--train.name", name) == 0
+    monkeypatch.setattr(torch.optim.AdamW, "step", real)
+    assert set(seen["lr"]) == {1e-3}
+    return seen["delta"], 1e-3, rows_of(tmp_path / name)[0]
+
+
+def test_grad_clip_bounds_the_first_update_and_logs_the_norm_before_clipping(tmp_path, monkeypatch):
+    """AdamW's first step moves each parameter by lr * g / (|g| + eps) (bias-corrected moments g and g^2, eps
+    1e-6). Unclipped, |g| >> eps for most entries, so they move by about lr. Clipped to a norm of 1e-6 every
+    |g_i| < 1e-6 = eps, so no entry moves by lr / 2 or more and the whole update's norm lies between lr / 2 and lr.
+    The logged grad_norm is the norm before clipping: the same for every threshold (nan with clipping off)."""
+    free, lr, row_free = first_update(tmp_path, monkeypatch, "free", "0")
+    huge, _, row_huge = first_update(tmp_path, monkeypatch, "huge", "1e9")
+    tiny, _, row_tiny = first_update(tmp_path, monkeypatch, "tiny", "1e-6")
+    eps = 1e-6
+    assert math.isnan(row_free["grad_norm"])
+    assert row_tiny["grad_norm"] == row_huge["grad_norm"] > 1e3 * eps  # not the clipped norm (<= 1e-6)
+    # a threshold above the norm changes nothing: the same update as no clipping, bit for bit
+    assert all(torch.equal(a, b) for a, b in zip(free, huge))
+    flat_free, flat_tiny = torch.cat([d.flatten() for d in free]), torch.cat([d.flatten() for d in tiny])
+    assert not torch.equal(flat_free, flat_tiny)
+    assert flat_free.abs().max() > 0.99 * lr
+    assert flat_free.norm() > 100 * lr  # about lr * sqrt(number of entries with a gradient)
+    assert flat_tiny.abs().max() < lr / 2
+    # |g_i| <= eps, so lr |g_i| / (2 eps) <= |step_i| <= lr |g_i| / eps: the norm lies in [lr / 2, lr]
+    assert 0.5 * lr * (1 - 1e-5) <= flat_tiny.norm() <= lr * (1 + 1e-5)
