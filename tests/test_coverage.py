@@ -120,6 +120,7 @@ def first_update(tmp_path: Path, monkeypatch, name: str, clip: str) -> tuple[lis
     return seen["delta"], 1e-3, rows_of(tmp_path / name)[0]
 
 
+@pytest.mark.slow
 def test_grad_clip_bounds_the_first_update_and_logs_the_norm_before_clipping(tmp_path, monkeypatch):
     """AdamW's first step moves each parameter by lr * g / (|g| + eps) (bias-corrected moments g and g^2, eps
     1e-6). Unclipped, |g| >> eps for most entries, so they move by about lr. Clipped to a norm of 1e-6 every
@@ -140,3 +141,31 @@ def test_grad_clip_bounds_the_first_update_and_logs_the_norm_before_clipping(tmp
     assert flat_tiny.abs().max() < lr / 2
     # |g_i| <= eps, so lr |g_i| / (2 eps) <= |step_i| <= lr |g_i| / eps: the norm lies in [lr / 2, lr]
     assert 0.5 * lr * (1 - 1e-5) <= flat_tiny.norm() <= lr * (1 + 1e-5)
+
+
+# --- 4: resume-neutral settings, and a structural one -------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_resume_accepts_memory_and_loader_knobs_and_refuses_another_model(tmp_path, capsys):
+    """train.accum_steps, optim.fused and (map-style data) data.workers are resume-neutral (amorlip.resume's
+    NEUTRAL_KEYS, and data.workers for sources other than wds): a resume changing all three needs no
+    --train.resume-allow-changes and reports no accepted change. Another model.name is refused, one line, exit 2,
+    even with --train.resume-allow-changes all; the run folder is left as it was."""
+    common = ["--train.steps", "4", "--data.synthetic-size", "64", "--train.name", "r"]
+    assert run_cli(tmp_path, *common, "--train.stop-at", "2") == 0
+    capsys.readouterr()
+    assert run_cli(tmp_path, *common, "--train.resume", "latest", "--train.stop-at", "3", "--train.accum-steps", "2",
+                   "--optim.fused", "false", "--data.workers", "1") == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "at step 2" in out and "changed settings" not in out
+    assert final_state(tmp_path / "r")["step"] == 3
+    log = (tmp_path / "r" / "metrics.jsonl").read_text()
+    for allow in ([], ["--train.resume-allow-changes", "all"]):
+        assert run_cli(tmp_path, *common, "--train.resume", "latest", "--model.name", "tiny-vit", *allow) == 2
+        err = capsys.readouterr().err
+        lines = error_lines(err)
+        assert len(lines) == 1 and "Traceback" not in err, err
+        assert "model.name 'micro-vit' -> 'tiny-vit'" in lines[0] and "--train.name NEW_NAME" in lines[0]
+        assert final_state(tmp_path / "r")["step"] == 3
+        assert (tmp_path / "r" / "metrics.jsonl").read_text() == log
