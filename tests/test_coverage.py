@@ -169,3 +169,31 @@ def test_resume_accepts_memory_and_loader_knobs_and_refuses_another_model(tmp_pa
         assert "model.name 'micro-vit' -> 'tiny-vit'" in lines[0] and "--train.name NEW_NAME" in lines[0]
         assert final_state(tmp_path / "r")["step"] == 3
         assert (tmp_path / "r" / "metrics.jsonl").read_text() == log
+
+
+# --- 5: webdataset shards read through a pipe: url ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_pipe_shards_train_like_the_same_local_shards(tmp_path, capsys):
+    """`pipe:cat DIR/shard-{00000..00001}.tar`: a pipe url has no sizes.json to read, so without
+    --data.dataset-size the run is refused before any step (one line naming the option); with it, the run
+    trains on the bytes `cat` gives, the very samples of the local shards: the same losses step by step."""
+    shards = tmp_path / "shards"
+    assert main(["data", "wds", "--out", str(shards), "--n", "64", "--shard-size", "32"]) == 0
+    assert sorted(p.name for p in shards.glob("shard-*.tar")) == ["shard-00000.tar", "shard-00001.tar"]
+    pipe = f"pipe:cat {shards}/shard-{{00000..00001}}.tar"
+    wds = ["--data.source", "wds", "--train.steps", "3"]
+    capsys.readouterr()
+    assert run_cli(tmp_path, *wds, "--data.train-path", pipe, "--train.name", "nosize") == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "--data.dataset-size" in lines[0], lines
+    assert not (tmp_path / "nosize" / "checkpoints").exists()
+    assert run_cli(tmp_path, *wds, "--data.train-path", pipe, "--data.dataset-size", "64", "--train.name", "pipe") == 0
+    assert run_cli(tmp_path, *wds, "--data.train-path", f"{shards}/shard-{{00000..00001}}.tar",
+                   "--train.name", "local") == 0
+    summary = json.loads((tmp_path / "pipe" / "summary.json").read_text())
+    assert summary["steps"] == 3
+    pipe_rows, local_rows = rows_of(tmp_path / "pipe"), rows_of(tmp_path / "local")
+    assert [r["step"] for r in pipe_rows] == [1, 2, 3]
+    assert [r["loss"] for r in pipe_rows] == [r["loss"] for r in local_rows]
