@@ -197,3 +197,34 @@ def test_pipe_shards_train_like_the_same_local_shards(tmp_path, capsys):
     pipe_rows, local_rows = rows_of(tmp_path / "pipe"), rows_of(tmp_path / "local")
     assert [r["step"] for r in pipe_rows] == [1, 2, 3]
     assert [r["loss"] for r in pipe_rows] == [r["loss"] for r in local_rows]
+
+
+# --- 6: SigLIP's initial bias survives into an export -------------------------------------------------------
+
+
+def test_siglip_export_carries_its_initial_bias(tmp_path, monkeypatch):
+    """SigLIP starts from t' = log 10 and b = -10 (Zhai et al. 2023); open_clip builds micro-vit's own config
+    without any bias. After one step at lr 5e-4 (warm-up step 1 of 2 at 1e-3) AdamW has moved each by at most
+    about 5e-4, so the model `--train.export-final` writes, loaded by open_clip alone, has b within 1e-3 of -10:
+    its JSON config asks for the bias (without it open_clip would refuse the state dict's logit_bias)."""
+    import open_clip
+    import open_clip.factory
+
+    from amorlip.models import MODEL_CONFIG_DIR
+
+    # open_clip's registry is process-wide: the exported config must not outlive this test
+    monkeypatch.setattr(open_clip.factory, "_MODEL_CONFIGS", dict(open_clip.factory._MODEL_CONFIGS))
+    monkeypatch.setattr(open_clip.factory, "_MODEL_CONFIG_PATHS", list(open_clip.factory._MODEL_CONFIG_PATHS))
+    own = json.loads((Path(MODEL_CONFIG_DIR) / "micro-vit.json").read_text())
+    assert "init_logit_bias" not in own and open_clip.CLIP(**own).logit_bias is None
+    assert run_cli(tmp_path, "--objective", "siglip", "--train.steps", "1", "--train.export-final", "true",
+                   "--train.name", "sig") == 0
+    export = tmp_path / "sig" / "export"
+    pt, js = export / "micro-vit.pt", export / "micro-vit.json"
+    assert json.loads((tmp_path / "sig" / "summary.json").read_text())["export"] == str(pt)
+    assert json.loads(js.read_text())["init_logit_bias"] == pytest.approx(-10.0, abs=1e-3)
+    open_clip.add_model_config(js)
+    model = open_clip.create_model("micro-vit", pretrained=str(pt))
+    assert model.logit_bias is not None
+    assert float(model.logit_bias.detach().reshape(())) == pytest.approx(-10.0, abs=1e-3)
+    assert float(model.logit_scale.detach()) == pytest.approx(math.log(10.0), abs=1e-3)
