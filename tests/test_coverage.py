@@ -228,3 +228,26 @@ def test_siglip_export_carries_its_initial_bias(tmp_path, monkeypatch):
     assert model.logit_bias is not None
     assert float(model.logit_bias.detach().reshape(())) == pytest.approx(-10.0, abs=1e-3)
     assert float(model.logit_scale.detach()) == pytest.approx(math.log(10.0), abs=1e-3)
+
+
+# --- 8: the switch to rho_final, crossed in a real run ------------------------------------------------------
+
+
+@pytest.mark.parametrize("fraction, last", [("0.5", 4), ("0.3", 2)])
+def test_rho_switches_to_rho_final_for_the_last_fraction_of_steps(tmp_path, fraction, last):
+    """temperature.rho_final holds for the last rho_final_fraction of the steps (the nearest whole number of
+    steps: 8 * 0.5 = 4, 8 * 0.3 = 2.4 -> 2) and rho before: metrics.jsonl's row of step k (the k-th update) logs
+    the rho that update used, 6.5 for the first 8 - last rows and -8 for the last ones, and the rescaled loss
+    it back-propagated is L / s + rho / s with that rho."""
+    assert run_cli(tmp_path, "--train.steps", "8", "--temperature.scheme", "rescaled", "--temperature.rho", "6.5",
+                   "--temperature.rho-final", "-8", "--temperature.rho-final-fraction", fraction,
+                   "--train.name", "rho") == 0
+    rows = rows_of(tmp_path / "rho")
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert [r["rho"] for r in rows] == [6.5] * (8 - last) + [-8.0] * last
+    # each update's loss is L / s + rho / s with its own rho, s = exp(logit_scale) as the update before left it
+    # (open_clip's initial 1 / 0.07 for the first)
+    scale = 1 / 0.07
+    for r in rows:
+        assert r["loss"] == pytest.approx((r["objective_loss"] + r["rho"]) / scale, rel=1e-5), r
+        scale = math.exp(r["logit_scale"])
