@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -229,6 +233,58 @@ def test_siglip_export_carries_its_initial_bias(tmp_path, monkeypatch):
     assert float(model.logit_bias.detach().reshape(())) == pytest.approx(-10.0, abs=1e-3)
     assert float(model.logit_scale.detach()) == pytest.approx(math.log(10.0), abs=1e-3)
 
+
+# --- 7: model.compile on the CPU ----------------------------------------------------------------------------
+
+COMPILE = ["--train.steps", "2", "--data.synthetic-size", "64"]
+
+
+def assert_like_eager(tmp_path: Path, name: str) -> None:
+    """The compiled run `name` against an eager run of the same settings: its checkpoint holds the bare model's
+    keys (loadable without torch.compile, no `_orig_mod.` prefix) and its losses agree to float rounding (the
+    same initial weights and batches; fused kernels sum in another order)."""
+    assert run_cli(tmp_path, *COMPILE, "--train.name", "eager") == 0
+    compiled, eager = final_state(tmp_path / name), final_state(tmp_path / "eager")
+    assert compiled["step"] == eager["step"] == 2
+    assert list(compiled["model"]) == list(eager["model"])
+    for a, b in zip(rows_of(tmp_path / name), rows_of(tmp_path / "eager")):
+        assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    assert json.loads((tmp_path / name / "summary.json").read_text())["steps"] == 2
+
+
+@pytest.mark.slow
+def test_compile_wraps_the_model_and_saves_its_bare_weights(tmp_path, monkeypatch):
+    """model.compile true through torch.compile's graph capture (TorchDynamo) with its eager backend, which runs
+    the captured graph with torch's own kernels: the wrapper is in place (torch.compile was called on the model
+    and gave an OptimizedModule) and the checkpoint and losses are an eager run's."""
+    real = torch.compile
+    wrapped: list[torch.nn.Module] = []
+
+    def eager_backend(model, **kw):
+        out = real(model, backend="eager")
+        wrapped.append(out)
+        return out
+
+    monkeypatch.setattr(torch, "compile", eager_backend)
+    assert run_cli(tmp_path, *COMPILE, "--model.compile", "true", "--train.name", "compiled") == 0
+    assert len(wrapped) == 1 and isinstance(wrapped[0], torch._dynamo.eval_frame.OptimizedModule)
+    monkeypatch.setattr(torch, "compile", real)
+    torch._dynamo.reset()
+    assert_like_eager(tmp_path, "compiled")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                    reason="torch.compile's inductor backend needs a C++ compiler on the CPU (none found: g++ / $CXX)")
+def test_compile_with_inductor_trains_on_the_cpu(tmp_path):
+    """model.compile true as a user runs it (inductor, C++ kernels built by g++): 2 steps in a fresh process
+    (the first compilation takes a minute or two on a small shared machine), then as an eager run."""
+    cmd = [sys.executable, "-m", "amorlip.cli", "train", "--train.output-dir", str(tmp_path), *TINY, *COMPILE,
+           "--train.device", "cpu", "--model.compile", "true", "--train.name", "compiled"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_like_eager(tmp_path, "compiled")
 
 # --- 8: the switch to rho_final, crossed in a real run ------------------------------------------------------
 
