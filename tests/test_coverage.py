@@ -182,7 +182,8 @@ def test_resume_accepts_memory_and_loader_knobs_and_refuses_another_model(tmp_pa
 def test_pipe_shards_train_like_the_same_local_shards(tmp_path, capsys):
     """`pipe:cat DIR/shard-{00000..00001}.tar`: a pipe url has no sizes.json to read, so without
     --data.dataset-size the run is refused before any step (one line naming the option); with it, the run
-    trains on the bytes `cat` gives, the very samples of the local shards: the same losses step by step."""
+    trains on the bytes `cat` gives, the very samples of the local shards: the same losses step by step. A resume
+    of webdataset training with another data.workers is refused."""
     shards = tmp_path / "shards"
     assert main(["data", "wds", "--out", str(shards), "--n", "64", "--shard-size", "32"]) == 0
     assert sorted(p.name for p in shards.glob("shard-*.tar")) == ["shard-00000.tar", "shard-00001.tar"]
@@ -201,6 +202,13 @@ def test_pipe_shards_train_like_the_same_local_shards(tmp_path, capsys):
     pipe_rows, local_rows = rows_of(tmp_path / "pipe"), rows_of(tmp_path / "local")
     assert [r["step"] for r in pipe_rows] == [1, 2, 3]
     assert [r["loss"] for r in pipe_rows] == [r["loss"] for r in local_rows]
+    # webdataset splits the shards over the loader's workers, so (unlike map-style data) data.workers is not
+    # resume-neutral there: a changed count is refused, naming the key
+    capsys.readouterr()
+    assert run_cli(tmp_path, *wds, "--data.train-path", f"{shards}/shard-{{00000..00001}}.tar", "--train.name",
+                   "local", "--train.resume", "latest", "--data.workers", "1") == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "data.workers 0 -> 1" in lines[0], lines
 
 
 # --- 6: SigLIP's initial bias survives into an export -------------------------------------------------------
