@@ -19,6 +19,7 @@ DIVERGE = ["--train.steps", "40", "--optim.lr", "1e3", "--train.checkpoint-every
            "2", "--train.log-every", "1", "--train.name", "nan"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_the_named_checkpoint_trains_on(tmp_path):
     proc = run(tmp_path, *DIVERGE)
@@ -61,6 +62,7 @@ RESUME = ["--train.steps", "6", "--train.checkpoint-every", "2", "--train.name",
           "--train.resume-allow-changes", "train.steps"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_checkpoint_with_non_finite_values_is_refused(base_run, tmp_path):
     run_dir, ckdir = _copy(base_run, tmp_path)
@@ -77,6 +79,7 @@ def test_a_checkpoint_with_non_finite_values_is_refused(base_run, tmp_path):
     assert newest.read_bytes() == before, "a refused checkpoint is left as it was"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_changed_byte_is_found(base_run, tmp_path):
     run_dir, ckdir = _copy(base_run, tmp_path)
@@ -92,6 +95,7 @@ def test_a_changed_byte_is_found(base_run, tmp_path):
     assert ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))["step"] == 6
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_truncated_newest_checkpoint_falls_back_to_the_previous(base_run, tmp_path):
     run_dir, ckdir = _copy(base_run, tmp_path)

@@ -32,6 +32,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_full_disk_while_logging_is_one_error_line_and_resume_continues(tmp_path):
     wrapper = tmp_path / "full_disk.py"
@@ -50,6 +51,7 @@ def test_full_disk_while_logging_is_one_error_line_and_resume_continues(tmp_path
     assert [row["step"] for row in history(tmp_path / "f")] == list(range(1, 9))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_torn_last_line_is_dropped_on_resume(tmp_path):
     common = ["--train.steps", "6", "--train.log-every", "1", "--train.name", "t"]

@@ -109,6 +109,7 @@ def _limit_file_size(limit: int):
     return apply
 
 
+@pytest.mark.slow
 def test_data_on_a_full_disk_is_one_line_and_leaves_the_old_dataset(tmp_path):
     out = tmp_path / "d"
     assert main(["data", "wds", "--n", "4", "--out", str(out)]) == 0

@@ -24,6 +24,7 @@ def _stop_after(proc: subprocess.Popen, run_dir, step: int, sig: int = signal.SI
     return err
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_ctrl_c_saves_and_the_advice_works(tmp_path):
     common = ["--train.steps", "2000", "--train.log-every", "1", "--train.name", "c"]
@@ -76,6 +77,7 @@ def test_two_signals_of_one_request_count_once():
     assert "alive, stopping on SIGTERM" in proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_ctrl_c_in_compare_saves_its_run_and_says_how_to_continue(tmp_path):
     words = ["--objectives", "clip", *TINY, "--train.steps", "2000", "--train.log-every", "1", "--out",

@@ -40,6 +40,7 @@ def test_a_lock_file_without_a_live_holder_is_taken_over(tmp_path):
         assert lock.held and json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_second_training_into_a_folder_in_use_is_refused(tmp_path):
     """The second run is refused; the first, stopped later by SIGTERM, has exactly its own lines and checkpoint."""
@@ -64,6 +65,7 @@ def test_second_training_into_a_folder_in_use_is_refused(tmp_path):
     assert not (tmp_path / "one" / LOCK_NAME).exists(), "the lock goes with its holder"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_after_a_kill_9_of_the_holder_a_new_run_resumes(tmp_path):
     common = ["--train.steps", "200", "--train.log-every", "1", "--train.checkpoint-every", "2", "--train.name", "k"]
@@ -91,6 +93,7 @@ def _compare(tmp_path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_compare_into_a_folder_in_use_is_refused(tmp_path):
     with FolderLock(tmp_path / "cmp", "compare folder", "x"):  # another compare writing there
@@ -102,6 +105,7 @@ def test_compare_into_a_folder_in_use_is_refused(tmp_path):
     assert not (tmp_path / "runs").exists(), "nothing was trained"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_compare_whose_run_is_in_use_is_refused(tmp_path):
     (one,) = compare_runs([*COMPARE, "--out", str(tmp_path / "cmp"), "--train.output-dir", str(tmp_path / "runs")])

@@ -16,6 +16,7 @@ def _groups(run_dir) -> list[dict]:
     return ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))["optimizer"]["param_groups"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_accepted_optimizer_changes_are_applied(tmp_path):
     common = ["--train.steps", "6", "--train.log-every", "1"]
@@ -36,6 +37,7 @@ def test_accepted_optimizer_changes_are_applied(tmp_path):
     assert _groups(tmp_path / "r") == _groups(tmp_path / "straight")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_unchanged_resume_keeps_the_saved_settings(tmp_path):
     """Nothing changed: the optimizer's settings after the resume are those it was saved with."""
@@ -48,6 +50,7 @@ def test_unchanged_resume_keeps_the_saved_settings(tmp_path):
            [{k: v for k, v in g.items() if k != "lr"} for g in before]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_accepted_amor_lr_is_applied(tmp_path):
     common = ["--objective", "amorlip", "--train.steps", "4"]

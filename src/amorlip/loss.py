@@ -25,8 +25,9 @@ from torch import nn
 from amorlip import distributed, objectives
 from amorlip.errors import ConfigError
 from amorlip.objectives.base import Objective, ObjectiveContext, ObjectiveOutput
-from amorlip.schedules import apply_temperature_scheme, rho_at
+from amorlip.schedules import rho_at
 from amorlip.step import forward_backward as _step_forward_backward
+from amorlip.step import objective_loss
 
 TEMPERATURE_SCHEMES = ("auto", "plain", "rescaled")
 
@@ -94,11 +95,10 @@ class ContrastiveLoss(nn.Module):
         self._check_features(image_features, text_features, logit_scale)
         indices = self._indices(indices, image_features)
         step, epoch = self._begin(step, epoch)
-        result = self.objective(image_features, text_features, logit_scale.reshape(()), logit_bias, indices,
-                                step=step, epoch=epoch)
-        loss = apply_temperature_scheme(result.loss, logit_scale.reshape(()), self.scheme, self.rho_at(step))
-        if result.extra_loss is not None:
-            loss = loss + result.extra_loss
+        outputs = {"image_features": image_features, "text_features": text_features,
+                   "logit_scale": logit_scale.reshape(()), "logit_bias": logit_bias}
+        loss, result = objective_loss(self.objective, outputs, indices, step=step, epoch=epoch, scheme=self.scheme,
+                                      rho=self.rho_at(step))  # the trainer's own function
         self._end(step)
         out: Any = {"contrastive_loss": loss} if output_dict else loss
         return (out, _metrics(result)) if return_metrics else out

@@ -61,12 +61,13 @@ class FolderLock:
         self.folder, self.what, self.fix = Path(folder), what, fix
         self.path = self.folder / LOCK_NAME
         self._fd: int | None = None
-        self._made_folder = False
+        self._made: list[Path] = []
 
     def acquire(self) -> "FolderLock":
         """Take the lock, or raise FolderInUse naming the process that holds it. A file system without locks
         (some network mounts) gets a warning, and the run goes on unlocked."""
-        self._made_folder = not self.folder.exists()
+        # the folders this creates, deepest first (the run folder and any missing parents such as runs/)
+        self._made = [f for f in (self.folder, *self.folder.parents) if not f.exists()]
         self.folder.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
@@ -101,11 +102,11 @@ class FolderLock:
             pass
         os.close(self._fd)
         self._fd = None
-        if self._made_folder:
+        for folder in self._made:  # only when empty: a run refused before it wrote anything leaves no folder
             try:
-                self.folder.rmdir()  # only when empty: a run refused before it wrote anything leaves no folder
+                folder.rmdir()
             except OSError:
-                pass
+                break
 
     @property
     def held(self) -> bool:
