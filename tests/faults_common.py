@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import resource
+import signal
 import subprocess
 import sys
 import time
@@ -29,6 +31,16 @@ def one_error_line(proc: subprocess.CompletedProcess, command: str = "train") ->
     errors = [line for line in proc.stderr.splitlines() if line.startswith(f"amorlip {command}: error:")]
     assert len(errors) == 1, proc.stderr[-3000:]
     return errors[0]
+
+
+def limit_file_size(limit: int):
+    """A `preexec_fn` for subprocess: files over `limit` bytes fail with EFBIG (ignoring SIGXFSZ), as a full
+    disk's ENOSPC would."""
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
 
 
 def history(run_dir: Path) -> list[dict]:

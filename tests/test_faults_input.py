@@ -4,8 +4,6 @@ for a folder, `amorlip data` with no pairs, an --out under a file, an existing d
 where no temporary file can be created)."""
 from __future__ import annotations
 
-import resource
-import signal
 import subprocess
 import sys
 import tarfile
@@ -15,6 +13,7 @@ import pytest
 
 from amorlip.cli import main
 from amorlip.errors import CheckpointError
+from faults_common import limit_file_size
 
 
 def one_line_error(capsys, command: str) -> str:
@@ -101,14 +100,6 @@ def test_data_keeps_an_existing_dataset_unless_overwrite(tmp_path, capsys, fmt):
     assert [p.name for p in tmp_path.iterdir()] == ["d"]  # no temporary folder left
 
 
-def _limit_file_size(limit: int):
-    def apply() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed, like a full disk's ENOSPC
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    return apply
-
-
 @pytest.mark.slow
 def test_data_on_a_full_disk_is_one_line_and_leaves_the_old_dataset(tmp_path):
     out = tmp_path / "d"
@@ -116,7 +107,7 @@ def test_data_on_a_full_disk_is_one_line_and_leaves_the_old_dataset(tmp_path):
     before = tree(out)
     proc = subprocess.run([sys.executable, "-m", "amorlip.cli", "data", "wds", "--n", "64", "--out", str(out),
                            "--overwrite"], capture_output=True, text=True, timeout=120,
-                          preexec_fn=_limit_file_size(20_000))
+                          preexec_fn=limit_file_size(20_000))
     assert proc.returncode == 2, proc.stderr[-2000:]
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"amorlip data: error: could not write the dataset to {out}"), err

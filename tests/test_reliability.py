@@ -6,40 +6,17 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from amorlip import checkpoint as ckpt
-
-TINY = ["--model.name", "micro-vit", "--data.synthetic-size", "256", "--train.batch-size", "16",
-        "--optim.warmup-steps", "2", "--train.threads", "1", "--eval.zeroshot", "false", "--eval.retrieval", "false"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-TIMEOUT = 240
-
-
-def train_cmd(out: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "amorlip.cli", "train", "--train.output-dir", str(out), *TINY, *args]
-
-
-def run(out: Path, *args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(train_cmd(out, *args), env=ENV, capture_output=True, text=True, timeout=TIMEOUT, **kw)
-
-
-def one_error_line(proc: subprocess.CompletedProcess) -> str:
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [line for line in lines if line.startswith("amorlip train: error:")]
-    assert len(errors) == 1, proc.stderr[-3000:]
-    return errors[0]
-
+from faults_common import ENV, TIMEOUT, TINY, limit_file_size, one_error_line, run, train_cmd, wait_for_step
 
 def state_of(path: Path) -> dict:
     return ckpt.load_checkpoint(path)
@@ -49,21 +26,6 @@ def assert_same_weights(a: dict, b: dict) -> None:
     assert a["step"] == b["step"]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-
-
-def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, deadline_s: float = TIMEOUT) -> None:
-    """Poll metrics.jsonl until it holds `step` (the run is then past its set-up and mid-training)."""
-    path = run_dir / "metrics.jsonl"
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < deadline_s:
-        assert proc.poll() is None, f"the run ended early (exit {proc.returncode})"
-        if path.exists():
-            steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
-            if steps and max(steps) >= step:
-                return
-        time.sleep(0.05)
-    proc.kill()
-    pytest.fail(f"no step {step} within {deadline_s} s")
 
 
 # --- 2: a diverged run never saves non-finite weights, and names a finite checkpoint --------------------------
@@ -309,21 +271,13 @@ def test_default_cadence_saves_by_the_clock_not_by_steps(monkeypatch):
 # --- 5: a full disk (or file size limit) is one clear line; earlier checkpoints stay; no temporaries ----------
 
 
-def _limit_file_size(limit: int):
-    def apply() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed, like a full disk's ENOSPC
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    return apply
-
-
 @pytest.mark.slow
 def test_full_disk_is_a_clear_error_and_keeps_earlier_checkpoints(tmp_path):
     assert run(tmp_path, "--train.steps", "2", "--train.name", "d").returncode == 0
     first = ckpt.latest_checkpoint(tmp_path / "d")
     first_bytes = first.read_bytes()
     proc = run(tmp_path, "--train.steps", "4", "--train.name", "d", "--train.resume", "latest",
-               "--train.resume-allow-changes", "train.steps", preexec_fn=_limit_file_size(2 * 2**20))
+               "--train.resume-allow-changes", "train.steps", preexec_fn=limit_file_size(2 * 2**20))
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = one_error_line(proc)
     assert "could not write" in line and "free disk space" in line
