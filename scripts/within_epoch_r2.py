@@ -12,12 +12,12 @@ held-out pairs, with the count of evaluations.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import yaml
 
+from amorlip.history import read_history
 from amorlip.stats import mean_interval
 
 NETS = ("objective_online", "objective")
@@ -35,11 +35,7 @@ def evaluations(run: Path) -> tuple[int, list[tuple[float, dict[str, float]]]]:
     config = yaml.safe_load((run / "config.yaml").read_text())
     spe = steps_per_epoch(config)
     out = []
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a kill
+    for row in read_history(run):  # a last line cut short by a kill is left out
         values = {}
         for split in SPLITS:
             for net in NETS:
