@@ -1,4 +1,4 @@
-"""Command line: amorlip train | eval | export | compare | bench | data | presets | models.
+"""Command line: amorlip train | launch | eval | export | compare | bench | data | presets | models.
 
 `train` and `compare` parse their words with the config parser (jsonargparse, `amorlip.config.config_parser`):
 `--section.key VALUE` for every config key, with help from the dataclass docstrings. The other commands are
@@ -93,9 +93,17 @@ def cmd_train(words: list[str]) -> int:
     from amorlip.model_catalog import skip_unused_imports
 
     skip_unused_imports(cfg.model.name)  # a lean start: open_clip would import transformers and timm unasked
+    from amorlip.signals import Stopped
     from amorlip.train import main_worker
 
-    main_worker(cfg)
+    try:
+        main_worker(cfg)
+    except Stopped as stopped:  # saved after a stop signal: under `amorlip launch` the launcher reports it
+        from amorlip.launch import report_stop
+
+        if report_stop(stopped.signum):
+            return 0
+        raise
     return 0
 
 
@@ -239,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     # train, compare and bench parse their own words (see main); these entries are for `amorlip --help`
     sub.add_parser("train", add_help=False, help="train a model (also under torchrun); --help lists every config key")
+    sub.add_parser("launch", add_help=False,
+                   help="torchrun whose every stop signal saves a checkpoint: amorlip launch [torchrun options] "
+                        "-m amorlip.cli train ...")
     p = sub.add_parser("eval", help="evaluate a run folder or checkpoint (zero-shot, retrieval, DataComp, normalizers)")
     p.add_argument("checkpoint", help="run folder (its latest checkpoint), checkpoint file, or exported open_clip .pt")
     p.add_argument("--model", "--model.name", dest="model",
@@ -295,7 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-OWN_PARSERS: dict[str, Callable[[list[str]], int]] = {"train": cmd_train, "compare": cmd_compare, "bench": cmd_bench}
+def cmd_launch(words: list[str]) -> int:
+    from amorlip.launch import main as launch_main
+
+    return launch_main(words)
+
+
+OWN_PARSERS: dict[str, Callable[[list[str]], int]] = {"train": cmd_train, "compare": cmd_compare, "bench": cmd_bench,
+                                                      "launch": cmd_launch}
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
