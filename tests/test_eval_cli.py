@@ -97,3 +97,23 @@ def test_exported_model_same_numbers_in_clip_benchmark(trained, monkeypatch):
 def test_eval_errors(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "missing")]) == 2
     assert "neither a checkpoint file nor a run folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_on_other_data_keeps_a_file_per_data_set_and_prints_plain_lines(trained, tmp_path, capsys):
+    """Two CSV folders with the same last part (`val`) and the run's own data: three results files, each naming
+    its data; on a non-TTY (pytest's captured stderr) progress is plain lines, never a bar's \\r frames."""
+    from amorlip.data.writers import write_synthetic_csv
+
+    csvs = [write_synthetic_csv(tmp_path / side / "val", 24, seed) for seed, side in enumerate(("a", "b"))]
+    run = trained / "r"
+    for data in [str(c) for c in csvs] + [None]:
+        capsys.readouterr()
+        assert main(["eval", str(run), *(["--data", data] if data else [])]) == 0
+        err = capsys.readouterr().err
+        assert "\r" not in err
+        assert any(line.startswith("encode val: ") and "(100%)" in line for line in err.splitlines()) or data is None
+    files = sorted(p.name for p in run.glob("eval*.json"))
+    assert len(files) == 3 and "eval.json" in files, files
+    described = {json.loads((run / f).read_text())["data"] for f in files}
+    assert described == {str(c.resolve()) for c in csvs} | {"the run's own evaluation data"}

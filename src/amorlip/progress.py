@@ -58,3 +58,63 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class PlainCounter:
+    """tqdm's `update` / `set_postfix` / `close` for a non-TTY: a plain line `DESC: DONE/TOTAL (PCT%) ...` at most
+    every `every_s` seconds, and one when closed, instead of a bar's carriage-return frames."""
+
+    def __init__(self, total: int | None, desc: str, stream: Any = None, every_s: float = 30.0) -> None:
+        self.total, self.desc, self.stream, self.every_s = total, desc, stream or sys.stderr, every_s
+        self.n, self.postfix = 0, ""
+        self.t0 = self._last = time.perf_counter()
+        self._closed = False
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.perf_counter() - self._last >= self.every_s:
+            self._print()
+
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._print()
+
+    def _print(self) -> None:
+        self._last = now = time.perf_counter()
+        done = f"{self.n}/{self.total} ({100 * self.n / self.total:.0f}%)" if self.total else f"{self.n}"
+        tail = f" | {self.postfix}" if self.postfix else ""
+        print(f"{self.desc}: {done} | {_eta(now - self.t0)} elapsed{tail}", file=self.stream, flush=True)
+
+
+class _Silent:
+    def update(self, n: int = 1) -> None: ...
+    def set_postfix(self, **values: Any) -> None: ...
+    def close(self) -> None: ...
+
+
+def counter(total: int | None, desc: str, disable: bool = False, every_s: float = 30.0) -> Any:
+    """A progress counter on stderr: a tqdm bar on a terminal, `PlainCounter` lines elsewhere, nothing if `disable`."""
+    if disable:
+        return _Silent()
+    if getattr(sys.stderr, "isatty", lambda: False)():
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr, leave=False)
+    return PlainCounter(total, desc, every_s=every_s)
+
+
+def iterate(items: Any, desc: str, enabled: bool = True, total: int | None = None, every_s: float = 30.0) -> Any:
+    """Yield from `items`, counting them on a `counter` (its total: `total`, else `len(items)` when it has one)."""
+    if total is None:
+        total = len(items) if hasattr(items, "__len__") else None
+    bar = counter(total, desc, disable=not enabled, every_s=every_s)
+    try:
+        for item in items:
+            yield item
+            bar.update(1)
+    finally:
+        bar.close()

@@ -521,9 +521,10 @@ def load_warning(threads: int | None) -> None:
 
 
 def progress(total: int, desc: str, disable: bool = False):
-    from tqdm.auto import tqdm
+    """A bar on a terminal, plain lines on a non-TTY (amorlip.progress.counter)."""
+    from amorlip.progress import counter
 
-    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, disable=disable, file=sys.stderr)
+    return counter(total, desc, disable=disable)
 
 
 def mb(nbytes: float | None) -> str:

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -273,6 +275,28 @@ def _check_args(args: argparse.Namespace, extra: list[str]) -> None:
         _check_writable(Path(args.out), "--out")
 
 
+def data_description(data: str | None) -> str:
+    """What was evaluated on: a source name, the absolute path given by --data, or "the run's own"."""
+    if data is None:
+        return "the run's own evaluation data"
+    return data if data in DATA_SOURCES else str(Path(data).expanduser().resolve())
+
+
+def default_out(source: Path, is_run: bool, data: str | None) -> Path:
+    """Where results go without --out: RUN/eval.json (MODEL.eval.json for an export); with --data, one file per
+    data set, `eval-NAME-HASH.json` (NAME: its last path part; HASH: of its absolute path, so that two folders
+    called `val` do not overwrite each other's results)."""
+    folder, stem = (source.parent.parent, "eval") if is_run else (source.parent, f"{source.stem}.eval")
+    if data is not None:
+        if data in DATA_SOURCES:
+            stem += f"-{data}"
+        else:
+            path = Path(data_description(data))
+            name = re.sub(r"[^A-Za-z0-9._-]+", "_", path.name).strip("._") or "data"
+            stem += f"-{name}-{hashlib.sha1(str(path).encode()).hexdigest()[:6]}"
+    return folder / f"{stem}.json"
+
+
 def run_eval(args: argparse.Namespace, extra: list[str]) -> int:
     from amorlip.evaluate import evaluate_model
     from amorlip.evaluate.report import format_table, write_json
@@ -292,11 +316,11 @@ def run_eval(args: argparse.Namespace, extra: list[str]) -> int:
     if args.normalizers and loaded.config is None:
         raise ConfigError(f"--normalizers needs a training checkpoint or run folder; {loaded.source} is an export "
                           "(pass the run folder it came from)")
-    out = Path(args.out) if args.out else (
-        loaded.source.parent.parent / "eval.json" if loaded.config else loaded.source.with_suffix(".eval.json"))
+    out = Path(args.out) if args.out else default_out(loaded.source, loaded.config is not None, args.data)
     if not args.out:
         _check_writable(out, "--out")
-    results: dict[str, Any] = {"checkpoint": str(loaded.source), "step": loaded.state.get("step")}
+    results: dict[str, Any] = {"checkpoint": str(loaded.source), "step": loaded.state.get("step"),
+                               "data": data_description(args.data)}
     results["metrics"] = evaluate_model(loaded.model, loaded.tokenizer, loaded.eval_transform, tasks, retrieval,
                                         device, args.batch_size, progress=True)
     print(format_table(results["metrics"]))

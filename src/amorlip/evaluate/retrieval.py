@@ -11,10 +11,10 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from amorlip.data.types import RetrievalSplit
 from amorlip.evaluate.zeroshot import eval_loader, eval_mode
+from amorlip.progress import iterate
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
 
@@ -77,7 +77,7 @@ def encode_split(
     images_out, texts_out = [], []
     with eval_mode(model) as m:
         loader = eval_loader(split.dataset, transform, batch_size, num_workers)
-        for images, captions in tqdm(loader, desc=f"encode {split.name}", disable=not progress, leave=False):
+        for images, captions in iterate(loader, f"encode {split.name}", enabled=progress):
             if isinstance(captions, torch.Tensor) or not all(isinstance(c, str) for c in captions):
                 raise TypeError(
                     f"retrieval split {split.name!r}: dataset[i] must return (PIL image, str caption); "

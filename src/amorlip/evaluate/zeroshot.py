@@ -14,10 +14,10 @@ import torch
 from open_clip import build_zero_shot_classifier
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
-from tqdm import tqdm
 
 from amorlip.data.types import ZeroShotTask
 from amorlip.models import unwrap
+from amorlip.progress import iterate
 
 
 class TransformedDataset(Dataset):
@@ -147,7 +147,7 @@ def zeroshot_logits(
         )  # (d, C), columns L2-normalised
         logits, targets = [], []
         loader = eval_loader(task.dataset, transform, batch_size, num_workers)
-        for images, labels in tqdm(loader, desc=f"zero-shot {task.name}", disable=not progress, leave=False):
+        for images, labels in iterate(loader, f"zero-shot {task.name}", enabled=progress):
             feats = m.encode_image(images.to(device), normalize=True)
             logits.append((feats @ classifier.to(feats.dtype)).float().cpu())
             targets.append(torch.as_tensor(labels).reshape(-1).long())
