@@ -329,9 +329,33 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     return tuple(out)
 
 
+def warning_line(command: str | None) -> Callable[..., str]:
+    """A `warnings.formatwarning` for the command line: `amorlip CMD: warning: MESSAGE`, naming the library a
+    warning came from when it is not amorlip itself, instead of Python's source path and line."""
+
+    def format_warning(message: Any, category: type[Warning], filename: str, lineno: int, line: str | None = None) -> str:
+        parts = Path(filename).parts
+        origin = parts[parts.index("site-packages") + 1] if "site-packages" in parts[:-1] else Path(filename).stem
+        source = "" if "amorlip" in parts else f" ({category.__name__} from {origin.removesuffix('.py')})"
+        return f"{prog}: warning: {message}{source}\n"
+
+    prog = f"amorlip {command}" if command else "amorlip"
+    return format_warning
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else None
+    import warnings
+
+    previous_format, warnings.formatwarning = warnings.formatwarning, warning_line(command)
+    try:
+        return _run_command(argv, command)
+    finally:
+        warnings.formatwarning = previous_format
+
+
+def _run_command(argv: list[str], command: str | None) -> int:
     try:
         if command in OWN_PARSERS:
             return int(OWN_PARSERS[command](argv[1:]) or 0)
