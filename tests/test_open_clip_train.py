@@ -76,7 +76,7 @@ def test_open_clip_trainer_with_our_objective(objective, ours, csv_dir, monkeypa
     torch.testing.assert_close(first["loss"], reference, rtol=0, atol=0)
     assert logged[0] == pytest.approx(float(reference), rel=1e-4)  # open_clip logs 5 significant digits
 
-    objective_state = torch.load(run / "checkpoints" / "objective_epoch_1.pt", weights_only=False)
+    objective_state = torch.load(run / "objective" / "epoch_1.pt", weights_only=False)
     fresh.load_state_dict(objective_state)
     assert fresh.step == PAIRS // BATCH, "the objective's state (and step) is saved beside open_clip's checkpoint"
 
@@ -92,3 +92,47 @@ def test_open_clip_trainer_with_our_objective(objective, ours, csv_dir, monkeypa
 def test_refused_up_front(words, match):
     with pytest.raises(amorlip.ConfigError, match=match):
         main(words)
+
+
+@pytest.mark.slow
+def test_open_clip_resume_latest_continues_the_objective_state(csv_dir, monkeypatch):
+    """`--resume latest` after epoch 1: the objective's first call in the resumed run starts from the state saved
+    beside open_clip's epoch-1 checkpoint (lambda nets, step), and its step then counts on to epoch 2's end."""
+    seen = []
+    forward = ContrastiveLoss.forward
+
+    def recording(self, *args, **kwargs):
+        if kwargs.get("output_dict"):
+            seen.append(copy.deepcopy(self.state_dict()))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(ContrastiveLoss, "forward", recording)
+    flags = ["--objective", "amorlip", "--amor.t-online", "1"]
+    main([*flags, *open_clip_flags("cut", epochs=1)])
+    saved = torch.load(csv_dir / "logs" / "cut" / "objective" / "epoch_1.pt", weights_only=False)
+    seen.clear()
+    main([*flags, *open_clip_flags("cut", epochs=2), "--resume", "latest"])
+    assert len(seen) == PAIRS // BATCH  # only epoch 2 was trained
+    first = seen[0]
+    assert first.keys() == saved.keys()
+    for key, value in saved.items():
+        if torch.is_tensor(value):
+            assert torch.equal(first[key], value), key
+    final = torch.load(csv_dir / "logs" / "cut" / "objective" / "epoch_2.pt", weights_only=False)
+    fresh = amorlip.make_loss("amorlip", dataset_size=PAIRS, steps_per_epoch=PAIRS // BATCH,
+                              total_steps=2 * PAIRS // BATCH, embed_dim=64, local_batch_size=BATCH,
+                              options={"t_online": 1})
+    fresh.load_state_dict(final)
+    assert fresh.step == 2 * PAIRS // BATCH
+
+
+@pytest.mark.slow
+def test_open_clip_mixed_precision_amp(csv_dir):
+    """`--precision amp` (autocast; bfloat16 on the CPU): the objective runs inside it and its loss, logged by
+    open_clip, and state stay finite."""
+    main(["--objective", "amorlip", "--amor.t-online", "1", *open_clip_flags("amp")[:-2], "--precision", "amp"])
+    run = csv_dir / "logs" / "amp"
+    logged = [float(v) for v in re.findall(r" Loss: (\S+) ", (run / "out.log").read_text())]
+    assert len(logged) == PAIRS // BATCH and all(torch.isfinite(torch.tensor(logged)))
+    state = torch.load(run / "objective" / "epoch_1.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v) and v.is_floating_point())

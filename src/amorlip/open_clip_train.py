@@ -7,8 +7,9 @@ Our flags are read here, every other one goes to `open_clip_train.main.main` as 
 are wrapped, none of its code is changed: `get_data` (to learn the dataset size and steps per epoch),
 `create_loss` (returns `amorlip.make_loss(...)`, a `ContrastiveLoss`), the lr schedulers (each `scheduler(step)`
 call also tells the loss the global step, so its schedules are exact, resumed runs included) and
-`train_one_epoch` (after each epoch the objective's state is saved beside open_clip's checkpoint as
-`objective_epoch_N.pt` / `objective_epoch_latest.pt`, and loaded again on `--resume`).
+`train_one_epoch` (after each epoch the objective's state is saved as `RUN/objective/epoch_N.pt` /
+`epoch_latest.pt`, beside open_clip's `RUN/checkpoints/`, and loaded again on `--resume`; not inside checkpoints/,
+whose newest `*.pt` open_clip's `--resume latest` takes for the model's).
 
 Not possible through open_clip's trainer, and refused up front: index-based objectives (sogclr, fastclip need
 each sample's dataset index; open_clip's loaders yield `(image, text)` only), `--accum-freq` > 1 (it calls the loss
@@ -164,9 +165,10 @@ def _loss_factory(ours: dict[str, Any], options: dict[str, Any], state: dict[str
 
 
 def objective_checkpoint(checkpoint: str) -> str:
-    """Where the objective's state of open_clip checkpoint `.../epoch_N.pt` lives: `.../objective_epoch_N.pt`."""
-    folder, name = os.path.split(checkpoint)
-    return os.path.join(folder, f"objective_{name}")
+    """Where the objective's state of open_clip checkpoint `RUN/checkpoints/epoch_N.pt` lives:
+    `RUN/objective/epoch_N.pt` (outside the folder whose files open_clip's `--resume latest` searches)."""
+    folder, name = os.path.split(os.path.abspath(checkpoint))
+    return os.path.join(os.path.dirname(folder), "objective", name)
 
 
 def _load_objective_state(loss: Any, args: Any) -> None:
@@ -196,7 +198,9 @@ def _saving_epochs(train_one_epoch: Callable, state: dict[str, Any]) -> Callable
             if args.save_most_recent:
                 names.append("epoch_latest.pt")
             for name in names:
-                torch.save(loss.state_dict(), objective_checkpoint(os.path.join(args.checkpoint_path, name)))
+                path = objective_checkpoint(os.path.join(args.checkpoint_path, name))
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                torch.save(loss.state_dict(), path)
         return out
     return wrapped
 
