@@ -80,13 +80,16 @@ def test_finished_weights_run_stays_resumable(source, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("which", ["export-folder", "export-file", "final-weights", "training-checkpoint"])
-def test_pretrained_loads_exactly_those_weights(source, which):
+def test_pretrained_loads_exactly_those_weights(source, which, capsys):
     path = {"export-folder": source / "export", "export-file": source / "export" / "micro-vit.pt",
             "final-weights": source / "final_weights.pt",
             "training-checkpoint": next((source / "checkpoints").glob("step_*.pt"))}[which]
     cfg = build_config(None, [("model.name", "micro-vit"), ("model.pretrained", str(path))])
+    capsys.readouterr()
     model, *_ = build_model(cfg.model)
     expected = last_checkpoint(source)["model"]
+    file = path / "micro-vit.pt" if path.is_dir() else path
+    assert capsys.readouterr().out == f"pretrained weights: {len(expected)} tensors loaded from {file}\n"
     assert model.state_dict().keys() == expected.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
 

@@ -362,7 +362,9 @@ def build_model(mcfg: Any, device: torch.device | str = "cpu", load_pretrained_w
                 overrides.setdefault(ours, tag_cfg[key])
     model, train_transform, eval_transform, tokenizer = create_model(mcfg.name, device=device, **overrides)
     if mcfg.pretrained and load_pretrained_weights:
-        load_pretrained(model, mcfg.name, mcfg.pretrained)
+        path = load_pretrained(model, mcfg.name, mcfg.pretrained)
+        if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
+            print(f"pretrained weights: {len(model.state_dict())} tensors loaded from {path}", flush=True)
     lock_towers(model, mcfg)
     if mcfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
