@@ -112,7 +112,7 @@ class Variant:
 
 def bench_overrides(steps: int, out_dir: str, label: str) -> list[tuple[str, str]]:
     """Overrides that make `train` a measurement run: no evaluation, no progress bar, no mid-run checkpoint."""
-    from amorlip.compare import safe_name
+    from amorlip.compare.entries import safe_name
 
     return [
         ("train.steps", str(steps)),
@@ -138,7 +138,7 @@ def build_variants(
     The reference row (absolute figures) is the first plain `clip` entry, else the first entry. An AmorLIP
     entry that sets neither swept key itself is expanded over the product of `--t-online` x `--dim-factor`.
     """
-    from amorlip.compare import parse_entry, split_entries
+    from amorlip.compare.entries import parse_entry, split_entries
 
     t_online = split_list(getattr(opts, "t_online", None), int)
     dim_factor = split_list(getattr(opts, "dim_factor", None), float)
