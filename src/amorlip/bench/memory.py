@@ -40,7 +40,7 @@ from amorlip.bench.common import (
 )
 from amorlip.config import ConfigError
 from amorlip.report import format_table
-from amorlip.stats import paired_stats, quantiles
+from amorlip.stats import paired_stats
 
 TILE_KEYS = {"clip": "clip.tile_size", "siglip": "siglip.tile_size", "amorlip": "amor.tile_size",
              "sogclr": "sogclr.tile_size", "fastclip": "fastclip.tile_size", "neuclip": "neuclip.tile_size"}
