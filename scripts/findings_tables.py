@@ -18,6 +18,7 @@ import math
 import sys
 from pathlib import Path
 
+from amorlip.report import format_table
 from amorlip.stats import mean_interval
 
 
@@ -50,7 +51,7 @@ def table(record: dict, modality: str = "image") -> str:
     splits = ("train", "heldout")
     head = ["entry", "batch", "seeds"] + [f"{s}: {c}" for s in splits
                                           for c in ("in-batch MSE", "in-batch R2", "own MSE", "own bias", "own R2")]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for (entry, batch), runs in groups.items():
         cells = [entry, str(batch), str(len(runs))]
         for s in splits:
@@ -59,8 +60,8 @@ def table(record: dict, modality: str = "image") -> str:
                       cell([m.get(f"normalizer/{s}/objective/{modality}_mse") for m in runs]),
                       cell([m.get(f"normalizer/{s}/objective/{modality}_bias") for m in runs]),
                       cell([r2(m, s, "objective", modality) for m in runs])]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append(cells)
+    return format_table(head, rows, markdown=True) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

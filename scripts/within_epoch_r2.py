@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from amorlip.history import read_history
+from amorlip.report import format_table
 from amorlip.stats import mean_interval
 
 NETS = ("objective_online", "objective")
@@ -55,16 +56,16 @@ def table(runs: list[Path], bins: int = 4) -> str:
         for fraction, values in evals:
             grouped.setdefault((batch, min(bins - 1, int(fraction * bins))), []).append(values)
     keys = [f"{split}/{net}" for split in SPLITS for net in NETS]
-    lines = ["| batch | epoch done since re-init | evaluations | " + " | ".join(f"R2 {k}" for k in keys) + " |",
-             "|---|---|---|" + "---|" * len(keys)]
+    table_rows = []
     for (batch, b), rows in sorted(grouped.items()):
         cells = []
         for k in keys:
             vals = [r[k] for r in rows if k in r]
             iv = mean_interval(vals) if vals else None
             cells.append("-" if iv is None else f"{iv.mean:.2f}" if iv.half is None else f"{iv.mean:.2f} ± {iv.half:.2f}")
-        lines.append(f"| {batch} | {b / bins:.2f}-{(b + 1) / bins:.2f} | {len(rows)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        table_rows.append([batch, f"{b / bins:.2f}-{(b + 1) / bins:.2f}", len(rows), *cells])
+    headers = ["batch", "epoch done since re-init", "evaluations", *(f"R2 {k}" for k in keys)]
+    return format_table(headers, table_rows, markdown=True) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,7 +63,7 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, deadline_s: 
 
 
 def compare_runs(words: list[str]) -> list:
-    """The runs (compare.Run: label, cfg, run_dir) that `amorlip compare WORDS` would train."""
+    """The runs (compare.PlannedRun: label, cfg, run_dir) that `amorlip compare WORDS` would train."""
     import argparse
 
     from amorlip.cli import _compare_options

@@ -7,17 +7,10 @@ import pytest
 import torch
 
 from amorlip.bench import run_command
-from amorlip.bench.common import (
-    BenchStream,
-    StepHooks,
-    block_length,
-    block_means,
-    build_variants,
-    cpu_tensor_peak,
-    paired_stats,
-)
+from amorlip.bench.common import BenchStream, StepHooks, block_length, build_variants, cpu_tensor_peak
 from amorlip.cli import main
 from amorlip.config import ConfigError, build_config
+from amorlip.stats import block_means, paired_stats
 
 MICRO = ["--model", "micro-vit", "--batch-size", "8", "--no-progress"]
 

@@ -4,6 +4,7 @@ import pytest
 from amorlip.cli import main
 from amorlip.compare import build_table, parse_entry, split_entries
 from amorlip.config import ConfigError
+from amorlip.report import format_table
 
 
 def test_entry_parsing():
@@ -26,6 +27,19 @@ def test_table_mean_and_interval():
     assert "| a | 2 | 60.00 ± 127.06 |" in md and "| b | 1 | 20.00 |" in md
     assert cols == ["zeroshot/mean_top1"]
     assert csv_text.splitlines()[1] == "a,2,0.6,1.27062,0.141421"
+
+
+
+def test_format_table_plain_and_markdown():
+    """The one table formatter: plain (bench) aligns columns, markdown (compare, crossing) leaves cells unpadded."""
+    rows = [["clip", 1, 2.5], ["amorlip", "-", None]]
+    assert format_table(["entry", "n", "x"], rows) == ("entry    n     x\n"
+                                                       "-------  -  ----\n"
+                                                       "clip     1   2.5\n"
+                                                       "amorlip  -  None")
+    assert format_table(["entry", "n", "x"], rows, markdown=True) == ("| entry | n | x |\n|---|---|---|\n"
+                                                                      "| clip | 1 | 2.5 |\n| amorlip | - | None |")
+    assert format_table(["entry", "seeds"], [], markdown=True) == "| entry | seeds |\n|---|---|"
 
 
 @pytest.mark.slow

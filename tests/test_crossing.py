@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from amorlip.compare import point_label, read_history, safe_name
+from amorlip.compare import point_label, safe_name
 from amorlip.crossing import crossing, crossing_rows, difference_curve, write_crossing
+from amorlip.history import read_history
 from amorlip.stats import mean_interval
 
 REF = {10: 0.50, 20: 0.60, 30: 0.62}

@@ -67,7 +67,7 @@ def test_a_torn_last_line_is_dropped_on_resume(tmp_path):
 
 
 def test_readers_leave_out_a_torn_last_line(tmp_path):
-    from amorlip.compare import read_history as compare_history
+    from amorlip.compare.results import read_history as compare_history
     from amorlip.train import read_history as train_history
 
     path = tmp_path / "metrics.jsonl"

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable
 
+from amorlip.report import format_table
 from amorlip.stats import Interval, paired_difference
 
 
@@ -84,18 +85,19 @@ def crossing_rows(runs: list[dict[str, Any]], reference: str, key: str) -> list[
 
 
 def crossing_markdown(rows: list[dict[str, Any]], key: str, reference: str) -> str:
+    """The crossing.md section of one metric: a row per `crossing_rows` row, its final difference and crossings."""
     def at(step: int | None, batch: float) -> str:
         return "never" if step is None else f"step {step} ({step * batch:,.0f} samples)"
 
-    lines = [f"Crossing points of {key} against {reference} (paired over seeds; percentage points):", "",
-             "| entry | sweep point | seeds | final difference | mean above from | interval above 0 from |",
-             "|---|---|---|---|---|---|"]
+    cells = []
     for r in rows:
         last = r["curve"][-1][1]
         half = f" ± {100 * last.half:.2f}" if last.half is not None else ""
-        lines.append(f"| {r['entry']} | {r['point'] or '-'} | {r['seeds']} | {100 * last.mean:+.2f}{half} | "
-                     f"{at(r['crossing'], r['batch_size'])} | {at(r['measured_crossing'], r['batch_size'])} |")
-    return "\n".join(lines) + "\n"
+        cells.append([r["entry"], r["point"] or "-", r["seeds"], f"{100 * last.mean:+.2f}{half}",
+                      at(r["crossing"], r["batch_size"]), at(r["measured_crossing"], r["batch_size"])])
+    headers = ["entry", "sweep point", "seeds", "final difference", "mean above from", "interval above 0 from"]
+    return (f"Crossing points of {key} against {reference} (paired over seeds; percentage points):\n\n"
+            + format_table(headers, cells, markdown=True) + "\n")
 
 
 def plot_crossing(rows: list[dict[str, Any]], key: str, reference: str, out: Path, name: str) -> list[Path]:

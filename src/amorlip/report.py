@@ -1,9 +1,28 @@
-"""Human-facing output: summary tables and plots of a run's history."""
+"""Human-facing output: the project's table formatter, summary tables and plots of a run's history."""
 from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
+
+
+def format_table(headers: Sequence[Any], rows: Iterable[Sequence[Any]], markdown: bool = False) -> str:
+    """A table of `headers` over `rows`, each cell written with str(), without a final newline.
+
+    Plain (bench): fixed-width columns two spaces apart, the first left-aligned and the others right-aligned,
+    a rule of dashes under the header. Markdown (compare, crossing, the study scripts): `| a | b |` lines under
+    a `|---|---|` rule, the cells unpadded."""
+    cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(r) + " |" for r in cells]
+        return "\n".join([lines[0], "|" + "---|" * len(cells[0]), *lines[1:]])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(r: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), sep, *(line(r) for r in cells[1:])])
 
 
 def summary_table(metrics: dict[str, float], title: str = "") -> str:

@@ -1,4 +1,5 @@
-"""Intervals over seeds: the Student t 95% interval of a mean, and paired differences between two entries.
+"""Statistics: the Student t 95% interval of a mean over seeds and paired differences between two entries
+(compare, crossing), and paired block ratios of step times (bench).
 
 With n seeds the interval is mean ± t_{0.975, n-1} * sd / sqrt(n) (sd: the sample standard deviation, n - 1
 in the denominator). A paired difference takes the seeds two entries share (same seed = same data order and
@@ -6,13 +7,18 @@ initialisation), differences them seed by seed, and gives that mean and interval
 that both entries share cancels, so it is the sharper test of "is A better than B here".
 No scipy: the 97.5% quantiles for 1..30 degrees of freedom are tabulated, beyond that a Cornish-Fisher
 expansion around the normal quantile is exact to 1e-5.
+
+The benchmarks time variants side by side, step after step; `paired_stats` cuts each variant's step times into
+blocks (`bench.common.block_length`: the same mix of cheap and expensive steps in each), and gives the median
+block mean and the median of the per-block ratios to the reference, with their quartiles: drift that all
+variants share cancels in the ratio.
 """
 from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
-from typing import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
 
 # t_{0.975, df} for df = 1..30 (scipy.stats.t.ppf(0.975, df), 6 decimals)
 T975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157, 2.228139,
@@ -81,3 +87,59 @@ def verdict(diff: Interval | None, higher_is_better: bool = True) -> str:
     if diff.high < 0:
         return WORSE if higher_is_better else BETTER
     return NO_DIFFERENCE
+
+
+# ----------------------------------------------------------------------------------------------------
+# Benchmarks: per-step times of variants measured side by side, in blocks
+
+
+def block_means(times: Sequence[float], block: int) -> list[float]:
+    """Mean of each complete block of `block` consecutive values."""
+    n = len(times) // block
+    return [statistics.fmean(times[i * block:(i + 1) * block]) for i in range(n)]
+
+
+def quantiles(values: Sequence[float]) -> tuple[float, float, float]:
+    """(q25, median, q75); degenerate inputs give the value three times."""
+    vals = sorted(values)
+    if not vals:
+        return (math.nan, math.nan, math.nan)
+    if len(vals) == 1:
+        return (vals[0], vals[0], vals[0])
+    q = statistics.quantiles(vals, n=4, method="inclusive")
+    return (q[0], q[1], q[2])
+
+
+@dataclass
+class Paired:
+    """Per-variant block means and the paired ratios to the reference (same blocks, interleaved steps)."""
+
+    median: float
+    q25: float
+    q75: float
+    ratio: float = 1.0
+    ratio_q25: float = 1.0
+    ratio_q75: float = 1.0
+    blocks: int = 0
+    ratios: list[float] = field(default_factory=list)
+
+    @property
+    def delta_pct(self) -> float:
+        return 100.0 * (self.ratio - 1.0)
+
+    @property
+    def noise_pct(self) -> float:
+        """Half the interquartile range of the paired ratios, in percent."""
+        return 50.0 * (self.ratio_q75 - self.ratio_q25)
+
+
+def paired_stats(times: dict[str, list[float]], reference: str, block: int) -> dict[str, Paired]:
+    """Median block mean of each variant, and the median of its per-block ratio to the reference's block."""
+    means = {k: block_means(v, block) for k, v in times.items()}
+    out = {}
+    for k, m in means.items():
+        q25, med, q75 = quantiles(m)
+        ratios = [a / b for a, b in zip(m, means[reference]) if b > 0]
+        r25, r50, r75 = quantiles(ratios) if ratios else (math.nan,) * 3
+        out[k] = Paired(med, q25, q75, r50, r25, r75, len(m), ratios)
+    return out

@@ -25,11 +25,12 @@ from typing import Any
 
 import torch
 
-from amorlip.bench.common import format_table, split_list, write_json
+from amorlip.bench.common import split_list, write_json
 from amorlip.config import ConfigError
 from amorlip.evaluate.features import FrozenFeatures, exact_log_z, r2_score
 from amorlip.objectives.amorlip import AmorConfig, AmorLIPObjective
 from amorlip.objectives.base import ObjectiveContext
+from amorlip.report import format_table
 
 DEFAULT_STEPS = "100,300,1000,3000,10000,20000"
 

@@ -35,7 +35,6 @@ from amorlip.bench.common import (
     build_variants,
     default_dataset_size,
     environment,
-    format_table,
     mp_context,
     parse_args,
     quiet_worker,
@@ -44,6 +43,7 @@ from amorlip.bench.common import (
     write_json,
 )
 from amorlip.config import ConfigError
+from amorlip.report import format_table
 
 HELPERS = ("gather_with_grad", "gather_no_grad", "all_reduce_mean_", "all_reduce_sum_", "broadcast_")
 KINDS = ("all_gather_grad", "all_gather", "all_reduce", "broadcast")

@@ -1,5 +1,6 @@
 """What every `amorlip bench` command shares: options, variants, a stream of pre-made batches that times the
-real training step, statistics that let drift cancel, tables and JSON.
+real training step, the block length that lets drift cancel, and JSON (the statistics are in amorlip.stats, the
+tables in amorlip.report).
 
 The central piece is `BenchStream`: a `TrainStream` whose batches are made once (random pixels at the size
 the model's train transform produces, tokenized captions, distinct sample indices every step) and whose
@@ -17,17 +18,17 @@ import io
 import json
 import math
 import os
-import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from amorlip.config import Config, ConfigError, build_config, parse_overrides
+from amorlip.report import format_table  # noqa: F401  (evaluate.gradients imports it from here)
 
 AMOR_SWEEP_KEYS = {"t_online": "amor.t_online", "dim_factor": "amor.dim_factor"}
 
@@ -111,7 +112,7 @@ class Variant:
 
 def bench_overrides(steps: int, out_dir: str, label: str) -> list[tuple[str, str]]:
     """Overrides that make `train` a measurement run: no evaluation, no progress bar, no mid-run checkpoint."""
-    from amorlip.compare import safe_name
+    from amorlip.compare.entries import safe_name
 
     return [
         ("train.steps", str(steps)),
@@ -137,7 +138,7 @@ def build_variants(
     The reference row (absolute figures) is the first plain `clip` entry, else the first entry. An AmorLIP
     entry that sets neither swept key itself is expanded over the product of `--t-online` x `--dim-factor`.
     """
-    from amorlip.compare import parse_entry, split_entries
+    from amorlip.compare.entries import parse_entry, split_entries
 
     t_online = split_list(getattr(opts, "t_online", None), int)
     dim_factor = split_list(getattr(opts, "dim_factor", None), float)
@@ -402,75 +403,7 @@ def cpu_tensor_peak(fn: Callable[[], Any]) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Statistics
-
-
-def block_means(times: Sequence[float], block: int) -> list[float]:
-    """Mean of each complete block of `block` consecutive values."""
-    n = len(times) // block
-    return [statistics.fmean(times[i * block:(i + 1) * block]) for i in range(n)]
-
-
-def quantiles(values: Sequence[float]) -> tuple[float, float, float]:
-    """(q25, median, q75); degenerate inputs give the value three times."""
-    vals = sorted(values)
-    if not vals:
-        return (math.nan, math.nan, math.nan)
-    if len(vals) == 1:
-        return (vals[0], vals[0], vals[0])
-    q = statistics.quantiles(vals, n=4, method="inclusive")
-    return (q[0], q[1], q[2])
-
-
-@dataclass
-class Paired:
-    """Per-variant block means and the paired ratios to the reference (same blocks, interleaved steps)."""
-
-    median: float
-    q25: float
-    q75: float
-    ratio: float = 1.0
-    ratio_q25: float = 1.0
-    ratio_q75: float = 1.0
-    blocks: int = 0
-    ratios: list[float] = field(default_factory=list)
-
-    @property
-    def delta_pct(self) -> float:
-        return 100.0 * (self.ratio - 1.0)
-
-    @property
-    def noise_pct(self) -> float:
-        """Half the interquartile range of the paired ratios, in percent."""
-        return 50.0 * (self.ratio_q75 - self.ratio_q25)
-
-
-def paired_stats(times: dict[str, list[float]], reference: str, block: int) -> dict[str, Paired]:
-    """Median block mean of each variant, and the median of its per-block ratio to the reference's block."""
-    means = {k: block_means(v, block) for k, v in times.items()}
-    out = {}
-    for k, m in means.items():
-        q25, med, q75 = quantiles(m)
-        ratios = [a / b for a, b in zip(m, means[reference]) if b > 0]
-        r25, r50, r75 = quantiles(ratios) if ratios else (math.nan,) * 3
-        out[k] = Paired(med, q25, q75, r50, r25, r75, len(m), ratios)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
 # Output
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain fixed-width text table (first column left-aligned, the others right-aligned)."""
-    cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-
-    def line(r: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-
-    sep = "  ".join("-" * w for w in widths)
-    return "\n".join([line(cells[0]), sep, *(line(r) for r in cells[1:])])
 
 
 def write_json(path: str | None, data: dict[str, Any]) -> None:

@@ -22,7 +22,6 @@ from amorlip.bench.common import (
     base_parser,
     bench_overrides,
     environment,
-    format_table,
     load_warning,
     parse_args,
     resolve_device,
@@ -32,6 +31,7 @@ from amorlip.bench.common import (
     write_json,
 )
 from amorlip.config import ConfigError, build_config
+from amorlip.report import format_table
 
 
 def loader_rate(urls: list[str], dataset_size: int, batch_size: int, workers: int, batches: int,

@@ -30,7 +30,6 @@ from amorlip.bench.common import (
     base_parser,
     build_variants,
     environment,
-    format_table,
     load_warning,
     parse_args,
     progress,
@@ -40,6 +39,7 @@ from amorlip.bench.common import (
     write_json,
 )
 from amorlip.config import ConfigError, build_config
+from amorlip.report import format_table
 
 
 def flop_counter() -> Any:

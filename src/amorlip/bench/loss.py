@@ -25,9 +25,7 @@ from amorlip.bench.common import (
     build_variants,
     cpu_tensor_peak,
     environment,
-    format_table,
     load_warning,
-    paired_stats,
     parse_args,
     progress,
     resolve_device,
@@ -35,6 +33,8 @@ from amorlip.bench.common import (
     write_json,
 )
 from amorlip.config import ConfigError
+from amorlip.report import format_table
+from amorlip.stats import paired_stats
 
 TIME_FLAG = 4.0
 """Report an objective whose forward + backward costs more than this many floors."""

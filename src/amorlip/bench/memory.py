@@ -29,19 +29,18 @@ from amorlip.bench.common import (
     base_parser,
     build_variants,
     environment,
-    format_table,
     load_warning,
     mb,
-    paired_stats,
     parse_args,
     progress,
-    quantiles,
     resolve_device,
     scratch_dir,
     split_list,
     write_json,
 )
 from amorlip.config import ConfigError
+from amorlip.report import format_table
+from amorlip.stats import paired_stats
 
 TILE_KEYS = {"clip": "clip.tile_size", "siglip": "siglip.tile_size", "amorlip": "amor.tile_size",
              "sogclr": "sogclr.tile_size", "fastclip": "fastclip.tile_size", "neuclip": "neuclip.tile_size"}

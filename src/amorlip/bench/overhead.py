@@ -39,11 +39,9 @@ from amorlip.bench.common import (
     build_variants,
     default_dataset_size,
     environment,
-    format_table,
     load_warning,
     mb,
     mp_context,
-    paired_stats,
     parse_args,
     pct,
     peak_allocated_from_trace,
@@ -55,6 +53,8 @@ from amorlip.bench.common import (
     write_json,
 )
 from amorlip.config import ConfigError
+from amorlip.report import format_table
+from amorlip.stats import paired_stats
 
 RECV_TIMEOUT_S = 900.0
 

@@ -34,7 +34,6 @@ from typing import Any
 from amorlip.bench.common import (
     base_parser,
     environment,
-    format_table,
     load_warning,
     parse_args,
     resolve_device,
@@ -42,6 +41,8 @@ from amorlip.bench.common import (
     write_json,
 )
 from amorlip.config import ConfigError, build_config
+from amorlip.report import format_table
+from amorlip.stats import quantiles
 
 PRECISION = {"fp32": "fp32", "bf16": "amp_bf16", "fp16": "amp"}
 """Our model.precision -> open_clip's --precision (autocast in both)."""
@@ -123,10 +124,7 @@ def _intervals(stamps: list[list[float]]) -> tuple[list[float], list[float]]:
 
 def ratio_spread(ratios: list[float]) -> dict[str, float]:
     """Min, quartiles and max of the per-pair ratios (the quartiles interpolated; one pair: all equal)."""
-    if len(ratios) == 1:
-        q1 = q3 = ratios[0]
-    else:
-        q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    q1, _, q3 = quantiles(ratios)
     return {"min": min(ratios), "q1": q1, "median": statistics.median(ratios), "q3": q3, "max": max(ratios)}
 
 
