@@ -28,7 +28,6 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from amorlip.config import Config, ConfigError, build_config, parse_overrides
-from amorlip.report import format_table  # noqa: F401  (evaluate.gradients imports it from here)
 
 AMOR_SWEEP_KEYS = {"t_online": "amor.t_online", "dim_factor": "amor.dim_factor"}
 

@@ -166,7 +166,7 @@ def gradient_fidelity(feats: Any, objective_names: Sequence[str], batch_sizes: S
 
 def fidelity_table(records: list[dict[str, Any]]) -> str:
     """Markdown-style table of `gradient_fidelity` records, a row per (objective, B)."""
-    from amorlip.bench.common import format_table
+    from amorlip.report import format_table
 
     rows = [[r["objective"], str(r["batch_size"]), r["own_loss"], f"{r['cosine']:.4f}", f"{r['rel_error']:.4f}",
              f"{r['norm_ratio']:.3f}", f"{r['rel_variance']:.4f}", f"{r['infonce_rel_error']:.4f}"] for r in records]
