@@ -96,3 +96,18 @@ def yaml_lr(run_dir):
     import yaml
 
     return yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["lr"]
+
+
+def test_table_header_names_each_entry_whose_batch_or_length_differs():
+    from amorlip.compare.tables import describe_setup
+
+    def run(entry, batch, steps):
+        return {"entry": entry, "label": entry, "batch_size": batch, "steps": steps, "epochs": None}
+
+    record = {"model": "micro-vit", "data": "synthetic", "seeds": [0, 1], "sweep": {},
+              "runs": [run("clip", 32, 100), run("amorlip", 32, 100), run("clip[train.batch_size=256]", 256, 100),
+                       run("clip", 32, 100)]}
+    assert describe_setup(record) == ("model micro-vit, data synthetic, batch 32 (clip[train.batch_size=256]: batch 256), "
+                                      "100 steps, seeds 0,1; mean ± 95% t interval over seeds")
+    record["runs"] = [run("clip", 64, 50), run("amorlip", 64, 50)]
+    assert describe_setup(record).startswith("model micro-vit, data synthetic, batch 64, 50 steps, seeds 0,1")

@@ -103,20 +103,33 @@ def build_differences(record: dict[str, Any], reference: str, metrics_of: Callab
 
 def describe_setup(record: dict[str, Any]) -> str:
     """The table's first line: what was held equal."""
-    first = record["runs"][0] if record["runs"] else {}
     parts = [f"model {record.get('model')}", f"data {record.get('data')}"]
     sweep = record.get("sweep") or {}
     if "train.batch_size" not in sweep:
-        parts.append(f"batch {first.get('batch_size')}")
+        parts.append(_per_entry(record["runs"], lambda r: f"batch {r.get('batch_size')}"))
     if sweep:
         parts.append("sweep " + " x ".join(f"{k}={','.join(format_value(v) for v in vs)}" for k, vs in sweep.items()))
         parts.append(f"budget {record.get('budget')}" + (f" ({record['base_length']})" if record.get("base_length")
                                                           else ""))
     else:
-        length = f"{first.get('steps')} steps" if first.get("steps") else f"{first.get('epochs')} epochs"
-        parts.append(length)
+        parts.append(_per_entry(record["runs"], lambda r: f"{r.get('steps')} steps" if r.get("steps")
+                                else f"{r.get('epochs')} epochs"))
     parts.append(f"seeds {','.join(map(str, record['seeds']))}")
     return ", ".join(parts) + "; mean ± 95% t interval over seeds"
+
+
+def _per_entry(runs: list[dict[str, Any]], describe: Callable[[dict[str, Any]], str]) -> str:
+    """`describe(run)` when every entry has the same (e.g. "batch 64"), else the most common one with the others
+    named by entry: "batch 32 (clip[train.batch_size=256]: batch 256)"."""
+    by_entry: dict[str, str] = {}
+    for run in runs:
+        by_entry.setdefault(run.get("entry") or run.get("label", ""), describe(run))
+    values = list(by_entry.values())
+    if not values:
+        return describe({})
+    common = max(dict.fromkeys(values), key=values.count)
+    others = [f"{entry}: {value}" for entry, value in by_entry.items() if value != common]
+    return common + (f" ({'; '.join(others)})" if others else "")
 
 
 def _left_out(record: dict[str, Any]) -> str:
