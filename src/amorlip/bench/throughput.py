@@ -63,14 +63,14 @@ main(sys.argv[3:])
 
 OURS_LAUNCHER = r'''
 import json, sys, time, atexit
-import amorlip.train
+import amorlip.metrics_log
 stamps = []
-_log = amorlip.train.MetricsLogger.log
+_log = amorlip.metrics_log.MetricsLogger.log
 def log(self, step, values):
     _log(self, step, values)
     if "loss" in values:
         stamps.append([time.perf_counter(), time.process_time()])
-amorlip.train.MetricsLogger.log = log
+amorlip.metrics_log.MetricsLogger.log = log
 atexit.register(lambda: open(sys.argv[1], "w").write(json.dumps(stamps)))
 from amorlip.cli import main
 sys.exit(main(sys.argv[2:]))
