@@ -100,7 +100,7 @@ def run(extra: list[str]) -> dict[str, Any]:
         _, transform, _, tokenizer = create_model(cfg.model.name)
         batch = cfg.train.batch_size
         if opts.shards:
-            from amorlip.data.wds import dataset_size_from_sizes_json, expand_shards
+            from amorlip.data.wds_shards import dataset_size_from_sizes_json, expand_shards
 
             urls = expand_shards(opts.shards)
             n = dataset_size_from_sizes_json(urls)

@@ -85,7 +85,7 @@ class _RawWdsPairs(Dataset):
         return len(self.samples)
 
     def __getitem__(self, k: int):
-        from amorlip.data.wds import decode_sample
+        from amorlip.data.wds_shards import decode_sample
 
         image, caption, _ = decode_sample(self.samples[k], 1, needs_indices=False, running_id=k)
         return image, caption.strip()
@@ -116,12 +116,12 @@ def _wds_subset(urls: Sequence[str], n: int, dataset_size: int, needs_indices: b
                 ) -> tuple[Dataset, torch.Tensor]:
     """The first n usable samples of the shards in their listed order, with their indices (running ids for
     samples without one when the objective needs none)."""
-    from amorlip.data.wds import _ShardReader, decode_sample
+    from amorlip.data.wds_shards import ShardReader, decode_sample
 
     kept: list[dict[str, Any]] = []
     indices: list[int] = []
     seen = 0
-    reader = _ShardReader({})  # an unreadable shard is passed over, as training does
+    reader = ShardReader({})  # an unreadable shard is passed over, as training does
     for url in urls:
         for sample in reader.read(url):
             image, caption, index = decode_sample(sample, dataset_size, needs_indices, running_id=seen)
