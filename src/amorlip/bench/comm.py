@@ -111,11 +111,12 @@ def _install_instruments() -> None:
     """Timing wrappers around the counted helpers, and a DDP subclass that registers the counting hook.
 
     Objectives call `distributed.<helper>(...)` through the module, so replacing the module attributes reaches
-    every call; the trainer looks `DDP` up in its module when it wraps the model.
+    every call; the trainer's set-up (amorlip.train_setup.wrap) looks `DDP` up in its module when it wraps the
+    model.
     """
     from torch.nn.parallel import DistributedDataParallel
 
-    import amorlip.train as train_module
+    import amorlip.train_setup as setup_module
     from amorlip import distributed
 
     for name in HELPERS:
@@ -126,7 +127,7 @@ def _install_instruments() -> None:
             super().__init__(*args, **kwargs)
             self.register_comm_hook(None, _counting_allreduce_hook)
 
-    train_module.DDP = CountingDDP
+    setup_module.DDP = CountingDDP
 
 
 class _StepComm(StepHooks):
