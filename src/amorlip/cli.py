@@ -79,6 +79,8 @@ def _compare_options(parser: Any) -> None:
 
 
 def cmd_train(words: list[str]) -> int:
+    """Collective under torchrun: every rank runs `amorlip train` together (train.main_worker). Parse, check and
+    train; `--print-config` prints the resolved config instead."""
     from amorlip.config import build_config, describe, parse_config_args
 
     own, overrides = parse_config_args(words, "amorlip train", TRAIN_DESCRIPTION, _train_options)
@@ -341,6 +343,8 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Collective for `amorlip train` under torchrun (every rank runs it: cmd_train). The `amorlip` command line:
+    dispatches to the command and returns its exit status (an expected error: one line, 2; a divergence: 1)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else None
     try:
