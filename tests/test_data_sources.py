@@ -256,6 +256,20 @@ def test_wds_round_trip_every_sample_once(micro, shards, workers):
     assert sorted(other_epoch) == list(range(48)) and other_epoch != _indices(batches)
 
 
+def test_every_stream_is_a_train_stream(csv_dir, shards):
+    """The synthetic (map-style), csv, wds and benchmark streams all have what the trainer reads, with the
+    counters as DataStats (the trainer calls their state_dict / merge / describe without checking)."""
+    from amorlip.bench.common import BenchStream
+    from amorlip.data.types import DataStats, TrainStream
+
+    streams = [build_train_stream(DataConfig(synthetic_size=16), 8, seed=0),
+               build_train_stream(DataConfig(source="csv", train_path=str(csv_dir / "train.csv")), 8, seed=0),
+               build_train_stream(DataConfig(source="wds", train_path=str(shards[0])), 8, seed=0),
+               BenchStream(8, 16)]
+    for stream in streams:
+        assert isinstance(stream, TrainStream) and type(stream.stats) is DataStats, type(stream).__name__
+
+
 def test_wds_brace_pattern_and_joined_patterns(micro, shards):
     _, eval_tf, tok = micro
     out, _ = shards

@@ -230,7 +230,7 @@ def test_reference_with_dataset_size_matches_brute_force():
     plain = exact_log_normalizers(x, y, s)
     same = exact_log_normalizers(x, y, s, dataset_size=9)
     assert torch.equal(plain[0], same[0]) and torch.equal(plain[1], same[1])
-    import amorlip.evaluate.normalizers as nm
+    import amorlip.evaluate.log_normalizers as nm
 
     chunk = nm._CHUNK
     try:

@@ -142,7 +142,7 @@ def test_a_mistyped_choice_suggests_the_nearest(tmp_path, capsys, flag, typed, s
 
 def test_a_shard_glob_reads_the_files_it_matches(tmp_path, capsys):
     from amorlip.data.types import DataError
-    from amorlip.data.wds import expand_shards
+    from amorlip.data.wds_shards import expand_shards
 
     assert main(["data", "wds", "--n", "30", "--shard-size", "10", "--out", str(tmp_path / "w")]) == 0
     shards = [str(tmp_path / "w" / f"shard-{i:05d}.tar") for i in range(3)]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from amorlip.bench.amortizer import Setting, stage1_curve, steps_to
 from amorlip.config import default_config
 from amorlip.evaluate.features import FrozenFeatures, exact_log_z, r2_score
-from amorlip.evaluate.normalizers import mean_log_partition
+from amorlip.evaluate.log_normalizers import mean_log_partition
 from amorlip.evaluate.gradients import exact_gradients, fidelity, gradient_fidelity, minibatch_gradients
 from amorlip.objectives.clip import ClipObjective
 from amorlip.objectives.base import ObjectiveContext

@@ -170,7 +170,7 @@ def test_fused_adamw_is_the_default_and_takes_the_same_step():
     """optim.fused: None picks the fused kernel on the CPU, false torch's default one; one step of each from the
     same state agrees to float rounding."""
     from amorlip.config import build_config
-    from amorlip.train import build_optimizer
+    from amorlip.train_setup import build_optimizer
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))

@@ -79,6 +79,8 @@ def _compare_options(parser: Any) -> None:
 
 
 def cmd_train(words: list[str]) -> int:
+    """Collective under torchrun: every rank runs `amorlip train` together (train.main_worker). Parse, check and
+    train; `--print-config` prints the resolved config instead."""
     from amorlip.config import build_config, describe, parse_config_args
 
     own, overrides = parse_config_args(words, "amorlip train", TRAIN_DESCRIPTION, _train_options)
@@ -237,6 +239,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `amorlip` parser of the commands argparse reads (eval, export, data, presets, models); train, compare,
+    bench and launch have entries for `amorlip --help` only (they parse their own words, OWN_PARSERS)."""
     parser = _Parser(
         prog="amorlip",
         description="Resource-efficient CLIP pretraining: AmorLIP, CLIP, SigLIP, SogCLR, FastCLIP, NeuCLIP (+ RECLIP schedules).",
@@ -250,6 +254,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("launch", add_help=False,
                    help="torchrun whose every stop signal saves a checkpoint: amorlip launch [torchrun options] "
                         "-m amorlip.cli train ...")
+    _add_eval_parser(sub)
+
+    p = sub.add_parser("export", help="write a plain open_clip checkpoint (+ config JSON) from a run")
+    p.add_argument("checkpoint", help="run folder or checkpoint file")
+    p.add_argument("--out", required=True, help="output .pt file, or a folder")
+    p.set_defaults(func=cmd_export)
+
+    sub.add_parser("compare", add_help=False, help="train several objectives side by side and tabulate/plot them")
+    sub.add_parser("bench", add_help=False,
+                   help="efficiency benchmarks (" + ", ".join(BENCH_COMMANDS) + "); `amorlip bench --help` lists them")
+
+    _add_data_parser(sub)
+
+    p = sub.add_parser("presets", help="list the built-in presets, or print one's resolved configuration")
+    p.add_argument("name", nargs="?", metavar="NAME", help="a preset name or YAML file: print its resolved configuration")
+    p.set_defaults(func=cmd_presets)
+    p = sub.add_parser("models", help="list model configs")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    """`amorlip eval` and its options."""
     p = sub.add_parser("eval", help="evaluate a run folder or checkpoint (zero-shot, retrieval, DataComp, normalizers)")
     p.add_argument("checkpoint", help="run folder (its latest checkpoint), checkpoint file, or exported open_clip .pt")
     p.add_argument("--model", "--model.name", dest="model",
@@ -280,15 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto | cpu | cuda (train.device; default: auto)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("export", help="write a plain open_clip checkpoint (+ config JSON) from a run")
-    p.add_argument("checkpoint", help="run folder or checkpoint file")
-    p.add_argument("--out", required=True, help="output .pt file, or a folder")
-    p.set_defaults(func=cmd_export)
 
-    sub.add_parser("compare", add_help=False, help="train several objectives side by side and tabulate/plot them")
-    sub.add_parser("bench", add_help=False,
-                   help="efficiency benchmarks (" + ", ".join(BENCH_COMMANDS) + "); `amorlip bench --help` lists them")
-
+def _add_data_parser(sub: argparse._SubParsersAction) -> None:
+    """`amorlip data` and its options."""
     p = sub.add_parser("data", help="write the embedded synthetic data as CSV+PNG or webdataset shards")
     p.add_argument("format", choices=["csv", "wds"])
     p.add_argument("--out", required=True, help="the folder to write (created; files of other kinds in it are kept)")
@@ -298,13 +319,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace a dataset of this format already in --out (by default that is an error)")
     p.set_defaults(func=cmd_data)
-
-    p = sub.add_parser("presets", help="list the built-in presets, or print one's resolved configuration")
-    p.add_argument("name", nargs="?", metavar="NAME", help="a preset name or YAML file: print its resolved configuration")
-    p.set_defaults(func=cmd_presets)
-    p = sub.add_parser("models", help="list model configs")
-    p.set_defaults(func=cmd_models)
-    return parser
 
 
 def cmd_launch(words: list[str]) -> int:
@@ -344,6 +358,8 @@ def warning_line(command: str | None) -> Callable[..., str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Collective for `amorlip train` under torchrun (every rank runs it: cmd_train). The `amorlip` command line:
+    dispatches to the command and returns its exit status (an expected error: one line, 2; a divergence: 1)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else None
     import warnings

@@ -47,7 +47,8 @@ def pick_device(pref: str = "auto", local_rank: int = 0) -> torch.device:
 
 
 def init_distributed(device_pref: str = "auto") -> DistInfo:
-    """Initialise the process group when launched by torchrun (env RANK/WORLD_SIZE), else a single process."""
+    """Collective: every rank calls this together (the process group's rendezvous). Initialise the process
+    group when launched by torchrun (env RANK/WORLD_SIZE), else a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -61,6 +62,7 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
 
 
 def teardown() -> None:
+    """Collective: every rank calls this together. Destroy the process group (nothing without one)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -74,7 +76,8 @@ def rank() -> int:
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` from all ranks along dim 0, keeping the autograd graph.
+    """Collective: every rank calls this together (and its backward). Concatenate `x` from all ranks along
+    dim 0, keeping the autograd graph.
 
     Backward sums the incoming gradients over ranks and returns each rank its own slice,
     so with DDP's gradient averaging the result equals the 1-process gradient of the
@@ -87,7 +90,8 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate detached `x` from all ranks along dim 0 (no gradient flows back)."""
+    """Collective: every rank calls this together. Concatenate detached `x` from all ranks along dim 0 (no
+    gradient flows back)."""
     if world_size() == 1:
         return x.detach()
     COLLECTIVES["all_gather"] += 1
@@ -97,7 +101,7 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_mean_(x: torch.Tensor) -> torch.Tensor:
-    """In-place mean over ranks (no-op in one process)."""
+    """Collective: every rank calls this together. In-place mean over ranks (no-op in one process)."""
     if world_size() > 1:
         COLLECTIVES["all_reduce"] += 1
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
@@ -106,7 +110,7 @@ def all_reduce_mean_(x: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_sum_(x: torch.Tensor) -> torch.Tensor:
-    """In-place sum over ranks (no-op in one process)."""
+    """Collective: every rank calls this together. In-place sum over ranks (no-op in one process)."""
     if world_size() > 1:
         COLLECTIVES["all_reduce"] += 1
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
@@ -114,6 +118,7 @@ def all_reduce_sum_(x: torch.Tensor) -> torch.Tensor:
 
 
 def broadcast_(x: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Collective: every rank calls this together. `x` in place becomes rank `src`'s (no-op in one process)."""
     if world_size() > 1:
         COLLECTIVES["broadcast"] += 1
         dist.broadcast(x, src=src)
@@ -121,7 +126,8 @@ def broadcast_(x: torch.Tensor, src: int = 0) -> torch.Tensor:
 
 
 def gather_objects(obj: Any) -> list[Any]:
-    """Every process's `obj` (picklable), in rank order; `[obj]` with one process."""
+    """Collective: every rank calls this together. Every process's `obj` (picklable), in rank order; `[obj]`
+    with one process."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
@@ -130,8 +136,9 @@ def gather_objects(obj: Any) -> list[Any]:
 
 
 def any_ranks(flags: list[bool], device: torch.device) -> list[bool]:
-    """Element-wise OR of `flags` over all processes (one small all-reduce; none with one process), so that
-    every process takes the same decision (save, stop) at the same step."""
+    """Collective: every rank calls this together. Element-wise OR of `flags` over all processes (one small
+    all-reduce; none with one process), so that every process takes the same decision (save, stop) at the same
+    step."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return [bool(f) for f in flags]
     t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32, device=device)
@@ -140,17 +147,19 @@ def any_ranks(flags: list[bool], device: torch.device) -> list[bool]:
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
-    """Whether `flag` is true on any process."""
+    """Collective: every rank calls this together (`any_ranks`). Whether `flag` is true on any process."""
     return any_ranks([flag], device)[0]
 
 
 def barrier() -> None:
+    """Collective: every rank calls this together. Wait until every rank has reached it."""
     if world_size() > 1:
         dist.barrier()
 
 
 def trim_to_common_size(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """Cut every rank's batch to the smallest local batch size over ranks (counted as `batch_sync`).
+    """Collective: every rank calls this together. Cut every rank's batch to the smallest local batch size over
+    ranks (counted as `batch_sync`).
 
     Used for data sources that skip unreadable samples, so that feature gathers see equal shapes.
     """

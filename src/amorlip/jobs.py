@@ -161,92 +161,120 @@ def run_jobs(jobs: list[Job], parallel: int, stream: TextIO | None = None, tty: 
     """
     stream = stream or sys.stdout
     console = _Console(stream, bool(getattr(stream, "isatty", lambda: False)()) if tty is None else tty)
-    total = len(jobs)
-    outcomes: list[JobOutcome | None] = [None] * total
-    pending = collections.deque(range(total))
-    running: dict[int, _Running] = {}
-    lines: queue.Queue = queue.Queue()
-    stop: dict[str, Any] = {"signum": None, "forwarded": False, "deadline": None}
-
-    def prefix(i: int) -> str:
-        return f"[job {i + 1}/{total} {jobs[i].label}]"
-
-    def kill_all() -> None:
-        for r in list(running.values()):
-            if r.proc.poll() is None:
-                r.proc.kill()
-
-    def on_signal(signum: int, frame: Any) -> None:
-        if stop["signum"] is None:
-            stop["signum"] = signum  # the loop forwards it
-        else:
-            kill_all()  # asked twice: do not wait for the checkpoints
-
+    pool = _Pool(jobs, parallel, console, show, on_done, stop_timeout)
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for s in (signal.SIGINT, signal.SIGTERM):
-            previous[s] = signal.signal(s, on_signal)
+            previous[s] = signal.signal(s, pool.on_signal)
     try:
-        while pending or running:
-            while stop["signum"] is None and pending and len(running) < parallel:
-                i = pending.popleft()
-                job = jobs[i]
-                job.log_path.parent.mkdir(parents=True, exist_ok=True)
-                job.log_path.write_text("$ " + " ".join(job.argv) + "\n")
-                proc = subprocess.Popen(job.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        errors="replace", bufsize=1, start_new_session=True,
-                                        env={**os.environ, **job.env}, stdin=subprocess.DEVNULL)
-                running[i] = _Running(i, job, proc, collections.deque(maxlen=60), time.monotonic())
-                threading.Thread(target=_reader, args=(i, proc, job.log_path, lines), daemon=True).start()
-                console.event(f"{prefix(i)} started (log: {job.log_path})")
-                console.starting(prefix(i))
-            if stop["signum"] is not None and not stop["forwarded"]:
-                stop["forwarded"], stop["deadline"] = True, time.monotonic() + stop_timeout
-                name = signal.Signals(stop["signum"]).name
-                console.event(f"received {name}: asking {len(running)} running job(s) to save a checkpoint and stop "
-                              f"({len(pending)} not started; a second signal kills them at once)")
-                for r in running.values():
-                    if r.proc.poll() is None:
-                        r.proc.send_signal(signal.SIGTERM)
-                pending.clear()
-            if stop["deadline"] is not None and time.monotonic() > stop["deadline"]:
-                kill_all()
-            try:
-                i, line = lines.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            r = running[i]
-            if line is not None:
-                r.tail.append(line)
-                if show(line):
-                    console.progress(prefix(i), line)
-                continue
-            rc = r.proc.wait()
-            del running[i]
-            console.done(prefix(i))
-            outcome = JobOutcome(r.job, rc, "" if rc == 0 else last_error_line(list(r.tail)),
-                                 time.monotonic() - r.started)
-            outcomes[i] = outcome
-            took = _duration(outcome.seconds)
-            if outcome.ok:
-                console.event(f"{prefix(i)} finished in {took}")
-            elif stop["forwarded"] and rc == 128 + signal.SIGTERM:
-                console.event(f"{prefix(i)} stopped after {took}")
-            else:
-                console.event(f"{prefix(i)} failed ({outcome.describe_exit()} after {took}): {outcome.error_line} "
-                              f"(full output: {r.job.log_path})")
-            if on_done is not None:
-                on_done(outcome)
+        while pool.pending or pool.running:
+            pool.start_pending()
+            pool.forward_stop()
+            pool.take_line()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        kill_all()  # only if this loop itself failed: normally nothing is left running
-        for r in running.values():
+        pool.kill_all()  # only if this loop itself failed: normally nothing is left running
+        for r in pool.running.values():
             r.proc.wait()
-    result = [o if o is not None else JobOutcome(jobs[i], None) for i, o in enumerate(outcomes)]
-    if stop["signum"] is not None:
-        raise JobsStopped(stop["signum"], result)
+    result = [o if o is not None else JobOutcome(jobs[i], None) for i, o in enumerate(pool.outcomes)]
+    if pool.signum is not None:
+        raise JobsStopped(pool.signum, result)
     return result
+
+
+class _Pool:
+    """One `run_jobs` call's state: the jobs not started, running and done, and the stop a signal asked for."""
+
+    def __init__(self, jobs: list[Job], parallel: int, console: _Console, show: Callable[[str], bool],
+                 on_done: Callable[[JobOutcome], None] | None, stop_timeout: float) -> None:
+        self.jobs, self.parallel, self.console, self.show, self.on_done = jobs, parallel, console, show, on_done
+        self.stop_timeout = stop_timeout
+        self.outcomes: list[JobOutcome | None] = [None] * len(jobs)
+        self.pending = collections.deque(range(len(jobs)))
+        self.running: dict[int, _Running] = {}
+        self.lines: queue.Queue = queue.Queue()
+        self.signum: int | None = None  # the signal received (the loop forwards it to the children)
+        self.forwarded = False
+        self.deadline: float | None = None  # after the forwarded signal: when the children are killed
+
+    def prefix(self, i: int) -> str:
+        return f"[job {i + 1}/{len(self.jobs)} {self.jobs[i].label}]"
+
+    def kill_all(self) -> None:
+        for r in list(self.running.values()):
+            if r.proc.poll() is None:
+                r.proc.kill()
+
+    def on_signal(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum  # the loop forwards it
+        else:
+            self.kill_all()  # asked twice: do not wait for the checkpoints
+
+    def start_pending(self) -> None:
+        """Start jobs in order while fewer than `parallel` run (none after a stop signal)."""
+        while self.signum is None and self.pending and len(self.running) < self.parallel:
+            i = self.pending.popleft()
+            job = self.jobs[i]
+            job.log_path.parent.mkdir(parents=True, exist_ok=True)
+            job.log_path.write_text("$ " + " ".join(job.argv) + "\n")
+            proc = subprocess.Popen(job.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    errors="replace", bufsize=1, start_new_session=True,
+                                    env={**os.environ, **job.env}, stdin=subprocess.DEVNULL)
+            self.running[i] = _Running(i, job, proc, collections.deque(maxlen=60), time.monotonic())
+            threading.Thread(target=_reader, args=(i, proc, job.log_path, self.lines), daemon=True).start()
+            self.console.event(f"{self.prefix(i)} started (log: {job.log_path})")
+            self.console.starting(self.prefix(i))
+
+    def forward_stop(self) -> None:
+        """After a stop signal: SIGTERM to every running child (once), nothing more started; past the deadline,
+        kill them."""
+        if self.signum is not None and not self.forwarded:
+            self.forwarded, self.deadline = True, time.monotonic() + self.stop_timeout
+            name = signal.Signals(self.signum).name
+            self.console.event(f"received {name}: asking {len(self.running)} running job(s) to save a checkpoint "
+                               f"and stop ({len(self.pending)} not started; a second signal kills them at once)")
+            for r in self.running.values():
+                if r.proc.poll() is None:
+                    r.proc.send_signal(signal.SIGTERM)
+            self.pending.clear()
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.kill_all()
+
+    def take_line(self) -> None:
+        """One line from a child (waiting at most 0.2 s): kept for its error line, shown if `show` wants it; the
+        end of its output ends the job."""
+        try:
+            i, line = self.lines.get(timeout=0.2)
+        except queue.Empty:
+            return
+        r = self.running[i]
+        if line is not None:
+            r.tail.append(line)
+            if self.show(line):
+                self.console.progress(self.prefix(i), line)
+            return
+        self._finish(i, r)
+
+    def _finish(self, i: int, r: _Running) -> None:
+        """Job `i` closed its output: wait for it, keep its outcome, say how it ended, call `on_done`."""
+        rc = r.proc.wait()
+        del self.running[i]
+        self.console.done(self.prefix(i))
+        outcome = JobOutcome(r.job, rc, "" if rc == 0 else last_error_line(list(r.tail)),
+                             time.monotonic() - r.started)
+        self.outcomes[i] = outcome
+        took = _duration(outcome.seconds)
+        if outcome.ok:
+            self.console.event(f"{self.prefix(i)} finished in {took}")
+        elif self.forwarded and rc == 128 + signal.SIGTERM:
+            self.console.event(f"{self.prefix(i)} stopped after {took}")
+        else:
+            self.console.event(f"{self.prefix(i)} failed ({outcome.describe_exit()} after {took}): "
+                               f"{outcome.error_line} (full output: {r.job.log_path})")
+        if self.on_done is not None:
+            self.on_done(outcome)
 
 
 def _duration(seconds: float) -> str:

@@ -90,7 +90,8 @@ class ContrastiveLoss(nn.Module):
                 logit_bias: torch.Tensor | None = None, *, indices: torch.Tensor | None = None,
                 step: int | None = None, epoch: int | None = None, output_dict: bool = False,
                 return_metrics: bool = False) -> Any:
-        """The loss of one batch (this process's share). `output_dict`: `{"contrastive_loss": loss}` (open_clip's
+        """Collective: every rank calls this together (the objective's collectives). The loss of one batch (this
+        process's share). `output_dict`: `{"contrastive_loss": loss}` (open_clip's
         trainer sums the dict's values); `return_metrics`: also the objective's metrics, `(loss, metrics)`."""
         self._check_features(image_features, text_features, logit_scale)
         indices = self._indices(indices, image_features)
@@ -107,7 +108,8 @@ class ContrastiveLoss(nn.Module):
                          indices: torch.Tensor | None = None, *, accum_steps: int = 1, step: int | None = None,
                          epoch: int | None = None, autocast: Callable[[], Any] | None = None,
                          backward: Callable[[torch.Tensor], None] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
-        """One step's forward and backward through `model` (an open_clip model built with `output_dict=True`, or
+        """Collective: every rank calls this together, with the same `accum_steps`. One step's forward and backward
+        through `model` (an open_clip model built with `output_dict=True`, or
         its DDP wrapper), plain or with cached-feature accumulation over `accum_steps` micro-batches (GradCache,
         `amorlip.step`): the objective runs once on the whole batch, so the gradients equal one big batch's.
         Leaves the gradients in the parameters (zero them before, step the optimizer after); returns
@@ -182,7 +184,8 @@ def make_loss(objective: str, *, dataset_size: int | None = None, steps_per_epoc
               total_steps: int | None = None, embed_dim: int | None = None, local_batch_size: int | None = None,
               options: Any = None, temperature: str = "auto", rho: float = 6.5, rho_final: float | None = None,
               rho_final_fraction: float = 0.25, device: torch.device | str = "cpu") -> ContrastiveLoss:
-    """Build objective `objective` (clip, siglip, sogclr, fastclip, amorlip, neuclip) as a `ContrastiveLoss`.
+    """Collective: every rank calls this together (AmorLIP broadcasts its nets' seed). Build objective `objective`
+    (clip, siglip, sogclr, fastclip, amorlip, neuclip) as a `ContrastiveLoss`.
 
     The run's facts (`dataset_size`, `steps_per_epoch`, `total_steps`, `embed_dim`, `local_batch_size`) are all
     required. `options`: the objective's options dataclass (e.g. `AmorConfig(t_online=1)`, see

@@ -96,7 +96,8 @@ def check_supported(name: str, rest: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run open_clip_train.main with our objective in place of its loss (see the module docstring)."""
+    """Collective under torchrun: every rank runs it. Run open_clip_train.main with our objective in place of its
+    loss (see the module docstring)."""
     ours, rest = split_args(list(sys.argv[1:] if argv is None else argv))
     if ours["objective"] not in objectives.REGISTRY:
         raise ConfigError(f"unknown objective {ours['objective']!r}; choose one of: {', '.join(objectives.REGISTRY)}")
@@ -144,7 +145,9 @@ def _telling_step(factory: Callable, state: dict[str, Any]) -> Callable:
 
 
 def _loss_factory(ours: dict[str, Any], options: dict[str, Any], state: dict[str, Any]) -> Callable:
+    """open_clip's `create_loss` replaced: our objective as a ContrastiveLoss sized by the captured data."""
     def create_loss(args):
+        """Collective: every rank calls this together (`make_loss`)."""
         import open_clip
 
         from amorlip.loss import make_loss
@@ -187,6 +190,7 @@ def _load_objective_state(loss: Any, args: Any) -> None:
 def _saving_epochs(train_one_epoch: Callable, state: dict[str, Any]) -> Callable:
     """train_one_epoch, then the objective's state beside the checkpoint open_clip is about to write."""
     def wrapped(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, **k):
+        """Collective: every rank calls this together (open_clip's training epoch)."""
         out = train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, **k)
         done = epoch + 1
         if args.save_logs:

@@ -34,7 +34,8 @@ from amorlip.schedules import apply_temperature_scheme
 
 def objective_loss(objective: nn.Module, out: dict[str, Any], indices: torch.Tensor, *, step: int, epoch: int,
                    scheme: str, rho: float) -> tuple[torch.Tensor, ObjectiveOutput]:
-    """The objective on one batch's model outputs, then the shared temperature scheme and the extra loss."""
+    """Collective: every rank calls this together (the objective's own collectives). The objective on one
+    batch's model outputs, then the shared temperature scheme and the extra loss."""
     scale = out["logit_scale"]
     result = objective(out["image_features"], out["text_features"], scale, out.get("logit_bias"), indices,
                        step=step, epoch=epoch)
@@ -48,7 +49,8 @@ def forward_backward(train_model: nn.Module, objective: nn.Module, images: torch
                      indices: torch.Tensor, *, step: int, epoch: int, scheme: str, rho: float,
                      autocast: Callable[[], Any], backward: Callable[[torch.Tensor], None],
                      accum_steps: int = 1) -> tuple[torch.Tensor, ObjectiveOutput]:
-    """Gradients of one step, plain (`accum_steps` 1) or accumulated; returns (loss, objective output).
+    """Collective: every rank calls this together, with the same `accum_steps` (the objective, DDP's backward).
+    Gradients of one step, plain (`accum_steps` 1) or accumulated; returns (loss, objective output).
 
     `autocast()` gives a fresh autocast context; `backward(loss)` back-propagates the loss (the trainer's
     GradScaler scales it). The caller zeroes the gradients before and steps the optimizer after.
@@ -67,6 +69,9 @@ def _accumulated(train_model: nn.Module, objective: nn.Module, images: torch.Ten
                  indices: torch.Tensor, *, step: int, epoch: int, scheme: str, rho: float,
                  autocast: Callable[[], Any], backward: Callable[[torch.Tensor], None],
                  accum_steps: int) -> tuple[torch.Tensor, ObjectiveOutput]:
+    """Collective: every rank calls this together (the objective once, DDP's backward on the last micro-batch).
+    Cached-feature accumulation: features of every micro-batch without autograd, the objective on the whole
+    batch's features, then each micro-batch's backward of <features, their gradient> (RNG and BatchNorm replayed)."""
     chunks = list(zip(images.chunk(accum_steps), texts.chunk(accum_steps)))
     bn_state = _batch_norm_state(train_model)
     rng_before: list[dict[str, torch.Tensor]] = []

@@ -111,11 +111,12 @@ def _install_instruments() -> None:
     """Timing wrappers around the counted helpers, and a DDP subclass that registers the counting hook.
 
     Objectives call `distributed.<helper>(...)` through the module, so replacing the module attributes reaches
-    every call; the trainer looks `DDP` up in its module when it wraps the model.
+    every call; the trainer's set-up (amorlip.train_setup.wrap) looks `DDP` up in its module when it wraps the
+    model.
     """
     from torch.nn.parallel import DistributedDataParallel
 
-    import amorlip.train as train_module
+    import amorlip.train_setup as setup_module
     from amorlip import distributed
 
     for name in HELPERS:
@@ -126,7 +127,7 @@ def _install_instruments() -> None:
             super().__init__(*args, **kwargs)
             self.register_comm_hook(None, _counting_allreduce_hook)
 
-    train_module.DDP = CountingDDP
+    setup_module.DDP = CountingDDP
 
 
 class _StepComm(StepHooks):
@@ -167,7 +168,8 @@ class _StepComm(StepHooks):
 
 def _worker(rank: int, world_size: int, port: int, cfg_dicts: list[dict], dataset_size: int, warmup: int,
             steps: int, threads: int, out_dir: str) -> None:
-    """One rank: run every variant's training in turn in the same process group, write its records."""
+    """Collective: every spawned rank runs this together. One rank: run every variant's training in turn in the
+    same process group, write its records."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
     import torch.distributed as dist
@@ -225,26 +227,9 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run(extra: list[str]) -> dict[str, Any]:
-    parser = base_parser(
-        "comm",
-        "Collectives per training step in a multi-process gloo run (spawned by this command): counts, payload "
-        "and time of the objective's collectives, and DDP's gradient buckets.",
-    )
-    add_variant_options(parser, "clip,fastclip,amorlip")
-    parser.add_argument("--steps", type=int, default=16, help="measured steps per variant (default 16)")
-    parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps first (default 2)")
-    parser.add_argument("--world-size", type=int, default=2, help="processes (default 2)")
-    parser.add_argument("--dataset-size", type=int, help="samples the stream pretends to have (default: the config's)")
-    opts, overrides = parse_args(parser, extra)
-    if opts.t_online is None:
-        opts.t_online = "1,8"
-    if opts.device == "cuda":
-        raise ConfigError("bench comm runs gloo processes on the CPU; drop --device cuda")
-    overrides.append(("train.device", "cpu"))
-    if opts.world_size < 2 or opts.steps < 1 or opts.warmup < 0:
-        raise ConfigError("--world-size must be >= 2, --steps >= 1, --warmup >= 0")
-    import torch.multiprocessing as mp
-
+    """`amorlip bench comm EXTRA...`: every variant trained in `--world-size` spawned gloo processes; prints the
+    table and returns (and with --json writes) the results."""
+    opts, overrides = _parse(extra)
     with scratch_dir("comm") as tmp:
         variants = build_variants(opts, overrides, opts.warmup + opts.steps + 1, tmp)
         ref = next(v for v in variants if v.is_reference)
@@ -256,37 +241,9 @@ def run(extra: list[str]) -> dict[str, Any]:
         if not opts.no_progress:
             print(f"bench comm: {len(variants)} variants x {opts.warmup + opts.steps + 1} steps in {opts.world_size} "
                   "gloo processes ...", flush=True)
-        try:
-            mp.start_processes(
-                _worker,
-                args=(opts.world_size, free_port(), [v.cfg.to_dict() for v in variants], dataset_size, opts.warmup,
-                      opts.steps, threads, tmp),
-                nprocs=opts.world_size, join=True, start_method=mp_context().get_start_method(),
-            )
-        except Exception as e:  # noqa: BLE001 - show the worker's own traceback
-            errs = [p for p in sorted(os.listdir(tmp)) if p.endswith(".err")]
-            detail = open(os.path.join(tmp, errs[0])).read() if errs else str(e)
-            raise RuntimeError(f"bench comm worker failed:\n{detail}") from None
-        per_rank = [json.load(open(os.path.join(tmp, f"rank{r}.json"))) for r in range(opts.world_size)]
+        per_rank = _spawn(opts, variants, dataset_size, threads, tmp)
 
-    results, rows = [], []
-    ref_summary = summarize(per_rank[0][variants.index(ref)])
-    for i, v in enumerate(variants):
-        s = summarize(per_rank[0][i])
-        consistent = all(summarize(per_rank[r][i])["totals"] == s["totals"] for r in range(opts.world_size))
-        ref_bytes = ref_summary["gather_bytes_per_step"]
-        ratio = s["gather_bytes_per_step"] / ref_bytes if ref_bytes else None
-        results.append({"label": v.label, "objective": v.cfg.objective, **s, "gather_bytes_vs_reference": ratio,
-                        "ranks_agree": consistent,
-                        "t_online": v.cfg.sections["amor"].t_online if v.cfg.objective == "amorlip" else None})
-        pc = s["per_step"]
-        rows.append([
-            v.label, f"{pc['all_gather_grad']:.3g}", f"{pc['all_gather']:.3g}", f"{pc['all_reduce']:.3g}",
-            f"{pc['broadcast']:.3g}", f"{s['gather_bytes_per_step'] / 1024:.1f}",
-            "ref" if v is ref else (f"{ratio:.3f}x" if ratio is not None else "-"),
-            f"{s['collective_ms_per_step']:.2f}", f"{s['ddp_buckets_per_step']:.3g}",
-            f"{s['ddp_bytes_per_step'] / 2**20:.2f}", f"{s['ddp_ms_per_step']:.1f}", f"{s['step_ms_median']:.1f}",
-        ])
+    results, rows = _results(variants, ref, per_rank, opts.world_size)
     headers = ["variant", "gather+grad", "gather", "all_reduce", "broadcast", "gathered KiB", "vs ref",
                "coll. ms", "DDP buckets", "DDP MiB", "DDP ms", "step ms"]
     table = format_table(headers, rows)
@@ -305,3 +262,69 @@ def run(extra: list[str]) -> dict[str, Any]:
            "environment": environment(torch.device("cpu")), "variants": results, "table": table}
     write_json(opts.json, out)
     return out
+
+
+def _parse(extra: list[str]) -> tuple[Any, list[tuple[str, str]]]:
+    """The command's options (t_online defaulting to 1,8) and the config overrides (train.device cpu added)."""
+    parser = base_parser(
+        "comm",
+        "Collectives per training step in a multi-process gloo run (spawned by this command): counts, payload "
+        "and time of the objective's collectives, and DDP's gradient buckets.",
+    )
+    add_variant_options(parser, "clip,fastclip,amorlip")
+    parser.add_argument("--steps", type=int, default=16, help="measured steps per variant (default 16)")
+    parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps first (default 2)")
+    parser.add_argument("--world-size", type=int, default=2, help="processes (default 2)")
+    parser.add_argument("--dataset-size", type=int, help="samples the stream pretends to have (default: the config's)")
+    opts, overrides = parse_args(parser, extra)
+    if opts.t_online is None:
+        opts.t_online = "1,8"
+    if opts.device == "cuda":
+        raise ConfigError("bench comm runs gloo processes on the CPU; drop --device cuda")
+    overrides.append(("train.device", "cpu"))
+    if opts.world_size < 2 or opts.steps < 1 or opts.warmup < 0:
+        raise ConfigError("--world-size must be >= 2, --steps >= 1, --warmup >= 0")
+    return opts, overrides
+
+
+def _spawn(opts: Any, variants: list, dataset_size: int, threads: int, tmp: str) -> list[list[list[dict]]]:
+    """Run `_worker` in `--world-size` processes; each rank's per-variant step records (a worker's traceback
+    becomes the error)."""
+    import torch.multiprocessing as mp
+
+    try:
+        mp.start_processes(
+            _worker,
+            args=(opts.world_size, free_port(), [v.cfg.to_dict() for v in variants], dataset_size, opts.warmup,
+                  opts.steps, threads, tmp),
+            nprocs=opts.world_size, join=True, start_method=mp_context().get_start_method(),
+        )
+    except Exception as e:  # noqa: BLE001 - show the worker's own traceback
+        errs = [p for p in sorted(os.listdir(tmp)) if p.endswith(".err")]
+        detail = open(os.path.join(tmp, errs[0])).read() if errs else str(e)
+        raise RuntimeError(f"bench comm worker failed:\n{detail}") from None
+    return [json.load(open(os.path.join(tmp, f"rank{r}.json"))) for r in range(opts.world_size)]
+
+
+def _results(variants: list, ref: Any, per_rank: list, world_size: int) -> tuple[list[dict[str, Any]], list[list]]:
+    """Per variant: rank 0's summary, its gathered bytes against the reference's and whether every rank counted
+    the same collectives; and its table row."""
+    results, rows = [], []
+    ref_summary = summarize(per_rank[0][variants.index(ref)])
+    for i, v in enumerate(variants):
+        s = summarize(per_rank[0][i])
+        consistent = all(summarize(per_rank[r][i])["totals"] == s["totals"] for r in range(world_size))
+        ref_bytes = ref_summary["gather_bytes_per_step"]
+        ratio = s["gather_bytes_per_step"] / ref_bytes if ref_bytes else None
+        results.append({"label": v.label, "objective": v.cfg.objective, **s, "gather_bytes_vs_reference": ratio,
+                        "ranks_agree": consistent,
+                        "t_online": v.cfg.sections["amor"].t_online if v.cfg.objective == "amorlip" else None})
+        pc = s["per_step"]
+        rows.append([
+            v.label, f"{pc['all_gather_grad']:.3g}", f"{pc['all_gather']:.3g}", f"{pc['all_reduce']:.3g}",
+            f"{pc['broadcast']:.3g}", f"{s['gather_bytes_per_step'] / 1024:.1f}",
+            "ref" if v is ref else (f"{ratio:.3f}x" if ratio is not None else "-"),
+            f"{s['collective_ms_per_step']:.2f}", f"{s['ddp_buckets_per_step']:.3g}",
+            f"{s['ddp_bytes_per_step'] / 2**20:.2f}", f"{s['ddp_ms_per_step']:.1f}", f"{s['step_ms_median']:.1f}",
+        ])
+    return results, rows

@@ -73,19 +73,9 @@ def model_rate(cfg: Any, steps: int, warmup: int) -> dict[str, float]:
 
 
 def run(extra: list[str]) -> dict[str, Any]:
-    parser = base_parser(
-        "data",
-        "Samples/s of the webdataset pipeline (read, decode, transform, tokenize) per worker count, against "
-        "the model's training-step throughput.",
-    )
-    parser.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts (default 0,1,2)")
-    parser.add_argument("--n", type=int, default=2048, help="samples to write into the shards (default 2048)")
-    parser.add_argument("--shard-size", type=int,
-                        help="samples per shard (default: enough shards for every worker count)")
-    parser.add_argument("--shards", help="use the shards in this folder (with sizes.json) instead of writing new ones")
-    parser.add_argument("--batches", type=int, default=12, help="batches timed per worker count (default 12)")
-    parser.add_argument("--model-steps", type=int, default=10, help="model steps timed (default 10; 0 skips)")
-    opts, overrides = parse_args(parser, extra)
+    """`amorlip bench data EXTRA...`: the loader's rate per worker count against the model's step rate; prints
+    the table and returns (and with --json writes) the results."""
+    opts, overrides = _parse(extra)
     device = resolve_device(opts.device)
     load_warning(opts.threads)
     workers = split_list(opts.workers, int)
@@ -99,20 +89,7 @@ def run(extra: list[str]) -> dict[str, Any]:
 
         _, transform, _, tokenizer = create_model(cfg.model.name)
         batch = cfg.train.batch_size
-        if opts.shards:
-            from amorlip.data.wds import dataset_size_from_sizes_json, expand_shards
-
-            urls = expand_shards(opts.shards)
-            n = dataset_size_from_sizes_json(urls)
-        else:
-            from amorlip.data.writers import write_synthetic_wds
-
-            n = opts.n
-            shard_size = opts.shard_size or max(1, n // max(4, 2 * max(workers)))
-            t0 = time.perf_counter()
-            urls = [str(p) for p in write_synthetic_wds(Path(tmp) / "shards", n, seed=0, shard_size=shard_size)]
-            if not opts.no_progress:
-                print(f"wrote {len(urls)} shards of {shard_size} samples in {time.perf_counter() - t0:.1f} s")
+        urls, n = _shards(opts, workers, tmp)
         if n < batch * 2:
             raise ConfigError(f"{n} samples is less than two batches of {batch}; raise --n or lower --batch-size")
         batches = min(opts.batches, n // batch)
@@ -125,21 +102,8 @@ def run(extra: list[str]) -> dict[str, Any]:
             rows_data.append(loader_rate(urls, n, batch, w, batches, transform, tokenizer))
         model = model_rate(cfg, opts.model_steps, 3) if opts.model_steps > 0 else None
 
-    rows = []
-    for r in rows_data:
-        verdict, est = "-", "-"
-        if model:
-            ratio = r["samples_per_s"] / model["samples_per_s"]
-            r["vs_model"] = ratio
-            verdict = f"{ratio:.2f}x " + ("(loader-bound)" if ratio < 1.0 else "(model-bound)")
-            # 0 workers: loading runs in the training loop, so the two times add; else they overlap (the slower wins)
-            if r["workers"] == 0:
-                r["train_samples_per_s_est"] = 1.0 / (1.0 / r["samples_per_s"] + 1.0 / model["samples_per_s"])
-            else:
-                r["train_samples_per_s_est"] = min(r["samples_per_s"], model["samples_per_s"])
-            est = f"{r['train_samples_per_s_est']:.0f}"
-        rows.append([str(r["workers"]), f"{r['samples_per_s']:.0f}", f"{r['first_batch_s']:.2f}", verdict, est])
-    table = format_table(["workers", "loader samples/s", "first batch s", "vs model step", "training est."], rows)
+    table = format_table(["workers", "loader samples/s", "first batch s", "vs model step", "training est."],
+                         [_row(r, model) for r in rows_data])
     print(f"\nbench data: webdataset pipeline for {cfg.model.name} (batch {batch}), {len(urls)} shards, {n} samples; "
           f"{device}")
     print(table)
@@ -153,3 +117,54 @@ def run(extra: list[str]) -> dict[str, Any]:
            "environment": environment(device), "loader": rows_data, "model_step": model, "table": table}
     write_json(opts.json, out)
     return out
+
+
+def _parse(extra: list[str]) -> tuple[Any, list[tuple[str, str]]]:
+    """The command's options and the config overrides."""
+    parser = base_parser(
+        "data",
+        "Samples/s of the webdataset pipeline (read, decode, transform, tokenize) per worker count, against "
+        "the model's training-step throughput.",
+    )
+    parser.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts (default 0,1,2)")
+    parser.add_argument("--n", type=int, default=2048, help="samples to write into the shards (default 2048)")
+    parser.add_argument("--shard-size", type=int,
+                        help="samples per shard (default: enough shards for every worker count)")
+    parser.add_argument("--shards", help="use the shards in this folder (with sizes.json) instead of writing new ones")
+    parser.add_argument("--batches", type=int, default=12, help="batches timed per worker count (default 12)")
+    parser.add_argument("--model-steps", type=int, default=10, help="model steps timed (default 10; 0 skips)")
+    return parse_args(parser, extra)
+
+
+def _shards(opts: Any, workers: list[int], tmp: str) -> tuple[list[str], int]:
+    """(shard urls, samples): `--shards DIR`'s, or `--n` synthetic samples written to `tmp`."""
+    if opts.shards:
+        from amorlip.data.wds_shards import dataset_size_from_sizes_json, expand_shards
+
+        urls = expand_shards(opts.shards)
+        return urls, dataset_size_from_sizes_json(urls)
+    from amorlip.data.writers import write_synthetic_wds
+
+    n = opts.n
+    shard_size = opts.shard_size or max(1, n // max(4, 2 * max(workers)))
+    t0 = time.perf_counter()
+    urls = [str(p) for p in write_synthetic_wds(Path(tmp) / "shards", n, seed=0, shard_size=shard_size)]
+    if not opts.no_progress:
+        print(f"wrote {len(urls)} shards of {shard_size} samples in {time.perf_counter() - t0:.1f} s")
+    return urls, n
+
+
+def _row(r: dict[str, Any], model: dict[str, float] | None) -> list[str]:
+    """A worker count's table row; with the model's rate, also its ratio and training estimate (added to `r`)."""
+    verdict, est = "-", "-"
+    if model:
+        ratio = r["samples_per_s"] / model["samples_per_s"]
+        r["vs_model"] = ratio
+        verdict = f"{ratio:.2f}x " + ("(loader-bound)" if ratio < 1.0 else "(model-bound)")
+        # 0 workers: loading runs in the training loop, so the two times add; else they overlap (the slower wins)
+        if r["workers"] == 0:
+            r["train_samples_per_s_est"] = 1.0 / (1.0 / r["samples_per_s"] + 1.0 / model["samples_per_s"])
+        else:
+            r["train_samples_per_s_est"] = min(r["samples_per_s"], model["samples_per_s"])
+        est = f"{r['train_samples_per_s_est']:.0f}"
+    return [str(r["workers"]), f"{r['samples_per_s']:.0f}", f"{r['first_batch_s']:.2f}", verdict, est]

@@ -108,15 +108,9 @@ def _phase_specs(cfg: Any) -> list[tuple[float, int | None, int | None]]:
 
 
 def run(extra: list[str]) -> dict[str, Any]:
-    parser = base_parser(
-        "flops",
-        "FLOPs (FlopCounterMode, forward+backward+optimizer) and time per training step, for each RECLIP "
-        "resolution phase of the config (or the model's native size).",
-    )
-    add_variant_options(parser, "clip")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per phase (default 5)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per phase first, >= 1 (default 2)")
-    opts, overrides = parse_args(parser, extra)
+    """`amorlip bench flops EXTRA...`: every variant trained through the config's phases, each `--warmup` +
+    `--steps` steps long; prints the table and returns (and with --json writes) the results."""
+    opts, overrides = _parse(extra)
     device = resolve_device(opts.device)
     load_warning(opts.threads)
     if opts.warmup < 1 or opts.steps < 1:
@@ -131,64 +125,20 @@ def run(extra: list[str]) -> dict[str, Any]:
     if k > 1:
         equal[-1][0] = 1.0 - sum(e[0] for e in equal[:-1])
 
-    try:
-        from amorlip import reclip
-    except ImportError:  # pragma: no cover - optional module
-        reclip = None  # type: ignore[assignment]
-
-    rows, results = [], []
+    results = []
     with scratch_dir("flops") as tmp:
         extra_ov = [("resolution.phases", repr(equal))] if k > 1 else []
         variants = build_variants(opts, [*overrides, *extra_ov], k * per, tmp)
         bar = progress(k * per * len(variants), "flops", disable=opts.no_progress)
-        model = None
-        if reclip is not None and hasattr(reclip, "flops_per_step"):
-            from amorlip.models import create_model
+        from amorlip.models import create_model
 
-            model = create_model(base.model.name)[0]
+        model = create_model(base.model.name)[0]
         for v in variants:
-            hooks = _PhaseHooks(device, per, opts.warmup, bar)
-            stream = BenchStream(v.cfg.train.batch_size, v.cfg.train.batch_size * (k * per + 1), hooks=hooks,
-                                 pin_memory=device.type == "cuda")
-            run_training(v.cfg, stream)
-            times = hooks.timer.times()
-            for i, (_, size, ctx) in enumerate(specs):
-                size, ctx = size or native_size, ctx or native_ctx
-                measured = [times[s] for s in range(i * per + opts.warmup, (i + 1) * per) if s in times]
-                t = statistics.median(measured) if measured else float("nan")
-                model_flops = (reclip.flops_per_step(model, size, ctx, v.cfg.train.batch_size)
-                               if model is not None else None)
-                flops = hooks.flops.get(i, float("nan"))
-                results.append({"label": v.label, "phase": i + 1, "image_size": size, "context_length": ctx,
-                                "flops_per_step": flops, "model_flops_per_step": model_flops,
-                                "step_ms_median": 1e3 * t, "tflops_per_s": flops / t / 1e12 if t > 0 else None})
+            results += _measure(v, specs, (native_size, native_ctx), opts, device, bar, model)
         bar.close()
 
-    # whole-schedule estimate from the config's own step count and fractions
-    schedule = None
-    if base.train.steps:
-        total = int(base.train.steps)
-        counts = [round(total * sum(f for f, _, _ in specs[: i + 1])) for i in range(k)]
-        counts = [c - (counts[i - 1] if i else 0) for i, c in enumerate(counts)]
-        schedule = {}
-        for v in variants:
-            per_phase = [r for r in results if r["label"] == v.label]
-            last = per_phase[-1]  # the native-size phase
-            flops = sum(n * r["flops_per_step"] for n, r in zip(counts, per_phase))
-            secs = sum(n * r["step_ms_median"] / 1e3 for n, r in zip(counts, per_phase))
-            schedule[v.label] = {
-                "steps": counts, "flops": flops, "seconds": secs,
-                "flops_vs_native": flops / (total * last["flops_per_step"]),
-                "time_vs_native": secs / (total * last["step_ms_median"] / 1e3),
-            }
-    for r in results:
-        rows.append([r["label"], str(r["phase"]), str(r["image_size"]), str(r["context_length"]),
-                     f"{r['flops_per_step'] / 1e9:.3f}",
-                     "-" if r["model_flops_per_step"] is None else f"{r['model_flops_per_step'] / 1e9:.3f}",
-                     f"{r['step_ms_median']:.1f}",
-                     "-" if r["tflops_per_s"] is None else f"{1e3 * r['tflops_per_s']:.1f}"])
-    table = format_table(["variant", "phase", "image px", "tokens", "GFLOP/step", "model GFLOP", "ms/step",
-                          "GFLOP/s"], rows)
+    schedule = _schedule(base, specs, variants, results) if base.train.steps else None
+    table = _table(results)
     print(f"\nbench flops: {base.model.name}, batch {base.train.batch_size}, {base.model.precision}, {device}; "
           f"{opts.steps} timed steps per phase after {opts.warmup}")
     print(table)
@@ -204,3 +154,75 @@ def run(extra: list[str]) -> dict[str, Any]:
            "table": table}
     write_json(opts.json, out)
     return out
+
+
+def _parse(extra: list[str]) -> tuple[Any, list[tuple[str, str]]]:
+    """The command's options and the config overrides."""
+    parser = base_parser(
+        "flops",
+        "FLOPs (FlopCounterMode, forward+backward+optimizer) and time per training step, for each RECLIP "
+        "resolution phase of the config (or the model's native size).",
+    )
+    add_variant_options(parser, "clip")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per phase (default 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per phase first, >= 1 (default 2)")
+    return parse_args(parser, extra)
+
+
+def _measure(v: Any, specs: list[tuple[float, int | None, int | None]], native: tuple[int, int], opts: Any,
+             device: Any, bar: Any, model: Any) -> list[dict[str, Any]]:
+    """Train variant `v` through the phases; per phase its counted FLOPs, the encoders' own FLOPs
+    (reclip.flops_per_step on `model`) and the median step time."""
+    from amorlip import reclip
+
+    per = opts.warmup + opts.steps
+    hooks = _PhaseHooks(device, per, opts.warmup, bar)
+    stream = BenchStream(v.cfg.train.batch_size, v.cfg.train.batch_size * (len(specs) * per + 1), hooks=hooks,
+                         pin_memory=device.type == "cuda")
+    run_training(v.cfg, stream)
+    times = hooks.timer.times()
+    results = []
+    for i, (_, size, ctx) in enumerate(specs):
+        size, ctx = size or native[0], ctx or native[1]
+        measured = [times[s] for s in range(i * per + opts.warmup, (i + 1) * per) if s in times]
+        t = statistics.median(measured) if measured else float("nan")
+        model_flops = reclip.flops_per_step(model, size, ctx, v.cfg.train.batch_size)
+        flops = hooks.flops.get(i, float("nan"))
+        results.append({"label": v.label, "phase": i + 1, "image_size": size, "context_length": ctx,
+                        "flops_per_step": flops, "model_flops_per_step": model_flops,
+                        "step_ms_median": 1e3 * t, "tflops_per_s": flops / t / 1e12 if t > 0 else None})
+    return results
+
+
+def _schedule(base: Any, specs: list[tuple[float, int | None, int | None]], variants: list,
+              results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Whole-schedule estimate per variant, from the config's own step count and phase fractions."""
+    k = len(specs)
+    total = int(base.train.steps)
+    counts = [round(total * sum(f for f, _, _ in specs[: i + 1])) for i in range(k)]
+    counts = [c - (counts[i - 1] if i else 0) for i, c in enumerate(counts)]
+    schedule = {}
+    for v in variants:
+        per_phase = [r for r in results if r["label"] == v.label]
+        last = per_phase[-1]  # the native-size phase
+        flops = sum(n * r["flops_per_step"] for n, r in zip(counts, per_phase))
+        secs = sum(n * r["step_ms_median"] / 1e3 for n, r in zip(counts, per_phase))
+        schedule[v.label] = {
+            "steps": counts, "flops": flops, "seconds": secs,
+            "flops_vs_native": flops / (total * last["flops_per_step"]),
+            "time_vs_native": secs / (total * last["step_ms_median"] / 1e3),
+        }
+    return schedule
+
+
+def _table(results: list[dict[str, Any]]) -> str:
+    """One row per variant and phase."""
+    rows = []
+    for r in results:
+        rows.append([r["label"], str(r["phase"]), str(r["image_size"]), str(r["context_length"]),
+                     f"{r['flops_per_step'] / 1e9:.3f}",
+                     "-" if r["model_flops_per_step"] is None else f"{r['model_flops_per_step'] / 1e9:.3f}",
+                     f"{r['step_ms_median']:.1f}",
+                     "-" if r["tflops_per_s"] is None else f"{1e3 * r['tflops_per_s']:.1f}"])
+    return format_table(["variant", "phase", "image px", "tokens", "GFLOP/step", "model GFLOP", "ms/step",
+                          "GFLOP/s"], rows)

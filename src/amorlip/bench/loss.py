@@ -132,17 +132,9 @@ def transient_peak(case: Any, steps: list[int], device: torch.device) -> int:
 
 
 def run(extra: list[str]) -> dict[str, Any]:
-    parser = base_parser(
-        "loss",
-        "Each objective alone (no encoders): forward+backward time relative to the B x B similarity matmul, "
-        "and transient memory relative to one B x B fp32 matrix.",
-    )
-    add_variant_options(parser, "clip,siglip,sogclr,fastclip,amorlip,neuclip")
-    parser.add_argument("--dim", type=int, help="feature width d (default: 512 on CUDA, 256 on CPU)")
-    parser.add_argument("--steps", type=int, default=16, help="measured steps per objective (default 16)")
-    parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (default 3)")
-    parser.add_argument("--dataset-size", type=int, help="size of per-sample buffers (default: 10 B)")
-    opts, overrides = parse_args(parser, extra)
+    """`amorlip bench loss EXTRA...`: every objective against the similarity-matmul floor, interleaved; prints
+    the table and returns (and with --json writes) the results."""
+    opts, overrides = _parse(extra)
     device = resolve_device(opts.device)
     load_warning(opts.threads)
     batch = opts.batch_size or (4096 if device.type == "cuda" else 1024)
@@ -163,29 +155,8 @@ def run(extra: list[str]) -> dict[str, Any]:
         block = math.lcm(block, p) if math.lcm(block, p) <= opts.steps else block
     steps = block * max(1, opts.steps // block)
 
-    times: dict[str, list[float]] = {c.label: [] for c in cases}
-    bar = progress((opts.warmup + steps) * len(cases), "loss", disable=opts.no_progress)
-    for r in range(opts.warmup + steps):
-        for c in cases if r % 2 == 0 else reversed(cases):
-            c.zero_grad()
-            _sync(device)
-            if device.type == "cuda":
-                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                e0.record()
-                c.step(r)
-                e1.record()
-                e1.synchronize()
-                t = e0.elapsed_time(e1) / 1e3
-            else:
-                t0 = time.perf_counter()
-                c.step(r)
-                t = time.perf_counter() - t0
-            if r >= opts.warmup:
-                times[c.label].append(t)
-            bar.update(1)
-    bar.close()
-    floor = cases[0].label
-    stats = paired_stats(times, floor, block)
+    times = _time_cases(cases, opts.warmup, steps, device, opts.no_progress)
+    stats = paired_stats(times, cases[0].label, block)
     first = block * math.ceil((opts.warmup + steps) / block)
     mem_steps = [first, first + 1]  # a step that runs every periodic cost (Stage I), and one after it
     matrix = batch * batch * 4
@@ -215,3 +186,46 @@ def run(extra: list[str]) -> dict[str, Any]:
            "objectives": results, "notes": notes, "table": table}
     write_json(opts.json, out)
     return out
+
+
+def _parse(extra: list[str]) -> tuple[Any, list[tuple[str, str]]]:
+    """The command's options and the config overrides."""
+    parser = base_parser(
+        "loss",
+        "Each objective alone (no encoders): forward+backward time relative to the B x B similarity matmul, "
+        "and transient memory relative to one B x B fp32 matrix.",
+    )
+    add_variant_options(parser, "clip,siglip,sogclr,fastclip,amorlip,neuclip")
+    parser.add_argument("--dim", type=int, help="feature width d (default: 512 on CUDA, 256 on CPU)")
+    parser.add_argument("--steps", type=int, default=16, help="measured steps per objective (default 16)")
+    parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (default 3)")
+    parser.add_argument("--dataset-size", type=int, help="size of per-sample buffers (default: 10 B)")
+    return parse_args(parser, extra)
+
+
+def _time_cases(cases: list[Any], warmup: int, steps: int, device: torch.device,
+                no_progress: bool) -> dict[str, list[float]]:
+    """Seconds of each case's steps after `warmup`, the cases interleaved (in reverse order every other step):
+    CUDA events on the GPU, perf_counter on the CPU."""
+    times: dict[str, list[float]] = {c.label: [] for c in cases}
+    bar = progress((warmup + steps) * len(cases), "loss", disable=no_progress)
+    for r in range(warmup + steps):
+        for c in cases if r % 2 == 0 else reversed(cases):
+            c.zero_grad()
+            _sync(device)
+            if device.type == "cuda":
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                c.step(r)
+                e1.record()
+                e1.synchronize()
+                t = e0.elapsed_time(e1) / 1e3
+            else:
+                t0 = time.perf_counter()
+                c.step(r)
+                t = time.perf_counter() - t0
+            if r >= warmup:
+                times[c.label].append(t)
+            bar.update(1)
+    bar.close()
+    return times

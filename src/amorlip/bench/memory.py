@@ -190,6 +190,37 @@ def step_memory_model(rows: list[dict[str, Any]], batch: int) -> tuple[float, fl
 
 
 def run(extra: list[str]) -> dict[str, Any]:
+    """`amorlip bench memory EXTRA...`: the loss part and the training-step part (each skippable); prints their
+    tables and returns (and with --json writes) the results."""
+    opts, overrides = _parse(extra)
+    device = resolve_device(opts.device)
+    load_warning(opts.threads)
+    show = not opts.no_progress
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    opts.dim = opts.dim or (512 if device.type == "cuda" else 256)
+    opts.batch_sizes = opts.batch_sizes or ("4096,8192,16384" if device.type == "cuda" else "1024,2048,4096")
+    if opts.repeats < 1 or opts.steps < 1 or opts.warmup < 0 or opts.dim < 1:
+        raise ConfigError("--repeats and --steps must be >= 1, --warmup >= 0, --dim >= 1")
+    if opts.tile_size not in (None, "auto"):
+        try:
+            if int(opts.tile_size) < 0:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"--tile-size must be auto or a number of rows >= 0 (got {opts.tile_size!r})") from None
+    budget = None if opts.budget_mb is None else opts.budget_mb * 2**20
+    out: dict[str, Any] = {"command": "memory", "device": str(device), "dim": opts.dim, "budget_mb": opts.budget_mb,
+                           "environment": environment(device)}
+    if not opts.skip_loss:
+        out.update(_loss_part(opts, overrides, device, show, budget))
+    if not opts.skip_step:
+        out["step"] = _step_part(opts, overrides, device, show, budget)
+    write_json(opts.json, out)
+    return out
+
+
+def _parse(extra: list[str]) -> tuple[Any, list[tuple[str, str]]]:
+    """The command's options and the config overrides."""
     parser = base_parser(
         "memory",
         "Peak memory of each objective's loss at growing batch, tiled vs dense (in B x B fp32 matrices), and of "
@@ -209,71 +240,58 @@ def run(extra: list[str]) -> dict[str, Any]:
     parser.add_argument("--budget-mb", type=float, help="report the largest batch whose peak fits this many MiB")
     parser.add_argument("--skip-loss", action="store_true", help="skip the loss part")
     parser.add_argument("--skip-step", action="store_true", help="skip the training-step part")
-    opts, overrides = parse_args(parser, extra)
-    device = resolve_device(opts.device)
-    load_warning(opts.threads)
-    show = not opts.no_progress
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
-    opts.dim = opts.dim or (512 if device.type == "cuda" else 256)
-    opts.batch_sizes = opts.batch_sizes or ("4096,8192,16384" if device.type == "cuda" else "1024,2048,4096")
-    if opts.repeats < 1 or opts.steps < 1 or opts.warmup < 0 or opts.dim < 1:
-        raise ConfigError("--repeats and --steps must be >= 1, --warmup >= 0, --dim >= 1")
-    if opts.tile_size not in (None, "auto"):
-        try:
-            if int(opts.tile_size) < 0:
-                raise ValueError
-        except ValueError:
-            raise ConfigError(f"--tile-size must be auto or a number of rows >= 0 (got {opts.tile_size!r})") from None
-    budget = None if opts.budget_mb is None else opts.budget_mb * 2**20
-    out: dict[str, Any] = {"command": "memory", "device": str(device), "dim": opts.dim, "budget_mb": opts.budget_mb,
-                           "environment": environment(device)}
+    return parse_args(parser, extra)
 
-    if not opts.skip_loss:
-        rows = loss_memory(opts, overrides, device, show)
-        table = format_table(
-            ["objective", "B", "mode", "tile", "peak MB", "x B*B*4", "ms", "time / dense"],
-            [[r["objective"], r["batch"], r["mode"], r["tile_rows"] or "-", mb(r["peak_bytes"]),
-              f"{r['x_matrix']:.3f}x", f"{r['ms_median']:.1f}",
-              f"{r['time_ratio']:.2f} [{r['time_ratio_q25']:.2f}, {r['time_ratio_q75']:.2f}]"] for r in rows])
-        print(f"\nbench memory (loss): d={opts.dim}, fp32, {device}; forward + backward on fixed features, "
-              f"{opts.repeats} interleaved repeats")
-        print(table)
-        print("x B*B*4: transient peak over one B x B fp32 matrix; time / dense: median [IQR] of the paired ratios.")
-        out.update(loss=rows, loss_table=table)
-        if budget is not None:
-            fits = largest_batch(rows, budget)
-            ftable = format_table(["objective", "mode", "largest measured B", "extrapolated B", "peak ~"],
-                                  [[f["objective"], f["mode"], f["largest_measured"] or "-", f["extrapolated"] or "-",
-                                    f["scaling"]] for f in fits])
-            print(f"\nlargest batch whose loss fits {opts.budget_mb:g} MiB:")
-            print(ftable)
-            out.update(loss_budget=fits, loss_budget_table=ftable)
 
-    if not opts.skip_step:
-        res = step_memory(opts, overrides, device, show)
-        k1 = res["rows"][0]
-        fixed, per_sample = step_memory_model(res["rows"], res["batch_size"])
-        for r in res["rows"]:
-            r["peak_ratio"] = (r["peak_bytes"] / k1["peak_bytes"]) if r["peak_bytes"] and k1["peak_bytes"] else None
-            r["fits_batch"] = (int((budget - fixed) / per_sample * r["accum_steps"])
-                               if budget is not None and per_sample and budget > fixed else None)
-        res.update(fixed_bytes=fixed, bytes_per_micro_sample=per_sample)
-        headers = ["K", "micro-batch", "step ms", "time / K=1", "peak MB", "peak / K=1"]
-        if budget is not None:
-            headers.append(f"batch in {opts.budget_mb:g} MiB (model)")
-        table = format_table(headers, [
-            [r["accum_steps"], r["micro_batch"], f"{r['step_ms_median']:.1f}",
-             f"{r['time_ratio']:.2f} [{r['time_ratio_q25']:.2f}, {r['time_ratio_q75']:.2f}]", mb(r["peak_bytes"]),
-             "-" if r["peak_ratio"] is None else f"{r['peak_ratio']:.2f}x",
-             *([r["fits_batch"] or "-"] if budget is not None else [])] for r in res["rows"]])
-        print(f"\nbench memory (step): {res['objective']} / {res['model']}, global batch {res['batch_size']}, {device}; "
-              f"{res['steps']} measured steps per K after {res['warmup']}, blocks of {res['block']}, interleaved")
-        print(table)
-        print("time / K=1: median [IQR] over blocks of the paired step-time ratio (= time per sample: the batch is "
-              "fixed); peak: " + ("CUDA max allocated" if device.type == "cuda" else "the profiler's tensor peak")
-              + " of the step.")
-        res["table"] = table
-        out["step"] = res
-    write_json(opts.json, out)
+def _loss_part(opts: Any, overrides: list[tuple[str, str]], device: torch.device, show: bool,
+               budget: float | None) -> dict[str, Any]:
+    """The loss part (`loss_memory`) printed; with a budget also the largest batch that fits it."""
+    rows = loss_memory(opts, overrides, device, show)
+    table = format_table(
+        ["objective", "B", "mode", "tile", "peak MB", "x B*B*4", "ms", "time / dense"],
+        [[r["objective"], r["batch"], r["mode"], r["tile_rows"] or "-", mb(r["peak_bytes"]),
+          f"{r['x_matrix']:.3f}x", f"{r['ms_median']:.1f}",
+          f"{r['time_ratio']:.2f} [{r['time_ratio_q25']:.2f}, {r['time_ratio_q75']:.2f}]"] for r in rows])
+    print(f"\nbench memory (loss): d={opts.dim}, fp32, {device}; forward + backward on fixed features, "
+          f"{opts.repeats} interleaved repeats")
+    print(table)
+    print("x B*B*4: transient peak over one B x B fp32 matrix; time / dense: median [IQR] of the paired ratios.")
+    out: dict[str, Any] = {"loss": rows, "loss_table": table}
+    if budget is not None:
+        fits = largest_batch(rows, budget)
+        ftable = format_table(["objective", "mode", "largest measured B", "extrapolated B", "peak ~"],
+                              [[f["objective"], f["mode"], f["largest_measured"] or "-", f["extrapolated"] or "-",
+                                f["scaling"]] for f in fits])
+        print(f"\nlargest batch whose loss fits {opts.budget_mb:g} MiB:")
+        print(ftable)
+        out.update(loss_budget=fits, loss_budget_table=ftable)
     return out
+
+
+def _step_part(opts: Any, overrides: list[tuple[str, str]], device: torch.device, show: bool,
+               budget: float | None) -> dict[str, Any]:
+    """The training-step part (`step_memory`) with the peaks' linear model, printed."""
+    res = step_memory(opts, overrides, device, show)
+    k1 = res["rows"][0]
+    fixed, per_sample = step_memory_model(res["rows"], res["batch_size"])
+    for r in res["rows"]:
+        r["peak_ratio"] = (r["peak_bytes"] / k1["peak_bytes"]) if r["peak_bytes"] and k1["peak_bytes"] else None
+        r["fits_batch"] = (int((budget - fixed) / per_sample * r["accum_steps"])
+                           if budget is not None and per_sample and budget > fixed else None)
+    res.update(fixed_bytes=fixed, bytes_per_micro_sample=per_sample)
+    headers = ["K", "micro-batch", "step ms", "time / K=1", "peak MB", "peak / K=1"]
+    if budget is not None:
+        headers.append(f"batch in {opts.budget_mb:g} MiB (model)")
+    table = format_table(headers, [
+        [r["accum_steps"], r["micro_batch"], f"{r['step_ms_median']:.1f}",
+         f"{r['time_ratio']:.2f} [{r['time_ratio_q25']:.2f}, {r['time_ratio_q75']:.2f}]", mb(r["peak_bytes"]),
+         "-" if r["peak_ratio"] is None else f"{r['peak_ratio']:.2f}x",
+         *([r["fits_batch"] or "-"] if budget is not None else [])] for r in res["rows"]])
+    print(f"\nbench memory (step): {res['objective']} / {res['model']}, global batch {res['batch_size']}, {device}; "
+          f"{res['steps']} measured steps per K after {res['warmup']}, blocks of {res['block']}, interleaved")
+    print(table)
+    print("time / K=1: median [IQR] over blocks of the paired step-time ratio (= time per sample: the batch is "
+          "fixed); peak: " + ("CUDA max allocated" if device.type == "cuda" else "the profiler's tensor peak")
+          + " of the step.")
+    res["table"] = table
+    return res

@@ -253,6 +253,56 @@ def measure(variants: list[Variant], dataset_size: int, rounds: int, memory_last
 
 
 def run(extra: list[str]) -> dict[str, Any]:
+    """`amorlip bench overhead EXTRA...`: every variant's full training steps, interleaved, against the
+    reference's; prints the table and returns (and with --json writes) the results."""
+    opts, overrides = _parse(extra)
+    device = resolve_device(opts.device)
+    load_warning(opts.threads)
+    show = not opts.no_progress
+    if opts.warmup < 0 or (opts.steps is not None and opts.steps < 1):
+        raise ConfigError("--steps must be >= 1 and --warmup >= 0")
+
+    with scratch_dir("overhead") as tmp:
+        probe = build_variants(opts, overrides, 1, tmp)
+        full_block = opts.block or block_length([v.cfg for v in probe], 10**9)
+        steps = opts.steps or full_block * max(1, math.ceil(max(60, 4 * full_block) / full_block))
+        block = opts.block or block_length([v.cfg for v in probe], steps)
+        total = opts.warmup + steps + 1  # +1: a spare step the loop runs after the last measured one
+        variants, ref = _variants(opts, overrides, total, tmp)
+        dataset_size = default_dataset_size(ref.cfg, total, opts.dataset_size)
+
+        mem_last = None
+        if device.type == "cpu" and not opts.no_memory:
+            mem_last = max([1, *[p for v in variants for p in _periods(v)]])
+        times, memory = measure(variants, dataset_size, opts.warmup + steps, mem_last, tmp, show)
+        measured = {k: v[opts.warmup:] for k, v in times.items()}
+        stats = paired_stats(measured, ref.label, block)
+
+    mem_key = "cuda_peak" if device.type == "cuda" else "tensor_peak"
+    results, rows = _results(variants, ref, stats, memory, measured, mem_key)
+    mem_name = "peak CUDA alloc" if device.type == "cuda" else "peak tensors"
+    headers = ["variant", "step time", "Δ time", "noise", mem_name, "Δ mem", "RSS growth", "Δ RSS"]
+    table = format_table(headers, rows)
+    cfg = ref.cfg
+    threads = memory[ref.label].get("worker", {}).get("threads")
+    print(f"\nbench overhead: {cfg.model.name}, batch {cfg.train.batch_size}, {cfg.model.precision}, {device} "
+          f"({threads} threads per process); {steps} measured steps per variant after {opts.warmup} warm-up, "
+          f"blocks of {block}, interleaved")
+    print(table)
+    print("step time: median over blocks of the block-mean step; Δ: median over blocks of the paired ratio to "
+          f"{ref.label}; noise: half its interquartile range.")
+    out = {
+        "command": "overhead", "model": cfg.model.name, "batch_size": cfg.train.batch_size,
+        "precision": cfg.model.precision, "steps": steps, "warmup": opts.warmup, "block": block,
+        "dataset_size": dataset_size, "environment": environment(device), "variants": results, "table": table,
+        "worker_threads": memory[ref.label].get("worker", {}).get("threads"),
+    }
+    write_json(opts.json, out)
+    return out
+
+
+def _parse(extra: list[str]) -> tuple[Any, list[tuple[str, str]]]:
+    """The command's options and the config overrides."""
     parser = base_parser(
         "overhead",
         "Per-step time and peak memory of full training steps, measured interleaved in one run: absolute "
@@ -267,37 +317,26 @@ def run(extra: list[str]) -> dict[str, Any]:
     parser.add_argument("--grad-checkpointing", action="store_true",
                         help="add a row: the reference with model.grad_checkpointing true (its time and memory cost)")
     parser.add_argument("--no-memory", action="store_true", help="CPU: skip the profiler memory pass")
-    opts, overrides = parse_args(parser, extra)
-    device = resolve_device(opts.device)
-    load_warning(opts.threads)
-    show = not opts.no_progress
-    if opts.warmup < 0 or (opts.steps is not None and opts.steps < 1):
-        raise ConfigError("--steps must be >= 1 and --warmup >= 0")
+    return parse_args(parser, extra)
 
-    with scratch_dir("overhead") as tmp:
-        probe = build_variants(opts, overrides, 1, tmp)
-        full_block = opts.block or block_length([v.cfg for v in probe], 10**9)
-        steps = opts.steps or full_block * max(1, math.ceil(max(60, 4 * full_block) / full_block))
-        block = opts.block or block_length([v.cfg for v in probe], steps)
-        total = opts.warmup + steps + 1  # +1: a spare step the loop runs after the last measured one
-        variants = build_variants(opts, overrides, total, tmp)
-        ref = next(v for v in variants if v.is_reference)
-        if opts.aa:
-            aa = copy.deepcopy(ref.cfg)
-            aa.train.name = f"{aa.train.name}-aa"
-            variants.insert(variants.index(ref) + 1, Variant(f"{ref.label} (A/A)", aa))
-        if opts.grad_checkpointing:
-            variants.insert(variants.index(ref) + 1, grad_checkpointing_variant(ref))
-        dataset_size = default_dataset_size(ref.cfg, total, opts.dataset_size)
 
-        mem_last = None
-        if device.type == "cpu" and not opts.no_memory:
-            mem_last = max([1, *[p for v in variants for p in _periods(v)]])
-        times, memory = measure(variants, dataset_size, opts.warmup + steps, mem_last, tmp, show)
-        measured = {k: v[opts.warmup:] for k, v in times.items()}
-        stats = paired_stats(measured, ref.label, block)
+def _variants(opts: Any, overrides: list[tuple[str, str]], total: int, tmp: str) -> tuple[list[Variant], Variant]:
+    """(the variants of `total` steps, the reference), with the A/A and grad-checkpointing rows after the
+    reference when asked."""
+    variants = build_variants(opts, overrides, total, tmp)
+    ref = next(v for v in variants if v.is_reference)
+    if opts.aa:
+        aa = copy.deepcopy(ref.cfg)
+        aa.train.name = f"{aa.train.name}-aa"
+        variants.insert(variants.index(ref) + 1, Variant(f"{ref.label} (A/A)", aa))
+    if opts.grad_checkpointing:
+        variants.insert(variants.index(ref) + 1, grad_checkpointing_variant(ref))
+    return variants, ref
 
-    mem_key = "cuda_peak" if device.type == "cuda" else "tensor_peak"
+
+def _results(variants: list[Variant], ref: Variant, stats: dict[str, Any], memory: dict[str, dict[str, Any]],
+             measured: dict[str, list[float]], mem_key: str) -> tuple[list[dict[str, Any]], list[list[str]]]:
+    """Per variant: its time and memory against the reference's, and its table row."""
     rows, results = [], []
     for v in variants:
         s = stats[v.label]
@@ -321,25 +360,7 @@ def run(extra: list[str]) -> dict[str, Any]:
         else:
             rows.append([v.label, f"{1e3 * s.median:.2f} ms", pct(s.delta_pct), f"±{s.noise_pct:.2f}%",
                          f"{mb(peak)} MB", pct(mem_delta), f"{mb(rss)} MB", pct(rss_delta)])
-    mem_name = "peak CUDA alloc" if device.type == "cuda" else "peak tensors"
-    headers = ["variant", "step time", "Δ time", "noise", mem_name, "Δ mem", "RSS growth", "Δ RSS"]
-    table = format_table(headers, rows)
-    cfg = ref.cfg
-    threads = memory[ref.label].get("worker", {}).get("threads")
-    print(f"\nbench overhead: {cfg.model.name}, batch {cfg.train.batch_size}, {cfg.model.precision}, {device} "
-          f"({threads} threads per process); {steps} measured steps per variant after {opts.warmup} warm-up, "
-          f"blocks of {block}, interleaved")
-    print(table)
-    print("step time: median over blocks of the block-mean step; Δ: median over blocks of the paired ratio to "
-          f"{ref.label}; noise: half its interquartile range.")
-    out = {
-        "command": "overhead", "model": cfg.model.name, "batch_size": cfg.train.batch_size,
-        "precision": cfg.model.precision, "steps": steps, "warmup": opts.warmup, "block": block,
-        "dataset_size": dataset_size, "environment": environment(device), "variants": results, "table": table,
-        "worker_threads": memory[ref.label].get("worker", {}).get("threads"),
-    }
-    write_json(opts.json, out)
-    return out
+    return results, rows
 
 
 def grad_checkpointing_variant(ref: Variant) -> Variant:

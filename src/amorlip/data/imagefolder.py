@@ -119,7 +119,7 @@ class WdsPairs(IterableDataset):
     """
 
     def __init__(self, path: str):
-        from amorlip.data.wds import IMAGE_EXTS, expand_shards
+        from amorlip.data.wds_shards import IMAGE_EXTS, expand_shards
 
         try:
             self.urls = expand_shards(path)
@@ -149,13 +149,13 @@ class WdsPairs(IterableDataset):
     def _raw(self) -> Iterator[dict[str, Any]]:
         import webdataset as wds
 
-        from amorlip.data.wds import _error_text
+        from amorlip.data.wds_shards import error_text
 
         for url in self.urls:
             try:
                 yield from wds.tarfile_samples(iter([{"url": url}]))
             except Exception as e:  # a truncated or non-tar file
-                raise DataError(f"data.val_path shard {url} cannot be read ({_error_text(e)}) (re-create it)") from None
+                raise DataError(f"data.val_path shard {url} cannot be read ({error_text(e)}) (re-create it)") from None
 
     @staticmethod
     def _caption(sample: dict[str, Any]) -> str:
@@ -267,7 +267,7 @@ def check_paths(val_path: str | None, imagenet_root: str | None, img_key: str = 
         if val_format(val_path) == "csv":
             val_pairs(val_path, img_key, caption_key, separator)  # reads the CSV and stats its images
         else:
-            from amorlip.data.wds import expand_shards
+            from amorlip.data.wds_shards import expand_shards
 
             if Path(val_path).expanduser().is_dir() and not any(Path(val_path).expanduser().glob("*.tar")):
                 raise DataError(f"data.val_path {val_path} is a folder without .tar shards ({_PAIRS_HELP})")

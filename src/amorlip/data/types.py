@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch.utils.data import Dataset
@@ -253,8 +253,11 @@ class DataStats:
         return out
 
 
+@runtime_checkable
 class TrainStream(Protocol):
-    """What the trainer needs from a training data source.
+    """What the trainer needs from a training data source (`amorlip.train.train` and its set-up, checkpoint and
+    logging use nothing else; every stream, `loader.MapStream`, `wds.WdsStream`, `bench.common.BenchStream`, has
+    exactly these members).
 
     * `dataset_size`: number of distinct samples (indices are in [0, dataset_size)).
     * `steps_per_epoch`: optimizer steps in one epoch at the global batch size.
@@ -263,7 +266,8 @@ class TrainStream(Protocol):
       of (seed, epoch, sample index), so a resumed run sees exactly what an uninterrupted run would. It
       yields exactly `steps_per_epoch - skip_batches` batches or raises `DataError` (unusable data), so a
       loop re-entering it at (step // steps_per_epoch, step % steps_per_epoch) always advances.
-    * `stats`: skip counters (`DataStats`: `state_dict()` / `load_state_dict()`, `DataStats.merge`, `describe()`).
+    * `stats`: skip counters, a `DataStats` (`state_dict()` / `load_state_dict()` go into the checkpoint,
+      `DataStats.merge` sums the ranks', `describe()` and `skipped_visits` feed the log).
     """
 
     dataset_size: int

@@ -37,13 +37,15 @@ retrieval). The folder may be named as DataComp's `download_evalsets.py` names i
 (`wds_vtab-caltech101_test`), as the clip-benchmark Hugging Face repositories are named
 (`wds_vtab-caltech101`) or plainly (`vtab-caltech101`); see `DataCompTask.folder_names`.
 A task without data is reported as missing and the average is labelled partial; it never crashes.
+
+This module runs the evaluations (clip_benchmark access, one evaluator per task kind, `run_datacomp`); the task
+catalogue and the data folders are `amorlip.evaluate.datacomp_tasks`, the metrics and the average
+`amorlip.evaluate.datacomp_scores` (both re-exported here).
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
 import os
 import re
 import time
@@ -58,170 +60,37 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from amorlip.evaluate.report import format_table, write_json
+from amorlip.evaluate.datacomp_scores import (
+    aggregate,
+    datacomp_table,
+    finite_or_none,
+    jaccard,
+    load_results,
+    macro_f1_present,
+    winogavil_metrics,
+    winogavil_prompt,
+    worst_group_accuracy,
+)
+from amorlip.evaluate.datacomp_tasks import (
+    DATACOMP_TASKS,
+    TASKS_BY_KEY,
+    DataCompTask,
+    find_task_dir,
+    get_task,
+    select_tasks,
+    shard_count,
+)
+from amorlip.evaluate.report import write_json
 from amorlip.evaluate.zeroshot import eval_mode, topk_accuracy
 
+__all__ = [  # the DataComp API in one place: the evaluation here, the catalogue and the scores re-exported
+    "run_datacomp", "export_winogavil", "require_clip_benchmark",
+    "DATACOMP_TASKS", "TASKS_BY_KEY", "DataCompTask", "find_task_dir", "get_task",
+    "aggregate", "datacomp_table", "load_results",
+    "jaccard", "macro_f1_present", "winogavil_metrics", "winogavil_prompt", "worst_group_accuracy",
+]
+
 log = logging.getLogger(__name__)
-
-KINDS = ("classification", "retrieval", "iwildcam", "fmow", "dollar_street", "geode", "winogavil")
-
-
-@dataclass(frozen=True)
-class DataCompTask:
-    """One scored DataComp task.
-
-    `key` is DataComp's tasklist key, `name` its display name, `main_metric` the metric DataComp
-    averages, `kind` how we evaluate it, `wds_name` the dataset name after clip_benchmark's `wds/`
-    prefix (and DataComp's folder name stem), `size` the number of test samples DataComp uses.
-    """
-
-    key: str
-    name: str
-    main_metric: str
-    kind: str = "classification"
-    size: int = 0
-    num_classes: int | None = None
-    wds_name: str = ""
-    hf_name: str = ""
-    """clip-benchmark's name for the dataset where it differs from `wds_name` (its HF repo `wds_<name>`)."""
-
-    @property
-    def clip_benchmark_name(self) -> str:
-        """The dataset name given to clip_benchmark's `build_dataset` (e.g. `wds/vtab/caltech101`, `wds/flickr30k`).
-
-        Empty for WinoGAViL, which clip_benchmark does not have.
-        """
-        if self.kind == "winogavil":
-            return ""
-        return f"wds/{self.hf_name or self.wds_name or self.key}"
-
-    @property
-    def folder_names(self) -> list[str]:
-        """Accepted folder names under the DataComp root, in the order they are looked for."""
-        stem = (self.wds_name or self.key).replace("/", "-")
-        names = [f"wds_{stem}_test", f"wds_{stem}", stem]
-        if self.hf_name:
-            h = self.hf_name.replace("/", "-")
-            names += [f"wds_{h}", h]
-        key_stem = self.key.replace("/", "-")
-        names += [f"wds_{key_stem}_test", key_stem]
-        return list(dict.fromkeys(names))
-
-
-def _c(key: str, name: str, size: int, num_classes: int, metric: str = "acc1", kind: str = "classification",
-       wds_name: str = "") -> DataCompTask:
-    return DataCompTask(key, name, metric, kind, size, num_classes, wds_name or key)
-
-
-MPCR = "mean_per_class_recall"
-
-DATACOMP_TASKS: tuple[DataCompTask, ...] = (
-    _c("vtab/caltech101", "Caltech-101", 6085, 102, MPCR),
-    _c("cifar10", "CIFAR-10", 10000, 10),
-    _c("vtab/cifar100", "CIFAR-100", 10000, 100),
-    _c("vtab/clevr_count_all", "CLEVR Counts", 15000, 8),
-    _c("vtab/clevr_closest_object_distance", "CLEVR Distance", 15000, 6),
-    _c("country211", "Country211", 21100, 211),
-    _c("vtab/dtd", "Describable Textures", 1880, 47),
-    _c("vtab/eurosat", "EuroSAT", 5400, 10),
-    _c("fgvc_aircraft", "FGVC Aircraft", 3333, 100, MPCR),
-    _c("food101", "Food-101", 25250, 101),
-    _c("gtsrb", "GTSRB", 12630, 43),
-    _c("imagenet1k", "ImageNet 1k", 50000, 1000),
-    _c("imagenet_sketch", "ImageNet Sketch", 50889, 1000),
-    _c("imagenetv2", "ImageNet v2", 10000, 1000),
-    _c("imagenet-a", "ImageNet-A", 7500, 200),
-    _c("imagenet-o", "ImageNet-O", 2000, 200),
-    _c("imagenet-r", "ImageNet-R", 30000, 200),
-    _c("vtab/kitti_closest_vehicle_distance", "KITTI Vehicle Distance", 711, 4),
-    _c("mnist", "MNIST", 10000, 10),
-    _c("objectnet", "ObjectNet", 18574, 113),
-    _c("vtab/flowers", "Oxford Flowers-102", 6149, 102, MPCR),
-    _c("vtab/pets", "Oxford-IIIT Pet", 3669, 37, MPCR),
-    _c("voc2007", "Pascal VOC 2007", 14976, 20),
-    _c("vtab/pcam", "PatchCamelyon", 32768, 2),
-    _c("renderedsst2", "Rendered SST2", 1821, 2),
-    _c("vtab/resisc45", "RESISC45", 6300, 45),
-    _c("cars", "Stanford Cars", 8041, 196),
-    _c("stl10", "STL-10", 8000, 10),
-    _c("sun397", "SUN397", 108754, 397),
-    _c("vtab/svhn", "SVHN", 26032, 10),
-    DataCompTask("retrieval/flickr30k", "Flickr", "mean_recall@1", "retrieval", 31014, None,
-                 "retrieval/flickr30k", "flickr30k"),
-    DataCompTask("retrieval/mscoco_2014_5k_test_image_text_retrieval", "MSCOCO", "mean_recall@1", "retrieval", 5000,
-                 None, "retrieval/mscoco_2014_5k_test_image_text_retrieval", "mscoco_captions"),
-    DataCompTask("misc/winogavil", "WinoGAViL", "jaccard_score_10-12", "winogavil", 3563, None, "misc/winogavil"),
-    _c("wilds/iwildcam", "iWildCam", 42791, 182, "F1-macro_all", "iwildcam"),
-    _c("wilds/camelyon17", "Camelyon17", 85054, 2),
-    _c("wilds/fmow", "FMoW", 22108, 62, "acc_worst_region", "fmow"),
-    _c("fairness/dollar_street", "Dollar Street", 3503, 58, "acc_top5_wg", "dollar_street", "dollar_street"),
-    _c("fairness/geode", "GeoDE", 12488, 40, "acc_wg", "geode", "geode"),
-)
-"""The 38 tasks DataComp averages, in its tasklist order (FairFace and UTKFace have no main metric)."""
-
-TASKS_BY_KEY: dict[str, DataCompTask] = {t.key: t for t in DATACOMP_TASKS}
-_TASKS_BY_NAME: dict[str, DataCompTask] = {t.name: t for t in DATACOMP_TASKS}
-
-
-def get_task(key_or_name: str) -> DataCompTask:
-    """A task by DataComp key (`vtab/caltech101`), display name (`Caltech-101`) or wds name."""
-    if key_or_name in TASKS_BY_KEY:
-        return TASKS_BY_KEY[key_or_name]
-    if key_or_name in _TASKS_BY_NAME:
-        return _TASKS_BY_NAME[key_or_name]
-    for t in DATACOMP_TASKS:
-        if key_or_name in (t.wds_name, t.hf_name) or key_or_name in t.folder_names:
-            return t
-    raise KeyError(f"unknown DataComp task {key_or_name!r}; known keys: {sorted(TASKS_BY_KEY)}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Locating data
-# ----------------------------------------------------------------------------------------------------
-
-
-def find_task_dir(root: str | os.PathLike, task: DataCompTask) -> tuple[Path | None, str]:
-    """(folder, "") for the first of `task.folder_names` under `root` holding complete data, else (None, reason)."""
-    root = Path(root)
-    problems = []
-    for name in task.folder_names:
-        folder = root / name
-        if not (folder / "test" / "nshards.txt").is_file():
-            continue
-        problem = _check_layout(folder, task)
-        if not problem:
-            return folder, ""
-        problems.append(f"{folder}: {problem}")
-    if problems:
-        return None, "incomplete data: " + "; ".join(problems)
-    return None, f"no data: none of {', '.join(task.folder_names)} under {root} has test/nshards.txt"
-
-
-def _nshards(folder: Path) -> int:
-    return int((folder / "test" / "nshards.txt").read_text().strip())
-
-
-def _check_layout(folder: Path, task: DataCompTask) -> str:
-    try:
-        n = _nshards(folder)
-    except ValueError:
-        return "test/nshards.txt does not hold an integer"
-    absent = [f"test/{i}.tar" for i in range(n) if not (folder / "test" / f"{i}.tar").is_file()]
-    if absent:
-        return f"shards listed in test/nshards.txt are absent: {absent[:3]}{'...' if len(absent) > 3 else ''}"
-    dtype_file = folder / "dataset_type.txt"
-    dataset_type = dtype_file.read_text().strip().lower() if dtype_file.is_file() else "classification"
-    if task.kind == "retrieval":
-        if dataset_type != "retrieval":
-            return "retrieval data needs dataset_type.txt containing 'retrieval' (clip_benchmark's wds layout)"
-    elif task.kind == "winogavil":
-        if dataset_type != "winogavil":
-            return "WinoGAViL data needs dataset_type.txt containing 'winogavil' (written by export_winogavil)"
-    else:
-        for f in ("classnames.txt", "zeroshot_classification_templates.txt"):
-            if not (folder / f).is_file():
-                return f"classification data needs {f}"
-    return ""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -296,71 +165,7 @@ def _wds_loader(dataset, folder: Path, batch_size: int, num_workers: int) -> tor
     Workers are capped at the shard count: webdataset >= 0.2.90 raises in a worker that gets no shard.
     """
     return torch.utils.data.DataLoader(dataset.batched(batch_size), batch_size=None, shuffle=False,
-                                       num_workers=min(num_workers, _nshards(folder)))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Metrics (pure functions, numpy in / float out)
-# ----------------------------------------------------------------------------------------------------
-
-
-def worst_group_accuracy(correct: np.ndarray, groups: np.ndarray) -> float:
-    """The lowest mean of `correct` over the groups that have samples (WILDS' `*_wg` with Accuracy)."""
-    correct, groups = np.asarray(correct, dtype=np.float64).reshape(-1), np.asarray(groups).reshape(-1)
-    if correct.size == 0:
-        return float("nan")
-    return float(min(correct[groups == g].mean() for g in np.unique(groups)))
-
-
-def macro_f1_present(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """WILDS' F1(average='macro'): scikit-learn's macro F1 over the labels present in `y_true`."""
-    from sklearn.metrics import f1_score
-
-    y_true, y_pred = np.asarray(y_true).reshape(-1), np.asarray(y_pred).reshape(-1)
-    return float(f1_score(y_true, y_pred, average="macro", labels=np.unique(y_true)))
-
-
-def jaccard(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """|true & pred| / |true | pred| for boolean vectors (scikit-learn's binary jaccard_score; 0 when both empty)."""
-    t, p = np.asarray(y_true, dtype=bool), np.asarray(y_pred, dtype=bool)
-    union = np.logical_or(t, p).sum()
-    return float(np.logical_and(t, p).sum() / union) if union else 0.0
-
-
-def winogavil_prompt(cue: str) -> str:
-    """DataComp's WinoGAViL prompt: 'An <cue>' when the lower-cased cue starts with a vowel, else 'A <cue>'."""
-    item = cue.lower()
-    return f"An {item}" if item[:1] in ("a", "e", "i", "o", "u") else f"A {item}"
-
-
-def winogavil_metrics(instances: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
-    """DataComp's WinoGAViL scores from (similarities (n,), is_association bool (n,)) per instance.
-
-    The n_assoc candidates with the highest similarity are predicted (numpy argsort, as DataComp); the
-    Jaccard index with the true associations is averaged over all instances and by candidate count.
-    """
-    scores, groups = [], []
-    for sims, y_true in instances:
-        sims, y_true = np.asarray(sims, dtype=np.float64).reshape(-1), np.asarray(y_true, dtype=bool).reshape(-1)
-        n_assoc = int(y_true.sum())
-        chosen = np.argsort(sims)[len(sims) - n_assoc:]
-        y_pred = np.isin(np.arange(len(sims)), chosen)
-        scores.append(jaccard(y_true, y_pred))
-        groups.append(len(sims))
-    s, g = np.asarray(scores), np.asarray(groups)
-
-    def mean(mask: np.ndarray) -> float:
-        return float(s[mask].mean()) if mask.any() else float("nan")
-
-    return {
-        "avg_jaccard_score": mean(np.ones_like(g, dtype=bool)),
-        "jaccard_score_5": mean(g == 5),
-        "jaccard_score_6": mean(g == 6),
-        "jaccard_score_10": mean(g == 10),
-        "jaccard_score_12": mean(g == 12),
-        "jaccard_score_5-6": mean(g <= 6),
-        "jaccard_score_10-12": mean(g >= 10),
-    }
+                                       num_workers=min(num_workers, shard_count(folder)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -437,7 +242,7 @@ def _read_metadata(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     """(labels, metadata rows) of every sample, in shard order, without decoding images."""
     import webdataset as wds
 
-    urls = [str(folder / "test" / f"{i}.tar") for i in range(_nshards(folder))]
+    urls = [str(folder / "test" / f"{i}.tar") for i in range(shard_count(folder))]
     ds = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None,
                          select_files=lambda f: f.endswith((".cls", ".npy")))
           .decode().to_tuple("cls", "npy"))
@@ -484,7 +289,7 @@ _IMAGE_KEY = re.compile(r"^c(\d+)\.(png|jpg|jpeg|webp)$")
 def _eval_winogavil(task: DataCompTask, folder: Path, c: _Ctx) -> dict[str, Any]:
     import webdataset as wds
 
-    urls = [str(folder / "test" / f"{i}.tar") for i in range(_nshards(folder))]
+    urls = [str(folder / "test" / f"{i}.tar") for i in range(shard_count(folder))]
     ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None).decode("pil")
 
     def instances() -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -558,22 +363,6 @@ def export_winogavil(rows: Iterable[Mapping[str, Any]], out_dir: str | os.PathLi
 # ----------------------------------------------------------------------------------------------------
 
 
-def _select(tasks: Sequence[str | DataCompTask] | None) -> list[DataCompTask]:
-    if tasks is None:
-        return list(DATACOMP_TASKS)
-    return [t if isinstance(t, DataCompTask) else get_task(t) for t in tasks]
-
-
-def _finite(x: Any) -> float | None:
-    if x is None:
-        return None
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
-
-
 def run_datacomp(
     model: nn.Module,
     transform: Callable,
@@ -598,7 +387,7 @@ def run_datacomp(
     `amp` runs clip_benchmark's encoders under autocast (DataComp runs image features in fp32).
     The model may be DDP-wrapped; it is put in eval mode and restored after. Call on one rank.
     """
-    selected = _select(tasks)
+    selected = select_tasks(tasks)
     results: dict[str, Any] = {"benchmark": "datacomp", "root": str(root), "tasks": {}}
     with eval_mode(model) as m, torch.no_grad(), _clip_benchmark_progress(progress):
         ctx = _Ctx(m, transform, tokenizer, device, batch_size, num_workers, amp, progress)
@@ -613,8 +402,8 @@ def run_datacomp(
                 t0 = time.time()
                 try:
                     metrics = _EVALUATORS[task.kind](task, folder, ctx)
-                    entry.update(status="ok", metrics=metrics, score=_finite(metrics.get(task.main_metric)),
-                                 folder=str(folder))
+                    entry.update(status="ok", metrics=metrics, folder=str(folder),
+                                 score=finite_or_none(metrics.get(task.main_metric)))
                 except Exception as e:
                     if strict:
                         raise
@@ -631,83 +420,3 @@ def run_datacomp(
     if progress:
         print(datacomp_table(results))
     return results
-
-
-def _scores(results: Mapping[str, Any]) -> dict[str, float | None]:
-    """Task key -> main-metric score from our results dict, a bare mapping, or DataComp's loaded jsonl."""
-    entries = results.get("tasks", results) if isinstance(results, Mapping) else results
-    out: dict[str, float | None] = {}
-    for k, v in entries.items():
-        try:
-            task = get_task(k)
-        except KeyError:
-            continue  # not a scored DataComp task (e.g. FairFace) or an unrelated entry
-        if isinstance(v, Mapping):
-            score = v.get("score")
-            metrics = v.get("metrics")
-            if score is None and isinstance(metrics, Mapping):  # DataComp's record, or ours without a score
-                score = metrics.get("main_metric", metrics.get(task.main_metric))
-            if score is None and not isinstance(v.get("main_metric"), str):
-                score = v.get("main_metric")
-        else:
-            score = v
-        out[task.key] = _finite(score)
-    return out
-
-
-def aggregate(results: Mapping[str, Any], expected: Sequence[str | DataCompTask] | None = None) -> dict[str, Any]:
-    """The DataComp average: the unweighted mean of the main metrics of the tasks that have a score.
-
-    `results` is `run_datacomp`'s output (or its "tasks" mapping, or a mapping task -> score; keys may be
-    DataComp keys or display names). Returns {"average", "n_tasks", "partial", "missing"}: `missing`
-    lists the tasks of `expected` (default: all 38) without a finite score; the average is `partial`
-    whenever any is missing, i.e. it is NOT the DataComp average then. `average` is None with no scores.
-    """
-    expected_tasks = _select(expected)
-    scores = _scores(results)
-    have = [t for t in expected_tasks if scores.get(t.key) is not None]
-    missing = [t.key for t in expected_tasks if scores.get(t.key) is None]
-    values = [scores[t.key] for t in have]
-    return {
-        "average": float(np.mean(values)) if values else None,
-        "n_tasks": len(values),
-        "partial": bool(missing) or len(expected_tasks) < len(DATACOMP_TASKS),
-        "missing": missing,
-    }
-
-
-def load_results(path: str | os.PathLike) -> dict[str, Any]:
-    """Load results written by `run_datacomp` (JSON) or DataComp's own `eval_results.jsonl`.
-
-    DataComp's lines ({"key", "dataset", "metrics": {..., "main_metric"}}) become {key: {"score": ...}}.
-    """
-    text = Path(path).read_text()
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        pass
-    tasks: dict[str, Any] = {}
-    for i, line in enumerate(text.splitlines()):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {i + 1} is neither our JSON results nor DataComp jsonl: {e}") from None
-        tasks[rec.get("key", rec.get("dataset"))] = {"score": rec.get("metrics", {}).get("main_metric")}
-    return {"benchmark": "datacomp", "tasks": tasks}
-
-
-def datacomp_table(results: Mapping[str, Any]) -> str:
-    """A markdown table of every task's main metric (missing/failed tasks shown as such) and the average."""
-    entries = results.get("tasks", {})
-    rows = []
-    for key, e in entries.items():
-        task = get_task(key)
-        status = e.get("status", "ok") if isinstance(e, Mapping) else "ok"
-        score = _scores({key: e}).get(task.key)
-        rows.append([task.name, task.main_metric, score if status == "ok" else status])
-    agg = results.get("aggregate") or aggregate(results)
-    label = f"average ({agg['n_tasks']}/{len(DATACOMP_TASKS)} tasks{', PARTIAL' if agg['partial'] else ''})"
-    rows.append([label, "mean of main metrics", agg["average"]])
-    return format_table(rows, headers=["task", "metric", "score"])

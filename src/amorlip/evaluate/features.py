@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from amorlip.config import Config, ConfigError
-from amorlip.evaluate.normalizers import error_stats, mean_log_partition
+from amorlip.evaluate.log_normalizers import error_stats, mean_log_partition
 
 
 @dataclass
@@ -88,7 +88,7 @@ def exact_log_z(feats: FrozenFeatures) -> dict[str, Any]:
 
 
 def r2_score(estimate: torch.Tensor, truth: torch.Tensor) -> tuple[float, float]:
-    """(r2, bias) of an estimate (`normalizers.error_stats`): the share of the per-sample spread of the truth that
-    the estimate follows once its constant offset is removed, and the mean error."""
+    """(r2, bias) of an estimate (`log_normalizers.error_stats`): the share of the per-sample spread of the truth
+    that the estimate follows once its constant offset is removed, and the mean error."""
     _, bias, r2 = error_stats(estimate, truth)
     return r2, bias

@@ -133,7 +133,7 @@ def fidelity(total: torch.Tensor, sq: torch.Tensor, visits: torch.Tensor, exact:
 def gradient_fidelity(feats: Any, objective_names: Sequence[str], batch_sizes: Sequence[int], warmup: int = 2,
                       epochs: int = 4, seed: int = 0, log: Any = print) -> list[dict[str, Any]]:
     """One record per (objective, B): `fidelity` of its minibatch gradients on the frozen features `feats`."""
-    from amorlip.evaluate.normalizers import reference_scale
+    from amorlip.evaluate.log_normalizers import reference_scale
 
     n = feats.image.shape[0]
     dtype = torch.float64 if n <= 16384 else torch.float32

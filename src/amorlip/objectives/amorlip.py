@@ -21,6 +21,9 @@ Per modality l in {image, text} a small network predicts the log partition funct
 Convention: every partition function here is the MEAN over the negatives, `Z_i = (1/N) sum_j
 w_ij exp(s x_i.y_j + b)` with `w_ii = pos_coef`, `w_ij = 1` otherwise, so lambda does not depend on the
 batch or world size, and a local-negatives Stage II against a global target stays consistent.
+
+The networks and the math of both stages, as pure functions, are `amorlip.objectives.amortization` (re-exported
+here); this module is the objective that runs them.
 """
 from __future__ import annotations
 
@@ -29,176 +32,25 @@ import math
 from typing import Any
 
 import torch
-from torch import nn
 
 from amorlip import distributed
 from amorlip.checkpoint import load_optimizer_state
 from amorlip.objectives import tiled
+from amorlip.objectives.amortization import (
+    FDIV_MAX_LOG_RATIO,
+    AmortizationNet,
+    amortization_loss,
+    amortized_nce_loss,
+    combine_with_previous,
+    log_partition,
+    net_pair,
+    upcast,
+)
 from amorlip.objectives.base import Objective, ObjectiveContext, ObjectiveOutput
 from amorlip.objectives.options import (  # noqa: F401 - re-exported
     AMOR_LOSSES, ARCHS, DIVIDE_BY, FDIVS, REINITS, STAGE2_NEGATIVES, AmorConfig,
 )
 from amorlip.schedules import cosine_ramp
-
-FDIV_MAX_LOG_RATIO = 30.0
-"""log(Z / lambda) beyond which the f-div losses continue linearly (finite fp32 gradients for a fresh net)."""
-
-
-# ----------------------------------------------------------------------------------------------------
-# Amortization networks
-
-
-class AmortizationNet(nn.Module):
-    """`log lambda(u) = MLP(psi(u))` for one modality (Sec. 3.2): (B, d) features -> (B,) log lambda."""
-
-    def __init__(self, dim: int, hidden: int, arch: str = "mlp") -> None:
-        super().__init__()
-        if arch not in ARCHS:
-            raise ValueError(f"unknown amortizer arch {arch!r}; choose one of: {', '.join(ARCHS)}")
-        self.arch = arch
-        if arch == "mlp":  # the paper's three-layer MLP (Sec. 4, "AmorLIP implementation")
-            self.body = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
-            self.head = nn.Linear(hidden, 1)
-        else:  # the released residual variant
-            self.body = nn.Sequential(
-                nn.Linear(dim, hidden), nn.ReLU(), nn.LayerNorm(hidden),
-                nn.Linear(hidden, dim), nn.ReLU(), nn.LayerNorm(dim),
-            )
-            self.head = nn.Linear(dim, 1)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        h = self.body(features)
-        if self.arch == "residual":
-            h = torch.relu(h + features)
-        return self.head(h).squeeze(-1)
-
-    @torch.no_grad()
-    def reset_parameters(self, generator: torch.Generator) -> None:
-        """PyTorch's default init (U(+-1/sqrt(fan_in)) for Linear, ones/zeros for LayerNorm), drawn on the CPU
-        from `generator`, so that every rank and every device gets the same weights from the same seed."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                bound = 1.0 / math.sqrt(module.in_features)
-                for p in (module.weight, module.bias):
-                    p.copy_(torch.empty(p.shape).uniform_(-bound, bound, generator=generator))
-            elif isinstance(module, nn.LayerNorm):
-                module.weight.fill_(1.0)
-                module.bias.fill_(0.0)
-
-
-def _upcast(t: torch.Tensor) -> torch.Tensor:
-    """bf16/fp16 -> fp32; fp32 and fp64 pass through (the tests check gradients in fp64)."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
-def _pair(dim: int, hidden: int, arch: str) -> nn.ModuleDict:
-    return nn.ModuleDict({"image": AmortizationNet(dim, hidden, arch), "text": AmortizationNet(dim, hidden, arch)})
-
-
-# ----------------------------------------------------------------------------------------------------
-# The math, as pure functions (tested against dense references)
-
-
-def log_partition(logits: torch.Tensor, pos_index: torch.Tensor, pos_coef: float = 1.0) -> torch.Tensor:
-    """Per row i: `log( (1/N) [pos_coef * exp(logits[i, p_i]) + sum_{j != p_i} exp(logits[i, j])] )`.
-
-    `logits` (B, N): anchors against the N negatives (positive included); `pos_index` (B,): the column of
-    each row's positive. The mean over N estimates the expectation in Eq. 2.
-    """
-    if pos_coef != 1.0:
-        rows = torch.arange(logits.shape[0], device=logits.device)
-        shift = torch.zeros_like(logits)
-        shift[rows, pos_index] = math.log(pos_coef) if pos_coef > 0 else float("-inf")
-        logits = logits + shift
-    return torch.logsumexp(logits, dim=1) - math.log(logits.shape[1])
-
-
-def combine_with_previous(log_z: torch.Tensor, log_prev: torch.Tensor | None, beta: float) -> torch.Tensor:
-    """Eq. 12 in log space: `log(beta * exp(log_prev) + (1 - beta) * exp(log_z))`."""
-    if log_prev is None or beta <= 0.0:
-        return log_z
-    if beta >= 1.0:
-        return log_prev
-    return torch.logaddexp(log_prev + math.log(beta), log_z + math.log1p(-beta))
-
-
-def amortization_loss(
-    log_lambda: torch.Tensor,
-    log_target: torch.Tensor,
-    log_z_batch: torch.Tensor,
-    loss: str = "l2-log",
-    fdiv: str = "kl",
-    l2_coef: float = 0.1,
-) -> torch.Tensor:
-    """Stage-I loss for one modality, averaged over anchors; gradients reach `log_lambda` only.
-
-    * l2-log (Eq. 10): `0.5 * mean_i (log lambda_i - log Z_i)^2`, Z the (combined) target.
-    * f-div (Eq. 8) as its Monte-Carlo estimate over the batch pairs:
-      `mean_ij exp(E_ij - log Z_i) f(Z_i / lambda_i) = mean_i exp(log Zhat_i - log Z_i) f(Z_i / lambda_i)`,
-      Zhat the batch's own partition (`log_z_batch`), plus `l2_coef` * l2-log (App. D).
-      f: kl `t log t - t + 1`; js `(t log t - (t+1) log((t+1)/2)) / 2`; kl-eq9 `t log t` (Eq. 9 literally).
-      Computed in float64 on the B scalars (returns float64); beyond `log(Z/lambda) = FDIV_MAX_LOG_RATIO`
-      f continues linearly in log lambda so that a fresh net gets a finite gradient of the right sign.
-    """
-    target = log_target.detach()
-    l2 = 0.5 * (log_lambda - target).pow(2).mean()
-    if loss == "l2-log":
-        return l2
-    if loss != "f-div":
-        raise ValueError(f"unknown amortization loss {loss!r}; choose one of: {', '.join(AMOR_LOSSES)}")
-    r = target.double() - log_lambda.double()  # log t, t = Z / lambda
-    # Beyond log t = FDIV_MAX_LOG_RATIO (a fresh net far below a large log Z) f(e^r) continues linearly in
-    # r with the slope it has there (C1, same sign), so the value and the fp32 gradient stay finite.
-    r_c = r.clamp(max=FDIV_MAX_LOG_RATIO)
-    t = torch.exp(r_c)
-    if fdiv == "kl":
-        f, slope = t * (r_c - 1.0) + 1.0, t * r_c  # t log t - t + 1: f(1) = f'(1) = 0, minimiser lambda = Z
-    elif fdiv == "kl-eq9":
-        f, slope = t * r_c, t * (r_c + 1.0)  # Eq. 9 as printed: f'(1) = 1 moves the minimiser to lambda = e Z
-    elif fdiv == "js":
-        softplus = nn.functional.softplus(r_c)
-        f = 0.5 * (t * r_c - (t + 1.0) * (softplus - math.log(2.0)))
-        slope = 0.5 * t * (r_c - softplus + math.log(2.0))  # = t f'(t) = (t/2) log(2t / (t + 1))
-    else:
-        raise ValueError(f"unknown f-divergence {fdiv!r}; choose one of: {', '.join(FDIVS)}")
-    f = f + slope.detach() * (r - r_c)  # zero (value and gradient) below the cap
-    weight = torch.exp(log_z_batch.detach().double() - target.double())
-    return (weight * f).mean() + l2_coef * l2.double()
-
-
-def amortized_nce_loss(
-    pos_logits: torch.Tensor,
-    log_z_img: torch.Tensor,
-    log_z_txt: torch.Tensor,
-    log_lambda_img: torch.Tensor,
-    log_lambda_txt: torch.Tensor,
-    max_log_ratio: float | None = None,
-) -> torch.Tensor:
-    """Stage II, Eq. 6 with both directions summed:
-
-        L = -(2/B) sum_i s x_i.y_i + (1/B) sum_i exp(log Z_img_i - log lambda_img_i)
-                                   + (1/B) sum_i exp(log Z_txt_i - log lambda_txt_i)
-
-    `pos_logits`: `s x_i.y_i` WITHOUT the logit bias (Eq. 6 and the release; the bias enters the partitions only).
-
-    `log_z_*` (with gradient): the anchors' batch log partitions (`log_partition`, mean convention), so
-    `exp(log Z_i - log lambda_i)` is `(1/N) sum_j exp(E_ij) / lambda_i`, the per-anchor term of Eq. 6.
-    `log_lambda_*` are detached (stop-grad, Eq. 5); `max_log_ratio` floors them at `log Z - max_log_ratio`.
-    With `log lambda = sg(log Z)` the gradient equals that of the summed two-way InfoNCE (w.r.t. features and s;
-    a logit bias b gets 2 from the partitions and nothing from the positive).
-    """
-
-    def term(log_z: torch.Tensor, log_lambda: torch.Tensor) -> torch.Tensor:
-        log_lambda = log_lambda.detach().to(log_z.dtype)
-        if max_log_ratio is not None:
-            log_lambda = torch.maximum(log_lambda, log_z.detach() - max_log_ratio)
-        return torch.exp(log_z - log_lambda).mean()
-
-    return -2.0 * pos_logits.mean() + term(log_z_img, log_lambda_img) + term(log_z_txt, log_lambda_txt)
-
-
-# ----------------------------------------------------------------------------------------------------
-# The objective
 
 
 class AmorLIPObjective(Objective):
@@ -209,14 +61,15 @@ class AmorLIPObjective(Objective):
     Config = AmorConfig
 
     def __init__(self, cfg: AmorConfig | None, ctx: ObjectiveContext) -> None:
+        """Collective: every rank builds the objective together (the nets' seed is broadcast from rank 0)."""
         cfg = cfg if cfg is not None else AmorConfig()
         cfg.validate()
         super().__init__(cfg, ctx)
         dim = int(ctx.embed_dim)
         hidden = max(1, int(round(cfg.dim_factor * dim)))
-        self.amortizer = _pair(dim, hidden, cfg.arch)  # online nets lambda_theta
-        self.target_net = _pair(dim, hidden, cfg.arch)  # EMA nets lambda_theta_hat (Eq. 11)
-        self.previous_net = _pair(dim, hidden, cfg.arch)  # frozen target of the previous epoch (Eq. 12)
+        self.amortizer = net_pair(dim, hidden, cfg.arch)  # online nets lambda_theta
+        self.target_net = net_pair(dim, hidden, cfg.arch)  # EMA nets lambda_theta_hat (Eq. 11)
+        self.previous_net = net_pair(dim, hidden, cfg.arch)  # frozen target of the previous epoch (Eq. 12)
         for p in [*self.target_net.parameters(), *self.previous_net.parameters()]:
             p.requires_grad_(False)
         self.optimizer = torch.optim.Adam(self.amortizer.parameters(), lr=cfg.lr)
@@ -307,7 +160,8 @@ class AmorLIPObjective(Objective):
         self, image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor,
         bias: torch.Tensor | None, beta: float = 0.0,
     ) -> dict[str, torch.Tensor]:
-        """Stage I: `t_lambda` Adam steps of the amortization loss on all ranks' (detached) batch.
+        """Collective: every rank calls this together on the same steps. Stage I: `t_lambda` Adam steps of the
+        amortization loss on all ranks' (detached) batch.
 
         Collectives: one all_gather of the features, plus one all_reduce per Adam step with `sync_grads`.
         Returns the amortization loss at the first (`amor_loss`, before any update on this batch) and at the
@@ -376,6 +230,9 @@ class AmorLIPObjective(Objective):
         step: int,
         epoch: int,
     ) -> ObjectiveOutput:
+        """Collective: every rank calls this together at every step (Stage I's gathers on its steps, Stage II's
+        with `stage2_negatives global`). One step of Algorithm 1: Stage I every `t_online` steps within the epoch,
+        the target net's EMA every `t_target`, then the Stage-II loss; metrics for the log."""
         cfg = self.cfg
         if self.training and self._started_epoch != epoch:
             self.on_epoch_start(epoch)
@@ -393,7 +250,7 @@ class AmorLIPObjective(Objective):
                     metrics.update(self.amortize(image_features, text_features, scale, bias, beta))
                 if k % cfg.t_target == 0:  # target net (line 8)
                     self.update_target()
-            loss, stage2_metrics = self._stage2(_upcast(image_features), _upcast(text_features), _upcast(scale),
+            loss, stage2_metrics = self._stage2(upcast(image_features), upcast(text_features), upcast(scale),
                                                 bias, beta)
         metrics.update(stage2_metrics)
         return ObjectiveOutput(loss=loss, metrics=metrics)
@@ -401,7 +258,8 @@ class AmorLIPObjective(Objective):
     def _stage2(
         self, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, beta: float
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Stage II (line 9): Eq. 6 over local pairs, or local anchors against all ranks' pairs (global)."""
+        """Collective with `stage2_negatives global` (every rank calls this together: `gather_with_grad`).
+        Stage II (line 9): Eq. 6 over local pairs, or local anchors against all ranks' pairs (global)."""
         cfg = self.cfg
         b = x.shape[0]
         if cfg.stage2_negatives == "global" and distributed.world_size() > 1:
@@ -412,45 +270,12 @@ class AmorLIPObjective(Objective):
             x_all, y_all, offset = x, y, 0
         pos_index = torch.arange(b, device=x.device) + offset
         pos_logits = scale * (x * y).sum(dim=1)  # Eq. 6's positive term: no logit bias (as the release)
-        tile = tiled.resolve_tile(cfg.tile_size, b, y_all.shape[0])
-        if tile:  # the same log partitions in row strips (objectives/tiled.py), no B x N matrix kept
-            ub = None if bias is None else _upcast(bias)
-            n = y_all.shape[0]
-            if x_all is x:  # local pairs: the text anchors' partitions are the columns of the same matrix
-                lse_i, lse_t, _ = tiled.log_sum_exps(x, y, scale, ub, tile=tile, pos_index=pos_index,
-                                                     pos_coef=cfg.pos_coef)
-            else:
-                lse_i, _, _ = tiled.log_sum_exps(x, y_all, scale, ub, tile=tile, pos_index=pos_index,
-                                                 pos_coef=cfg.pos_coef, cols=False)
-                lse_t, _, _ = tiled.log_sum_exps(y, x_all, scale, ub, tile=tile, pos_index=pos_index,
-                                                 pos_coef=cfg.pos_coef, cols=False)
-            log_z = {"image": lse_i - math.log(n), "text": lse_t - math.log(n)}
-        else:
-            logits_img = scale * x @ y_all.T
-            if bias is not None:
-                logits_img = logits_img + _upcast(bias)
-            if x_all is x:  # local pairs: the text-anchor matrix is the image-anchor one transposed
-                logits_txt = logits_img.T
-            else:
-                logits_txt = scale * y @ x_all.T
-                if bias is not None:
-                    logits_txt = logits_txt + _upcast(bias)
-            log_z = {"image": log_partition(logits_img, pos_index, cfg.pos_coef),
-                     "text": log_partition(logits_txt, pos_index, cfg.pos_coef)}
+        log_z = self._batch_log_partitions(x, y, x_all, y_all, scale, bias, pos_index)
 
         with torch.no_grad():
             feats = {"image": x.detach().float(), "text": y.detach().float()}
             estimate = {key: self.target_net[key](feats[key]) for key in feats}
-            if cfg.divide_by == "comb":  # this batch's Z_comb (released code, flag fit_w_prev)
-                divisor = {
-                    key: combine_with_previous(log_z[key].detach(),
-                                               self.previous_net[key](feats[key]) if beta > 0 else None, beta)
-                    for key in feats
-                }
-            elif cfg.divide_by == "target":  # the paper: the target net's output
-                divisor = estimate
-            else:
-                divisor = {key: self.amortizer[key](feats[key]) for key in feats}
+            divisor = self._divisors(log_z, feats, estimate, beta)
 
         loss = amortized_nce_loss(pos_logits, log_z["image"], log_z["text"], divisor["image"], divisor["text"],
                                   cfg.max_log_ratio)
@@ -462,6 +287,52 @@ class AmorLIPObjective(Objective):
                 metrics[f"log_lambda_mae_{short}"] = (estimate[key] - log_z[key].detach()).abs().mean()
         return loss, metrics
 
+    def _batch_log_partitions(
+        self, x: torch.Tensor, y: torch.Tensor, x_all: torch.Tensor, y_all: torch.Tensor, scale: torch.Tensor,
+        bias: torch.Tensor | None, pos_index: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Stage II's log partitions (with gradient) of the local image and text anchors against `y_all` /
+        `x_all` (`x_all is x`: the local pairs), dense or in row strips with `tile_size`."""
+        cfg = self.cfg
+        tile = tiled.resolve_tile(cfg.tile_size, x.shape[0], y_all.shape[0])
+        if tile:  # the same log partitions in row strips (objectives/tiled.py), no B x N matrix kept
+            ub = None if bias is None else upcast(bias)
+            n = y_all.shape[0]
+            if x_all is x:  # local pairs: the text anchors' partitions are the columns of the same matrix
+                lse_i, lse_t, _ = tiled.log_sum_exps(x, y, scale, ub, tile=tile, pos_index=pos_index,
+                                                     pos_coef=cfg.pos_coef)
+            else:
+                lse_i, _, _ = tiled.log_sum_exps(x, y_all, scale, ub, tile=tile, pos_index=pos_index,
+                                                 pos_coef=cfg.pos_coef, cols=False)
+                lse_t, _, _ = tiled.log_sum_exps(y, x_all, scale, ub, tile=tile, pos_index=pos_index,
+                                                 pos_coef=cfg.pos_coef, cols=False)
+            return {"image": lse_i - math.log(n), "text": lse_t - math.log(n)}
+        logits_img = scale * x @ y_all.T
+        if bias is not None:
+            logits_img = logits_img + upcast(bias)
+        if x_all is x:  # local pairs: the text-anchor matrix is the image-anchor one transposed
+            logits_txt = logits_img.T
+        else:
+            logits_txt = scale * y @ x_all.T
+            if bias is not None:
+                logits_txt = logits_txt + upcast(bias)
+        return {"image": log_partition(logits_img, pos_index, cfg.pos_coef),
+                "text": log_partition(logits_txt, pos_index, cfg.pos_coef)}
+
+    def _divisors(self, log_z: dict[str, torch.Tensor], feats: dict[str, torch.Tensor],
+                  estimate: dict[str, torch.Tensor], beta: float) -> dict[str, torch.Tensor]:
+        """Stage II's lambda per modality (`divide_by`), under no_grad: this batch's Z_comb, the target net's
+        `estimate` or the online net's output."""
+        if self.cfg.divide_by == "comb":  # this batch's Z_comb (released code, flag fit_w_prev)
+            return {
+                key: combine_with_previous(log_z[key].detach(),
+                                           self.previous_net[key](feats[key]) if beta > 0 else None, beta)
+                for key in feats
+            }
+        if self.cfg.divide_by == "target":  # the paper: the target net's output
+            return estimate
+        return {key: self.amortizer[key](feats[key]) for key in feats}
+
     # --- diagnostics --------------------------------------------------------------------------------------
 
     estimate_variants = ("online",)
@@ -469,7 +340,6 @@ class AmorLIPObjective(Objective):
     net that Stage I trains, beside the EMA target net that `estimate_log_normalizers` reads by default."""
 
     @torch.no_grad()
-
     def estimate_log_normalizers(
         self, image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor, indices: torch.Tensor,
         net: str = "target",
@@ -481,8 +351,8 @@ class AmorLIPObjective(Objective):
         nets = {"target": self.target_net, "online": self.amortizer, "previous": self.previous_net}
         if net not in nets:
             raise ValueError(f"net={net!r} is not one of: {', '.join(nets)}")
-        x, y = _upcast(image_features), _upcast(text_features)
-        pos = _upcast(scale.detach()) * (x * y).sum(-1)
+        x, y = upcast(image_features), upcast(text_features)
+        pos = upcast(scale.detach()) * (x * y).sum(-1)
         n = max(1, int(self.ctx.dataset_size))
         out = {}
         for key, feats in (("image", x), ("text", y)):
@@ -531,6 +401,7 @@ class AmorLIPObjective(Objective):
 
 __all__ = [
     "AmorConfig",
+    "FDIV_MAX_LOG_RATIO",
     "AmortizationNet",
     "AmorLIPObjective",
     "amortization_loss",

@@ -89,6 +89,8 @@ class Objective(nn.Module):
         step: int,
         epoch: int,
     ) -> ObjectiveOutput:
+        """Collective: every rank calls this together at every step (an objective's collectives go through
+        amorlip.distributed). This process's share of the batch's loss, with metrics for the log."""
         raise NotImplementedError
 
     def on_epoch_start(self, epoch: int) -> None:

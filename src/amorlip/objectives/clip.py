@@ -26,6 +26,7 @@ class ClipObjective(Objective):
     Config = ClipConfig
 
     def forward(self, image_features, text_features, scale, bias, indices, *, step, epoch) -> ObjectiveOutput:
+        """Collective: every rank calls this together (`gather_with_grad` of both modalities)."""
         all_images = distributed.gather_with_grad(image_features)
         all_texts = distributed.gather_with_grad(text_features)
         b = image_features.shape[0]

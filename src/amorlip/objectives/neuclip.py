@@ -150,7 +150,8 @@ class NeuCLIPObjective(Objective):
     def prototype_step(
         self, x: Tensor, y: Tensor, log_target_img: Tensor, log_target_txt: Tensor, scale: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """One AdaGrad step on J over this rank's anchors; the gradient is averaged over ranks first, so every
+        """Collective: every rank calls this together (`all_reduce_mean_`). One AdaGrad step on J over this rank's
+        anchors; the gradient is averaged over ranks first, so every
         rank takes the same step (the 1-process step on the global batch). Returns J and the alphas before it."""
         v, dtype = self.num_valid, x.dtype
         w_txt = self.text_prototypes[:v].to(dtype, copy=True).requires_grad_(True)
@@ -173,6 +174,7 @@ class NeuCLIPObjective(Objective):
 
     # -- the step --------------------------------------------------------------------------------------
     def forward(self, image_features, text_features, scale, bias, indices, *, step, epoch) -> ObjectiveOutput:
+        """Collective: every rank calls this together (`GlobalBatch.build`, `prototype_step`)."""
         with no_autocast(image_features.device):
             batch = GlobalBatch.build(image_features, text_features, self.cfg.tile_size)
             s = scale.to(batch.x.dtype)

@@ -48,6 +48,7 @@ class SigLipObjective(Objective):
     model_overrides = {"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0}
 
     def forward(self, image_features, text_features, scale, bias, indices, *, step, epoch) -> ObjectiveOutput:
+        """Collective: every rank calls this together (`gather_with_grad` of the texts)."""
         b = image_features.shape[0]
         all_texts = distributed.gather_with_grad(text_features)
         tile = tiled.resolve_tile(self.cfg.tile_size if self.cfg is not None else None, b, all_texts.shape[0])

@@ -74,7 +74,8 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def gather_features(image_features: torch.Tensor, text_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """All ranks' features, detached, in rank order (one all_gather for both modalities)."""
+    """Collective: every rank calls this together. All ranks' features, detached, in rank order (one all_gather
+    for both modalities)."""
     d = image_features.shape[1]
     both = distributed.gather_no_grad(torch.cat([image_features, text_features], dim=1))
     return both[:, :d], both[:, d:]
@@ -142,7 +143,8 @@ class GlobalBatch:
     @classmethod
     def build(cls, image_features: torch.Tensor, text_features: torch.Tensor,
               tile_size: int | None = 0) -> "GlobalBatch":
-        """`tile_size`: the objective's key (tiled.resolve_tile: None auto, 0 dense, t rows)."""
+        """Collective: every rank calls this together (`gather_features`). This rank's anchors and every rank's
+        features; `tile_size`: the objective's key (tiled.resolve_tile: None auto, 0 dense, t rows)."""
         dtype = compute_dtype(image_features)
         x, y = image_features.to(dtype), text_features.to(dtype)
         all_x, all_y = gather_features(x, y)
@@ -317,8 +319,9 @@ class SogCLRObjective(Objective):
     def update_estimators(
         self, indices: torch.Tensor, log_g_img: torch.Tensor, log_g_txt: torch.Tensor, gamma: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """u <- (1-gamma) u + gamma g for the local anchors (gamma = 1 on first visits), in log space; then
-        all-gather (indices, new values) and write the whole global batch into the buffers on every rank.
+        """Collective: every rank calls this together (`gather_no_grad`). u <- (1-gamma) u + gamma g for the
+        local anchors (gamma = 1 on first visits), in log space; then all-gather (indices, new values) and write
+        the whole global batch into the buffers on every rank.
 
         Returns the new log u / log v of the local anchors and of all anchors of the global batch (values
         as stored, float32, cast to the compute dtype) and the fraction of first visits in the local batch.
@@ -346,6 +349,7 @@ class SogCLRObjective(Objective):
         return new[0].to(dtype), new[1].to(dtype), all_img.to(dtype), all_txt.to(dtype), first
 
     def forward(self, image_features, text_features, scale, bias, indices, *, step, epoch) -> ObjectiveOutput:
+        """Collective: every rank calls this together (`GlobalBatch.build`, `update_estimators`)."""
         with no_autocast(image_features.device):
             batch = GlobalBatch.build(image_features, text_features, self.cfg.tile_size)
             s = self.effective_scale(scale).to(batch.x.dtype)
