@@ -366,7 +366,12 @@ def main(argv: list[str] | None = None) -> int:
 
     previous_format, warnings.formatwarning = warnings.formatwarning, warning_line(command)
     try:
-        return _run_command(argv, command)
+        if command != "train":
+            return _run_command(argv, command)
+        from amorlip.outlog import OutLog
+
+        with OutLog():  # RUN/out.log, once the run folder exists
+            return _run_command(argv, command)
     finally:
         warnings.formatwarning = previous_format
 

@@ -264,6 +264,21 @@ def _evaluate(run: Run, tokenizer: Any, transform: Any) -> None:
     run.last_eval = run_evaluation(run.model, tokenizer, transform, run.eval_sets, run.cfg, run.device,
                                    objective=run.objective, diagnostic_sets=run.diagnostic_sets)
     run.logger.log(run.step, {f"eval/{k}": v for k, v in run.last_eval.items()})
+    if run.step < run.total_steps:  # (the final results are printed as a table by finish_run)
+        line = eval_line(run.step, run.last_eval)
+        if run.progress is not None:
+            run.progress.write(line)
+        else:
+            print(line, flush=True)
+
+
+def eval_line(step: int, metrics: dict[str, float]) -> str:
+    """One console line of a mid-run evaluation: mean zero-shot top-1 and mean retrieval R@1 (in %)."""
+    from amorlip.compare.results import headline_metrics
+
+    head = headline_metrics(metrics)
+    shown = [f"{k} {100 * head[k]:.2f}%" for k in ("zeroshot/mean_top1", "retrieval/mean_R@1") if k in head]
+    return f"eval at step {step}: " + (" | ".join(shown) if shown else "no zero-shot or retrieval metrics")
 
 
 # ----------------------------------------------------------------------------------------------------

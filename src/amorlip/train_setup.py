@@ -18,7 +18,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from amorlip import checkpoint as ckpt
-from amorlip import distributed, objectives, reclip
+from amorlip import distributed, objectives, outlog, reclip
 from amorlip.config import Config, ConfigError, describe
 from amorlip.data.types import TrainStream
 from amorlip.metrics_log import MetricsLogger
@@ -222,6 +222,7 @@ def _prepare_run_dir(run: Run) -> None:
     """Main rank: the run folder, its config.yaml, and (on resume) metrics.jsonl cut back to the checkpoint."""
     print(f"run folder: {run.run_dir}", flush=True)
     run.run_dir.mkdir(parents=True, exist_ok=True)
+    outlog.attach(run.run_dir / "out.log")
     for tmp in ckpt.remove_stale_temporaries(ckpt.checkpoint_dir(run.run_dir)):
         print(f"removed {tmp.name}, left by an interrupted checkpoint write")
     ckpt.atomic_write_text(describe(run.cfg), run.run_dir / "config.yaml")
