@@ -367,3 +367,27 @@ def test_aggregate_datacomp_jsonl(tmp_path):
     assert agg["average"] == pytest.approx(0.6) and agg["n_tasks"] == 2 and agg["partial"]
     # display names work as keys too
     assert aggregate({"Caltech-101": 0.2, "WinoGAViL": 0.4})["average"] == pytest.approx(0.3)
+
+
+@pytest.mark.slow
+def test_eval_datacomp_through_the_cli(dc_root, tmp_path, capsys):
+    """`amorlip eval RUN --datacomp ROOT --datacomp-tasks ...`: the same scores as run_datacomp on the run's model,
+    in the results file beside the run's own metrics."""
+    from amorlip.cli import main
+    from amorlip.evaluate.cli import load_for_eval, read_checkpoint
+
+    tiny = ["--model.name", "micro-vit", "--data.synthetic-size", "32", "--data.val-size", "16", "--data.eval-size",
+            "16", "--train.batch-size", "8", "--train.steps", "1", "--train.progress", "false"]
+    assert main(["train", "--train.output-dir", str(tmp_path), "--train.name", "r", *tiny]) == 0
+    out = tmp_path / "dc.json"
+    assert main(["eval", str(tmp_path / "r"), "--datacomp", str(dc_root), "--datacomp-tasks", "cifar10,mscoco_captions",
+                 "--batch-size", "8", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "DataComp partial average over 2 tasks" in printed
+    results = json.loads(out.read_text())
+    loaded = load_for_eval(str(tmp_path / "r"), None, torch.device("cpu"), read_checkpoint(str(tmp_path / "r")))
+    direct = run_datacomp(loaded.model, loaded.eval_transform, loaded.tokenizer, dc_root, "cpu",
+                          tasks=["cifar10", "mscoco_captions"], batch_size=8, progress=False, num_workers=0)
+    for key in ("cifar10", "retrieval/mscoco_2014_5k_test_image_text_retrieval"):
+        assert results["datacomp"]["tasks"][key]["score"] == pytest.approx(direct["tasks"][key]["score"], abs=1e-6)
+    assert results["datacomp_summary"]["n_tasks"] == 2 and "zeroshot/mean_top1" in results["metrics"]
