@@ -24,6 +24,7 @@ from typing import Any, Callable, Literal, Sequence, Union, get_args, get_origin
 import yaml
 
 from amorlip.errors import ConfigError  # noqa: F401 - re-exported (amorlip.config.ConfigError)
+from amorlip.objectives.registry import DEFAULT_OBJECTIVE
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -250,30 +251,13 @@ CORE_SECTIONS: dict[str, type] = {
 }
 
 
-def _objective_section(name: str) -> tuple[str | None, type | None]:
-    """(config section, options dataclass) of the registered objective `name`: from `amorlip.objectives.options`
-    without importing torch; an objective missing there (registered at run time) is asked through its class."""
-    from amorlip import objectives
-    from amorlip.objectives.options import SECTIONS
-
-    if name in SECTIONS:
-        return SECTIONS[name]
-    cls = objectives.get(name)
-    return cls.section, cls.Config
-
-
 def objective_sections() -> dict[str, type]:
-    """Config sections declared by the registered objectives (section name -> dataclass)."""
-    from amorlip import objectives
+    """Config sections declared by the registered objectives (section name -> dataclass), in registry order."""
+    from amorlip.objectives.registry import REGISTRY
 
     out: dict[str, type] = {}
-    for name in objectives.REGISTRY:
-        try:
-            section, typ = _objective_section(name)
-        except (ImportError, AttributeError):
-            continue
-        if section and typ is not None:
-            out.setdefault(section, typ)
+    for entry in REGISTRY.values():
+        out.setdefault(entry.section, entry.options)
     return out
 
 
@@ -286,7 +270,7 @@ def extra_sections() -> dict[str, type]:
 
 @dataclass
 class Config:
-    objective: str = "clip"
+    objective: str = DEFAULT_OBJECTIVE
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -432,7 +416,7 @@ def _formatter_class() -> type:
 
 
 def _objective_names() -> list[str]:
-    from amorlip.objectives import REGISTRY
+    from amorlip.objectives.registry import REGISTRY
 
     return list(REGISTRY)
 
@@ -459,7 +443,7 @@ def config_parser(prog: str = "amorlip train", description: str | None = None,
     if add_options is not None:
         add_options(parser)
     names = _objective_names()
-    parser.add_argument("--objective", choices=names, metavar="{" + ",".join(names) + "}", default="clip",
+    parser.add_argument("--objective", choices=names, metavar="{" + ",".join(names) + "}", default=DEFAULT_OBJECTIVE,
                         help="the training objective; its options are the section of the same name below")
     for section, typ in all_section_types().items():
         parser.add_class_arguments(typ, nested_key=section, fail_untyped=False, instantiate=False)
@@ -713,19 +697,11 @@ def build_config(preset: str | None = None, overrides: list[tuple[str, Any]] | N
 
 def resolve_auto(cfg: Config) -> None:
     """Replace `auto` values by what they mean for this configuration (the saved config holds the result)."""
-    if cfg.temperature.scheme == "auto":
-        from amorlip.objectives.options import SECTIONS, default_temperature_scheme
+    from amorlip.objectives.registry import entry_of
 
-        if cfg.objective in SECTIONS:
-            section, _ = _objective_section(cfg.objective)
-            cfg.temperature.scheme = default_temperature_scheme(cfg.sections.get(section) if section else None)
-        else:  # registered at run time: its class decides
-            from amorlip import objectives
-
-            if cfg.objective in objectives.REGISTRY:
-                cls = objectives.get(cfg.objective)
-                cfg.temperature.scheme = cls.default_temperature_scheme(cfg.sections.get(cls.section) if cls.section
-                                                                        else None)
+    entry = entry_of(cfg)
+    if cfg.temperature.scheme == "auto" and entry is not None:
+        cfg.temperature.scheme = entry.auto_temperature(entry.options_of(cfg))
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
@@ -1003,15 +979,10 @@ def validate(cfg: Config) -> None:
             except ValueError as e:
                 raise ConfigError(f"[{name}] {e}") from None
 
-    # objective x temperature scheme
-    fastclip = cfg.sections.get("fastclip")
-    if cfg.objective == "fastclip" and fastclip is not None and fastclip.version == 3 \
-            and cfg.temperature.scheme != "rescaled":
-        raise ConfigError(
-            f"fastclip.version=3 (RGCL-g) learns its temperature through the rescaled scheme, not "
-            f"temperature.scheme={cfg.temperature.scheme} (pass --temperature.scheme rescaled, or --fastclip.version 0 "
-            "for GCL with the plain gradient)"
-        )
+    # the objective's rules across sections (FastCLIP-v3 x temperature scheme)
+    entry = objectives.REGISTRY[cfg.objective]
+    if entry.check is not None and entry.options_of(cfg) is not None:
+        entry.check(entry.options_of(cfg), cfg)
 
     # precision on the device, initial weights, tower locking, W&B, final outputs
     if cfg.model.precision == "fp16":

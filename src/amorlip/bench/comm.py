@@ -44,6 +44,7 @@ from amorlip.bench.common import (
     write_json,
 )
 from amorlip.config import ConfigError
+from amorlip.objectives.registry import options_of
 
 HELPERS = ("gather_with_grad", "gather_no_grad", "all_reduce_mean_", "all_reduce_sum_", "broadcast_")
 KINDS = ("all_gather_grad", "all_gather", "all_reduce", "broadcast")
@@ -278,7 +279,7 @@ def run(extra: list[str]) -> dict[str, Any]:
         ratio = s["gather_bytes_per_step"] / ref_bytes if ref_bytes else None
         results.append({"label": v.label, "objective": v.cfg.objective, **s, "gather_bytes_vs_reference": ratio,
                         "ranks_agree": consistent,
-                        "t_online": v.cfg.sections["amor"].t_online if v.cfg.objective == "amorlip" else None})
+                        "t_online": getattr(options_of(v.cfg), "t_online", None)})
         pc = s["per_step"]
         rows.append([
             v.label, f"{pc['all_gather_grad']:.3g}", f"{pc['all_gather']:.3g}", f"{pc['all_reduce']:.3g}",

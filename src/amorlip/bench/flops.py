@@ -40,6 +40,7 @@ from amorlip.bench.common import (
     write_json,
 )
 from amorlip.config import ConfigError, build_config
+from amorlip.objectives.registry import DEFAULT_OBJECTIVE
 
 
 def flop_counter() -> Any:
@@ -113,7 +114,7 @@ def run(extra: list[str]) -> dict[str, Any]:
         "FLOPs (FlopCounterMode, forward+backward+optimizer) and time per training step, for each RECLIP "
         "resolution phase of the config (or the model's native size).",
     )
-    add_variant_options(parser, "clip")
+    add_variant_options(parser, DEFAULT_OBJECTIVE)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per phase (default 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per phase first, >= 1 (default 2)")
     opts, overrides = parse_args(parser, extra)

@@ -204,10 +204,6 @@ def amortized_nce_loss(
 class AmorLIPObjective(Objective):
     """`--objective amorlip`: Algorithm 1 of the paper (see the module docstring and docs/amorlip.md)."""
 
-    name = "amorlip"
-    section = "amor"
-    Config = AmorConfig
-
     def __init__(self, cfg: AmorConfig | None, ctx: ObjectiveContext) -> None:
         cfg = cfg if cfg is not None else AmorConfig()
         cfg.validate()
