@@ -24,6 +24,7 @@ from typing import Any, Callable, Literal, Sequence, Union, get_args, get_origin
 import yaml
 
 from amorlip.errors import ConfigError  # noqa: F401 - re-exported (amorlip.config.ConfigError)
+from amorlip.data.sources import DEFAULT_SOURCE, SOURCES, SourceName
 from amorlip.objectives.registry import DEFAULT_OBJECTIVE
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -61,7 +62,7 @@ class ModelConfig:
 class DataConfig:
     """Training and evaluation data."""
 
-    source: Literal["synthetic", "csv", "wds", "fashion-mnist"] = "synthetic"
+    source: SourceName = DEFAULT_SOURCE
     """synthetic | csv | wds | fashion-mnist."""
     train_path: str | None = None
     """CSV file, or webdataset shard pattern (brace notation, `::` joins several), or a shard directory."""
@@ -852,7 +853,7 @@ def validate(cfg: Config) -> None:
 
     if cfg.objective not in objectives.REGISTRY:
         raise ConfigError(f"unknown objective {cfg.objective!r}; choose one of: {', '.join(objectives.REGISTRY)}")
-    _check_choice(cfg.data.source, ("synthetic", "csv", "wds", "fashion-mnist"), "data.source")
+    _check_choice(cfg.data.source, tuple(SOURCES), "data.source")
     _check_choice(cfg.model.precision, ("fp32", "bf16", "fp16", "amp_bf16", "pure_bf16"), "model.precision")
     _check_choice(cfg.temperature.scheme, ("plain", "rescaled"), "temperature.scheme")
     _check_choice(cfg.train.device, ("auto", "cpu", "cuda"), "train.device")
@@ -954,12 +955,13 @@ def validate(cfg: Config) -> None:
     # (rho may be negative: the released AmorLIP CC12M schedule ends at rho_final = -8.5)
 
     # data
-    if cfg.data.source in ("csv", "wds") and not cfg.data.train_path:
+    reads_path = [name for name, s in SOURCES.items() if s.reads_train_path]
+    if SOURCES[cfg.data.source].reads_train_path and not cfg.data.train_path:
         raise ConfigError(f"data.source={cfg.data.source} needs --data.train-path (a CSV file or shard pattern)")
-    if cfg.data.source in ("synthetic", "fashion-mnist") and cfg.data.train_path:
+    if not SOURCES[cfg.data.source].reads_train_path and cfg.data.train_path:
         raise ConfigError(
             f"data.train_path={cfg.data.train_path!r} is set but data.source={cfg.data.source} does not read it "
-            "(pass --data.source csv or --data.source wds, or drop --data.train-path)"
+            f"(pass {' or '.join(f'--data.source {name}' for name in reads_path)}, or drop --data.train-path)"
         )
     at_least("data.dataset_size", cfg.data.dataset_size, 1, ", or none")
     at_least("data.synthetic_size", cfg.data.synthetic_size, 1)

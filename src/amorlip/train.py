@@ -35,7 +35,9 @@ from amorlip.progress import Progress
 from amorlip.runlock import RUN_IN_USE_FIX, FolderInUse, FolderLock
 from amorlip.signals import Stopped, StopRequest
 from amorlip.step import forward_backward, has_batch_norm
+from amorlip.batching import split_batch
 from amorlip.config import Config, ConfigError, describe
+from amorlip.data.sources import SOURCES
 from amorlip.models import build_model, clamp_logit_scale, describe_precision, model_config, param_groups, unwrap
 from amorlip.models import autocast as precision_autocast
 from amorlip.objectives.base import Objective, ObjectiveContext, ObjectiveOutput
@@ -289,7 +291,7 @@ def _set_up(cfg: Config, stream: Any | None, held: contextlib.ExitStack) -> Run:
     dist_info = _init_process(cfg)
     run_dir = cfg.run_dir
     held.callback(_lock_run_dir(run_dir, dist_info).release)
-    _check_batch_split(cfg, dist_info.world_size)
+    split_batch(cfg.train.batch_size, dist_info.world_size, cfg.train.accum_steps)
     seed_everything(cfg.train.seed)
 
     objective_cls = objectives.get(cfg.objective)
@@ -378,20 +380,6 @@ def _lock_run_dir(run_dir: Path, dist_info: distributed.DistInfo) -> FolderLock:
             raise FolderInUse(error)
         raise SystemExit(2)
     return lock
-
-
-def _check_batch_split(cfg: Config, world_size: int) -> None:
-    """The global batch must split evenly over the processes, and each process's share over train.accum_steps."""
-    if cfg.train.batch_size % world_size:
-        raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size} is not divisible by the {world_size} processes"
-        )
-    local_batch = cfg.train.batch_size // world_size
-    if local_batch % cfg.train.accum_steps:
-        raise ConfigError(
-            f"train.accum_steps={cfg.train.accum_steps} does not divide the per-process batch of {local_batch} "
-            f"(train.batch_size {cfg.train.batch_size} over {world_size} processes); pick a divisor"
-        )
 
 
 def _build_stream(cfg: Config, dist_info: distributed.DistInfo, needs_indices: bool) -> Any:
@@ -484,10 +472,10 @@ def _loop(run: Run, stop: StopRequest) -> None:
     """Train to train.steps (or train.stop_at), an epoch at a time; a RECLIP phase boundary restarts the data
     iterator at its step with the new phase's transforms."""
     cfg = run.cfg
-    # Sources that can drop unreadable samples (csv, wds) may give ranks batches of different sizes, which
+    # Sources that can drop unreadable samples (`drops_samples`: csv, wds) may give ranks batches of different sizes, which
     # the feature gathers cannot take: trim every rank's batch to the smallest (one scalar all-reduce per step,
     # only for those sources and only with several processes).
-    trim_batches = run.dist.distributed and cfg.data.source in ("csv", "wds")
+    trim_batches = run.dist.distributed and SOURCES[cfg.data.source].drops_samples
     meter = _Throughput(skips=_skipped(run.stream.stats))
     run.model.train()
     while run.step < run.total_steps and not _stopped_early(run):

@@ -43,6 +43,7 @@ from amorlip.bench.common import (
     scratch_dir,
     write_json,
 )
+from amorlip.batching import split_batch
 from amorlip.config import ConfigError
 from amorlip.objectives.registry import options_of
 
@@ -249,9 +250,7 @@ def run(extra: list[str]) -> dict[str, Any]:
     with scratch_dir("comm") as tmp:
         variants = build_variants(opts, overrides, opts.warmup + opts.steps + 1, tmp)
         ref = next(v for v in variants if v.is_reference)
-        if ref.cfg.train.batch_size % opts.world_size:
-            raise ConfigError(f"batch size {ref.cfg.train.batch_size} is not divisible by --world-size "
-                              f"{opts.world_size}")
+        split_batch(ref.cfg.train.batch_size, opts.world_size)
         dataset_size = default_dataset_size(ref.cfg, opts.warmup + opts.steps + 1, opts.dataset_size)
         threads = opts.threads or 1
         if not opts.no_progress:

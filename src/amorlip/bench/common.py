@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from amorlip.batching import split_batch
 from amorlip.config import Config, ConfigError, build_config, parse_overrides
 from amorlip.objectives.registry import DEFAULT_OBJECTIVE, REGISTRY, period_steps
 
@@ -248,9 +249,7 @@ class BenchStream:
                  hooks: StepHooks | None = None, pin_memory: bool = False, seed: int = 0) -> None:
         from amorlip.data.types import DataStats
 
-        if batch_size % world_size:
-            raise ConfigError(f"batch size {batch_size} is not divisible by {world_size} processes")
-        self.batch_size, self.local_batch_size = batch_size, batch_size // world_size
+        self.batch_size, self.local_batch_size = batch_size, split_batch(batch_size, world_size)
         self.dataset_size = int(dataset_size)
         self.steps_per_epoch = self.dataset_size // batch_size
         self.rank, self.world_size = rank, world_size

@@ -14,12 +14,14 @@ import torch
 
 from amorlip import checkpoint as ckpt
 from amorlip.config import Config, ConfigError, config_from_dict
+from amorlip.data.sources import DEFAULT_SOURCE, HELD_OUT, SOURCES
 from amorlip.distributed import pick_device
 
-DATA_SOURCES = ("synthetic", "fashion-mnist")
-"""`--data` names: the built-in held-out sets. Anything else is a path: a CSV or webdataset shards (retrieval),
-or an ImageNet-style folder of class sub-folders (zero-shot). Without `--data`, a run is evaluated on what it
-was evaluated on in training: its source's held-out sets plus its data.val_path / eval.imagenet_root."""
+DATA_SOURCES = HELD_OUT
+"""`--data` names: the sources with held-out sets of their own (`amorlip.data.sources`). Anything else is a path: a
+CSV or webdataset shards (retrieval), or an ImageNet-style folder of class sub-folders (zero-shot). Without
+`--data`, a run is evaluated on what it was evaluated on in training: its source's held-out sets plus its
+data.val_path / eval.imagenet_root."""
 
 
 @dataclass
@@ -97,8 +99,9 @@ def eval_data(config: Config | None, data: str | None, seed: int, source: Path |
     if config is None:
         print(f"note: {source} is an export without a run config: evaluating on the embedded synthetic data "
               "(pass --data PATH for your own: a CSV, webdataset shards or an ImageNet-style folder)")
-        return build_eval_data(data_cfg, seed, source="synthetic")
-    if data_cfg.source in ("csv", "wds") and not data_cfg.val_path and not config.eval.imagenet_root:
+        return build_eval_data(data_cfg, seed, source=DEFAULT_SOURCE)
+    own_sets = data_cfg.source in SOURCES and SOURCES[data_cfg.source].held_out is not None
+    if not own_sets and not data_cfg.val_path and not config.eval.imagenet_root:
         if other_work:
             print(f"note: {source} was trained on data.source={data_cfg.source} without validation data "
                   "(data.val_path, eval.imagenet_root): no zero-shot or retrieval metrics (pass --data PATH for them)")
