@@ -392,7 +392,8 @@ def train_stream(cfg: Any, batch_size: int, seed: int, rank: int = 0, world_size
     from amorlip.data.mapstyle import map_stream
 
     size = cfg.dataset_size or cfg.synthetic_size
-    dataset = SyntheticScenes(size, seed=seed, split="train", render_size=int(getattr(cfg, "synthetic_render_size", 64)))
+    render = int(getattr(cfg, "synthetic_render_size", 64))
+    dataset = SyntheticScenes(size, seed=seed, split="train", render_size=render)
     return map_stream(dataset, cfg, batch_size, seed, rank, world_size, name="synthetic", pin_memory=pin_memory)
 
 
