@@ -139,8 +139,8 @@ def build_variants(
     """
     from amorlip.compare import parse_entry, split_entries
 
-    t_online = split_list(getattr(opts, "t_online", None), int)
-    dim_factor = split_list(getattr(opts, "dim_factor", None), float)
+    sweep_values = {key: split_list(getattr(opts, key, None), type(getattr(e.options(), key)))
+                    for e in REGISTRY.values() for key in e.sweeps}  # `--t-online 1,8`: ints, as amor.t_online
     variants: list[Variant] = []
     for text in split_entries(opts.objectives):
         entry = parse_entry(text)
@@ -148,7 +148,7 @@ def build_variants(
         registered = REGISTRY.get(entry.objective)
         own = {k.replace("-", "_") for k, _ in entry.overrides}
         for key, short in (registered.sweeps.items() if registered else ()):
-            values, dotted = {"t_online": t_online, "dim_factor": dim_factor}[key], f"{registered.section}.{key}"
+            values, dotted = sweep_values[key], f"{registered.section}.{key}"
             if values and dotted not in own:
                 sweeps = [(f"{lab} {short}={v:g}", ov + [(dotted, str(v))]) for lab, ov in sweeps for v in values]
         for label, sweep_ov in sweeps:

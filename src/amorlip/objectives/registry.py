@@ -33,6 +33,7 @@ from amorlip.objectives.options import (
 
 
 def _plain(options: Any) -> str:
+    """`temperature.scheme auto` of most objectives: the plain loss."""
     return "plain"
 
 
@@ -41,15 +42,24 @@ class ObjectiveEntry:
     """One registered objective (see the module docstring for the hooks)."""
 
     name: str
+    """`--objective NAME`."""
     cls: str
     """"module:Class", imported lazily (a broken optional objective never breaks the others)."""
     section: str
+    """The config section of its options (`--SECTION.KEY`)."""
     options: type
+    """Its options dataclass (torch-free, with `validate()`); an instance is passed to the class as `cfg`."""
     temperature: Callable[[Any], str] = _plain
+    """options -> what `temperature.scheme auto` means (`plain` or `rescaled`)."""
     check: Callable[[Any, Any], None] | None = None
+    """(options, run config) -> None, or ConfigError naming the fix: a rule across sections."""
     periods: tuple[str, ...] = ()
+    """Option keys holding step periods of periodic work (benchmark blocks hold whole periods)."""
     amortised: tuple[str, ...] = ()
+    """Option keys that size its amortised work (reported by `bench overhead`)."""
     sweeps: dict[str, str] = field(default_factory=dict)
+    """Option key -> label prefix of the benchmarks' sweep over it, given by the bench option of the same name
+    (`bench.common.add_variant_options`: `--t-online 1,8` -> rows `T=1`, `T=8`)."""
 
     def load(self) -> type:
         """The objective class, an `amorlip.objectives.base.Objective` (imports its module, and torch)."""
