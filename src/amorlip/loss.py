@@ -17,19 +17,20 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import fields, is_dataclass
-from typing import Any, Callable
+from typing import Any, Callable, get_args
 
 import torch
 from torch import nn
 
 from amorlip import distributed, objectives
+from amorlip.config.schema import Scheme
 from amorlip.errors import ConfigError, one_of
 from amorlip.objectives.base import Objective, ObjectiveContext, ObjectiveOutput
 from amorlip.schedules import rho_at
 from amorlip.step import forward_backward as _step_forward_backward
 from amorlip.step import objective_loss
 
-TEMPERATURE_SCHEMES = ("auto", "plain", "rescaled")
+TEMPERATURE_SCHEMES = get_args(Scheme)
 
 _CONTEXT_HELP = {
     "dataset_size": "the number of training samples (indices lie in [0, dataset_size))",
