@@ -349,24 +349,24 @@ def test_model_catalog_reads_what_open_clip_reads(monkeypatch):
         model_catalog.model_config("ViT-Nope")
 
 
-def test_objective_options_are_the_classes_own():
-    """`amorlip.objectives.options` (what the config layer reads, torch-free) names every registered objective's
-    `section` and `Config`, in the registry's order; the old import paths still work."""
+def test_objective_classes_take_their_registry_entry():
+    """Each registered class gets `name`, `section` and `Config` from its (torch-free) registry entry; the hooks
+    say what `temperature.scheme auto` means; the old import paths still work."""
     from amorlip import objectives, reclip, reclip_options
     from amorlip.objectives import REGISTRY, Objective, ObjectiveContext, ObjectiveOutput, get, options
     from amorlip.objectives.amorlip import AmorConfig
     from amorlip.objectives.base import Objective as BaseObjective
     from amorlip.objectives.sogclr import FastCLIPConfig
 
-    assert list(options.SECTIONS) == list(REGISTRY)
-    for name in REGISTRY:
+    for name, entry in REGISTRY.items():
         cls = get(name)
-        assert (cls.section, cls.Config) == options.SECTIONS[name], name
-        assert cls.default_temperature_scheme(cls.Config()) == options.default_temperature_scheme(cls.Config())
+        assert (cls.name, cls.section, cls.Config) == (name, entry.section, entry.options), name
+        assert entry.cls == f"{cls.__module__}:{cls.__qualname__}"
     assert Objective is BaseObjective and ObjectiveContext.__module__ == ObjectiveOutput.__module__ == "amorlip.objectives.base"
     assert AmorConfig is options.AmorConfig and reclip.ResolutionConfig is reclip_options.ResolutionConfig
-    assert get("fastclip").default_temperature_scheme(FastCLIPConfig()) == "rescaled"
-    assert get("fastclip").default_temperature_scheme(FastCLIPConfig(version=0)) == "plain"
-    assert get("clip").default_temperature_scheme(None) == "plain"
+    assert REGISTRY["fastclip"].auto_temperature(FastCLIPConfig()) == "rescaled"
+    assert REGISTRY["fastclip"].auto_temperature(FastCLIPConfig(version=0)) == "plain"
+    assert REGISTRY["fastclip"].auto_temperature(None) == "rescaled"
+    assert all(REGISTRY[n].auto_temperature(None) == "plain" for n in REGISTRY if n != "fastclip")
     with pytest.raises(AttributeError):
         objectives.NoSuchName  # noqa: B018

@@ -14,7 +14,9 @@ import webdataset as wds
 from PIL import Image
 
 from amorlip.config import DataConfig
-from amorlip.data.loader import _EpochSamples, build_eval_data, build_train_stream, mix_seed, sample_seed, sample_seeds
+from amorlip.data.loader import build_eval_data, build_train_stream
+from amorlip.data.mapstyle import _EpochSamples
+from amorlip.data.samples import mix_seed, sample_seed, sample_seeds
 from amorlip.data.synthetic import SyntheticScenes
 from amorlip.data.types import DataError
 from amorlip.data.writers import write_synthetic_csv, write_synthetic_wds

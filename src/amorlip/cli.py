@@ -277,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     """`amorlip eval` and its options."""
+    from amorlip.data.sources import HELD_OUT
+
     p = sub.add_parser("eval", help="evaluate a run folder or checkpoint (zero-shot, retrieval, DataComp, normalizers)")
     p.add_argument("checkpoint", help="run folder (its latest checkpoint), checkpoint file, or exported open_clip .pt")
     p.add_argument("--model", "--model.name", dest="model",
@@ -298,7 +300,8 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
                    help="epochs over the pairs before measuring, so objective states see every pair (default 2)")
     p.add_argument("--gf-epochs", type=int, default=4, help="epochs measured (visits per pair; default 4)")
     p.add_argument("--data", "--data.source", dest="data", default=None,
-                   help="evaluation data: synthetic, fashion-mnist, or a CSV / shards / class folder path (default: what the run evaluated on: its data.val_path, eval.imagenet_root or its source's held-out split)")
+                   help=f"evaluation data: {', '.join(HELD_OUT)}, or a CSV / shards / class folder path (default: what "
+                        "the run evaluated on: its data.val_path, eval.imagenet_root or its source's held-out split)")
     p.add_argument("--out", help="write results JSON here (default: RUN/eval.json; with --data, RUN/eval-NAME-HASH.json "
                                  "per data set, so that evaluations on other data keep their own files)")
     p.add_argument("--batch-size", "--eval.batch-size", "--eval.batch_size", dest="batch_size", type=int, default=256,

@@ -17,19 +17,20 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import fields, is_dataclass
-from typing import Any, Callable
+from typing import Any, Callable, get_args
 
 import torch
 from torch import nn
 
 from amorlip import distributed, objectives
-from amorlip.errors import ConfigError
+from amorlip.config.schema import Scheme
+from amorlip.errors import ConfigError, one_of
 from amorlip.objectives.base import Objective, ObjectiveContext, ObjectiveOutput
 from amorlip.schedules import rho_at
 from amorlip.step import forward_backward as _step_forward_backward
 from amorlip.step import objective_loss
 
-TEMPERATURE_SCHEMES = ("auto", "plain", "rescaled")
+TEMPERATURE_SCHEMES = get_args(Scheme)
 
 _CONTEXT_HELP = {
     "dataset_size": "the number of training samples (indices lie in [0, dataset_size))",
@@ -158,8 +159,7 @@ class ContrastiveLoss(nn.Module):
                 raise ConfigError(
                     f"objective {self.name!r} keeps per-sample estimates and needs each sample's dataset index: "
                     f"call it with indices=<int64 tensor of shape ({b},), values in [0, "
-                    f"{self.objective.ctx.dataset_size})> (your data must yield them), or pick clip, siglip, amorlip "
-                    "or neuclip")
+                    f"{self.objective.ctx.dataset_size})> (your data must yield them), or pick {_index_free()}")
             return torch.arange(b, device=features.device)
         if not isinstance(indices, torch.Tensor) or indices.shape != (b,) or indices.is_floating_point():
             raise ConfigError(f"indices must be an integer tensor of shape ({b},), one dataset index per sample "
@@ -185,7 +185,7 @@ def make_loss(objective: str, *, dataset_size: int | None = None, steps_per_epoc
               options: Any = None, temperature: str = "auto", rho: float = 6.5, rho_final: float | None = None,
               rho_final_fraction: float = 0.25, device: torch.device | str = "cpu") -> ContrastiveLoss:
     """Collective: every rank calls this together (AmorLIP broadcasts its nets' seed). Build objective `objective`
-    (clip, siglip, sogclr, fastclip, amorlip, neuclip) as a `ContrastiveLoss`.
+    (a name in `amorlip.objectives.REGISTRY`) as a `ContrastiveLoss`.
 
     The run's facts (`dataset_size`, `steps_per_epoch`, `total_steps`, `embed_dim`, `local_batch_size`) are all
     required. `options`: the objective's options dataclass (e.g. `AmorConfig(t_online=1)`, see
@@ -242,13 +242,18 @@ def _options(cls: type[Objective], options: Any) -> Any:
 def _scheme(cls: type[Objective], cfg: Any, temperature: str) -> str:
     if temperature not in TEMPERATURE_SCHEMES:
         raise ConfigError(f"temperature={temperature!r} is not one of: {', '.join(TEMPERATURE_SCHEMES)}")
-    own = cls.default_temperature_scheme(cfg)
+    own = objectives.REGISTRY[cls.name].auto_temperature(cfg)
     if temperature == "auto":
         return own
     if own == "rescaled" and temperature != "rescaled":
         raise ConfigError(f"{cls.name} with these options learns its temperature through the rescaled scheme; "
                           "pass temperature='rescaled' (or 'auto'), or options that optimise the plain loss")
     return temperature
+
+
+def _index_free() -> str:
+    """The registered objectives that need no sample indices, as a message lists them."""
+    return one_of([name for name in objectives.REGISTRY if not objectives.get(name).needs_indices])
 
 
 def _metrics(result: ObjectiveOutput) -> dict[str, Any]:

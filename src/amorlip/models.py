@@ -7,13 +7,14 @@ import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, get_args
 
 import open_clip
 import torch
 from torch import nn
 
 from amorlip import model_catalog
+from amorlip.config.schema import Precision
 from amorlip.errors import ConfigError
 from amorlip.model_catalog import (MODEL_CONFIG_DIR, TINY_MODELS, check_lock_options,  # noqa: F401 - re-exported
                                    lock_groups, tower_kinds)
@@ -79,7 +80,7 @@ def create_model(name: str, device: torch.device | str = "cpu", **overrides: Any
 # ----------------------------------------------------------------------------------------------------
 # Precision: model.precision -> autocast dtype and weight dtype
 
-PRECISIONS = ("fp32", "bf16", "fp16", "amp_bf16", "pure_bf16")
+PRECISIONS = get_args(Precision)
 """fp32: no autocast. bf16 = amp_bf16 (open_clip's name): fp32 weights, bf16 autocast (CUDA or CPU). fp16: fp32
 weights, fp16 autocast with a gradient scaler (CUDA only). pure_bf16: weights, activations and optimizer state all
 in bf16, no autocast (open_clip's pure_bf16: half the memory, coarser updates)."""

@@ -13,6 +13,8 @@ import hashlib
 import json
 from typing import Any
 
+from amorlip.data.sources import SOURCES
+
 # Keys that never change the trained weights: logging, checkpoint cadence, evaluation, placement, speed knobs.
 NEUTRAL_KEYS = frozenset({
     "train.resume", "train.resume_allow_changes", "train.name", "train.output_dir", "train.progress",
@@ -51,7 +53,7 @@ def is_neutral(key: str, source: str | None) -> bool:
         return True
     # map-style sources seed every sample's augmentation by its index: the worker count does not matter
     # there; webdataset's split of shards over workers does depend on it.
-    return key == "data.workers" and source != "wds"
+    return key == "data.workers" and (source not in SOURCES or SOURCES[source].map_style)
 
 
 def result_keys(config: dict[str, Any]) -> dict[str, Any]:

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
+from amorlip.config.schema import LrScheduler, LrTemperatureSchedule
 from amorlip.errors import ConfigError
 
 
@@ -18,7 +19,7 @@ def warmup_cosine_lr(step: int, base_lr: float, warmup_steps: int, total_steps: 
     return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-LR_SCHEDULERS = ("cosine", "const", "const-cooldown")
+LR_SCHEDULERS = get_args(LrScheduler)
 """optim.lr_scheduler's choices (open_clip's --lr-scheduler)."""
 
 
@@ -83,7 +84,7 @@ def cosine_ramp(t: float, t_max: float, start: float, end: float) -> float:
     return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * t / t_max))
 
 
-TEMPERATURE_LR_SCHEDULES = ("const", "same-as-lr")
+TEMPERATURE_LR_SCHEDULES = get_args(LrTemperatureSchedule)
 STEP_THRESH_TEMPERATURE = 0.03
 """step_thresh: the temperature group's lr is divided by STEP_THRESH_DIVISOR while 1/s <= this (both releases)."""
 STEP_THRESH_DIVISOR = 3.0

@@ -27,6 +27,7 @@ import torch
 from amorlip import checkpoint as ckpt
 from amorlip import distributed
 from amorlip.config import Config
+from amorlip.data.sources import SOURCES
 from amorlip.data.types import DataStats, TrainStream
 from amorlip.history import read_history
 from amorlip.models import autocast as precision_autocast
@@ -102,10 +103,10 @@ def _loop(run: Run, stop: StopRequest) -> None:
     Train to train.steps (or train.stop_at), an epoch at a time; a RECLIP phase boundary restarts the data
     iterator at its step with the new phase's transforms."""
     cfg = run.cfg
-    # Sources that can drop unreadable samples (csv, wds) may give ranks batches of different sizes, which
+    # Sources that can drop unreadable samples (`drops_samples`: csv, wds) may give ranks batches of different sizes, which
     # the feature gathers cannot take: trim every rank's batch to the smallest (one scalar all-reduce per step,
     # only for those sources and only with several processes).
-    trim_batches = run.dist.distributed and cfg.data.source in ("csv", "wds")
+    trim_batches = run.dist.distributed and SOURCES[cfg.data.source].drops_samples
     meter = _Throughput(skips=_skipped(run.stream.stats))
     run.model.train()
     while run.step < run.total_steps and not _stopped_early(run):

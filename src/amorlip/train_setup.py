@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from amorlip import checkpoint as ckpt
 from amorlip import distributed, objectives, outlog, reclip
+from amorlip.batching import split_batch
 from amorlip.config import Config, ConfigError, describe
 from amorlip.data.types import TrainStream
 from amorlip.metrics_log import MetricsLogger
@@ -37,7 +38,7 @@ def set_up(cfg: Config, stream: TrainStream | None, held: contextlib.ExitStack) 
     and progress line; `stream` (None: built from cfg.data) is this rank's training data."""
     dist_info = _init_process(cfg)
     held.callback(_lock_run_dir(cfg.run_dir, dist_info).release)
-    _check_batch_split(cfg, dist_info.world_size)
+    split_batch(cfg.train.batch_size, dist_info.world_size, cfg.train.accum_steps)
     seed_everything(cfg.train.seed)
 
     objective_cls = objectives.get(cfg.objective)
@@ -165,20 +166,6 @@ def _lock_run_dir(run_dir: Path, dist_info: distributed.DistInfo) -> FolderLock:
             raise FolderInUse(error)
         raise SystemExit(2)
     return lock
-
-
-def _check_batch_split(cfg: Config, world_size: int) -> None:
-    """The global batch must split evenly over the processes, and each process's share over train.accum_steps."""
-    if cfg.train.batch_size % world_size:
-        raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size} is not divisible by the {world_size} processes"
-        )
-    local_batch = cfg.train.batch_size // world_size
-    if local_batch % cfg.train.accum_steps:
-        raise ConfigError(
-            f"train.accum_steps={cfg.train.accum_steps} does not divide the per-process batch of {local_batch} "
-            f"(train.batch_size {cfg.train.batch_size} over {world_size} processes); pick a divisor"
-        )
 
 
 def _build_stream(cfg: Config, dist_info: distributed.DistInfo, needs_indices: bool) -> TrainStream:

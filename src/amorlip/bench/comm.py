@@ -44,6 +44,8 @@ from amorlip.bench.common import (
 )
 from amorlip.config import ConfigError
 from amorlip.report import format_table
+from amorlip.batching import split_batch
+from amorlip.objectives.registry import options_of
 
 HELPERS = ("gather_with_grad", "gather_no_grad", "all_reduce_mean_", "all_reduce_sum_", "broadcast_")
 KINDS = ("all_gather_grad", "all_gather", "all_reduce", "broadcast")
@@ -233,9 +235,7 @@ def run(extra: list[str]) -> dict[str, Any]:
     with scratch_dir("comm") as tmp:
         variants = build_variants(opts, overrides, opts.warmup + opts.steps + 1, tmp)
         ref = next(v for v in variants if v.is_reference)
-        if ref.cfg.train.batch_size % opts.world_size:
-            raise ConfigError(f"batch size {ref.cfg.train.batch_size} is not divisible by --world-size "
-                              f"{opts.world_size}")
+        split_batch(ref.cfg.train.batch_size, opts.world_size)
         dataset_size = default_dataset_size(ref.cfg, opts.warmup + opts.steps + 1, opts.dataset_size)
         threads = opts.threads or 1
         if not opts.no_progress:
@@ -318,7 +318,7 @@ def _results(variants: list, ref: Any, per_rank: list, world_size: int) -> tuple
         ratio = s["gather_bytes_per_step"] / ref_bytes if ref_bytes else None
         results.append({"label": v.label, "objective": v.cfg.objective, **s, "gather_bytes_vs_reference": ratio,
                         "ranks_agree": consistent,
-                        "t_online": v.cfg.sections["amor"].t_online if v.cfg.objective == "amorlip" else None})
+                        "t_online": getattr(options_of(v.cfg), "t_online", None)})
         pc = s["per_step"]
         rows.append([
             v.label, f"{pc['all_gather_grad']:.3g}", f"{pc['all_gather']:.3g}", f"{pc['all_reduce']:.3g}",

@@ -27,9 +27,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from amorlip.batching import split_batch
 from amorlip.config import Config, ConfigError, build_config, parse_overrides
-
-AMOR_SWEEP_KEYS = {"t_online": "amor.t_online", "dim_factor": "amor.dim_factor"}
+from amorlip.objectives.registry import DEFAULT_OBJECTIVE, REGISTRY, period_steps
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -139,19 +139,18 @@ def build_variants(
     """
     from amorlip.compare.entries import parse_entry, split_entries
 
-    t_online = split_list(getattr(opts, "t_online", None), int)
-    dim_factor = split_list(getattr(opts, "dim_factor", None), float)
+    sweep_values = {key: split_list(getattr(opts, key, None), type(getattr(e.options(), key)))
+                    for e in REGISTRY.values() for key in e.sweeps}  # `--t-online 1,8`: ints, as amor.t_online
     variants: list[Variant] = []
     for text in split_entries(opts.objectives):
         entry = parse_entry(text)
         sweeps: list[tuple[str, list[tuple[str, str]]]] = [(entry.label, [])]
-        if entry.objective == "amorlip":
-            own = {k.replace("-", "_") for k, _ in entry.overrides}
-            for key, values in (("t_online", t_online), ("dim_factor", dim_factor)):
-                if values and AMOR_SWEEP_KEYS[key] not in own:
-                    short = "T" if key == "t_online" else "fd"
-                    sweeps = [(f"{lab} {short}={v:g}", ov + [(AMOR_SWEEP_KEYS[key], str(v))])
-                              for lab, ov in sweeps for v in values]
+        registered = REGISTRY.get(entry.objective)
+        own = {k.replace("-", "_") for k, _ in entry.overrides}
+        for key, short in (registered.sweeps.items() if registered else ()):
+            values, dotted = sweep_values[key], f"{registered.section}.{key}"
+            if values and dotted not in own:
+                sweeps = [(f"{lab} {short}={v:g}", ov + [(dotted, str(v))]) for lab, ov in sweeps for v in values]
         for label, sweep_ov in sweeps:
             ov = [("objective", entry.objective), *overrides, *entry.overrides, *sweep_ov,
                   *bench_overrides(steps, out_dir, f"{len(variants)}-{label}")]
@@ -161,26 +160,16 @@ def build_variants(
     labels = [v.label for v in variants]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"--objectives lists the same entry twice ({labels}); give each a distinct override")
-    ref = next((v for v in variants if v.label == "clip"), variants[0])
+    ref = next((v for v in variants if v.label == DEFAULT_OBJECTIVE), variants[0])
     ref.is_reference = True
     return variants
-
-
-def amor_periods(cfg: Config) -> list[int]:
-    """Step periods of an objective's periodic work (AmorLIP's Stage I and target EMA; NeuCLIP's restarts)."""
-    out = []
-    if cfg.objective == "amorlip" and "amor" in cfg.sections:
-        out += [int(cfg.sections["amor"].t_online), int(cfg.sections["amor"].t_target)]
-    if cfg.objective == "neuclip" and "neuclip" in cfg.sections:
-        out.append(int(cfg.sections["neuclip"].restart_every))
-    return out
 
 
 def block_length(cfgs: Sequence[Config], steps: int, include_logging: bool = True) -> int:
     """Steps per statistics block: the least common multiple of every periodic cost (AmorLIP's t_online and
     t_target, the logging interval) that fits in `steps`, so each block holds the same mix of cheap and
     expensive steps and a block's mean is the amortized per-step cost."""
-    periods = [p for cfg in cfgs for p in amor_periods(cfg)]
+    periods = [p for cfg in cfgs for p in period_steps(cfg)]
     if include_logging:
         periods += [int(cfg.train.log_every) for cfg in cfgs]
     block = 1
@@ -260,9 +249,7 @@ class BenchStream:
                  hooks: StepHooks | None = None, pin_memory: bool = False, seed: int = 0) -> None:
         from amorlip.data.types import DataStats
 
-        if batch_size % world_size:
-            raise ConfigError(f"batch size {batch_size} is not divisible by {world_size} processes")
-        self.batch_size, self.local_batch_size = batch_size, batch_size // world_size
+        self.batch_size, self.local_batch_size = batch_size, split_batch(batch_size, world_size)
         self.dataset_size = int(dataset_size)
         self.steps_per_epoch = self.dataset_size // batch_size
         self.rank, self.world_size = rank, world_size

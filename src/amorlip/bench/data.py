@@ -32,6 +32,7 @@ from amorlip.bench.common import (
 )
 from amorlip.config import ConfigError, build_config
 from amorlip.report import format_table
+from amorlip.objectives.registry import DEFAULT_OBJECTIVE
 
 
 def loader_rate(urls: list[str], dataset_size: int, batch_size: int, workers: int, batches: int,
@@ -83,7 +84,7 @@ def run(extra: list[str]) -> dict[str, Any]:
         raise ConfigError("--workers needs counts >= 0 and --batches must be >= 2")
 
     with scratch_dir("data") as tmp:
-        cfg = build_config(opts.config, [*overrides, ("objective", "clip"),
+        cfg = build_config(opts.config, [*overrides, ("objective", DEFAULT_OBJECTIVE),
                                          *bench_overrides(opts.model_steps + 3, tmp, "data-model")])
         from amorlip.models import create_model
 

@@ -40,6 +40,7 @@ from amorlip.bench.common import (
 )
 from amorlip.config import ConfigError, build_config
 from amorlip.report import format_table
+from amorlip.objectives.registry import DEFAULT_OBJECTIVE
 
 
 def flop_counter() -> Any:
@@ -163,7 +164,7 @@ def _parse(extra: list[str]) -> tuple[Any, list[tuple[str, str]]]:
         "FLOPs (FlopCounterMode, forward+backward+optimizer) and time per training step, for each RECLIP "
         "resolution phase of the config (or the model's native size).",
     )
-    add_variant_options(parser, "clip")
+    add_variant_options(parser, DEFAULT_OBJECTIVE)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per phase (default 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per phase first, >= 1 (default 2)")
     return parse_args(parser, extra)

@@ -35,6 +35,7 @@ from amorlip.bench.common import (
 from amorlip.config import ConfigError
 from amorlip.report import format_table
 from amorlip.stats import paired_stats
+from amorlip.objectives.registry import REGISTRY, period_steps
 
 TIME_FLAG = 4.0
 """Report an objective whose forward + backward costs more than this many floors."""
@@ -73,10 +74,7 @@ class LossCase:
         self.bias = None if bias is None else torch.tensor(float(bias), device=device, requires_grad=True)
         self.state_bytes = sum(t.numel() * t.element_size() for t in self.objective.state_dict().values()
                                if isinstance(t, torch.Tensor))
-        self.periods = []
-        sec = cfg.sections.get("amor") if cfg.objective == "amorlip" else None
-        if sec is not None:
-            self.periods = [int(sec.t_online), int(sec.t_target)]
+        self.periods = period_steps(cfg)
 
     def zero_grad(self) -> None:
         for t in (self.x, self.y, self.logit_scale, self.bias):
@@ -195,7 +193,7 @@ def _parse(extra: list[str]) -> tuple[Any, list[tuple[str, str]]]:
         "Each objective alone (no encoders): forward+backward time relative to the B x B similarity matmul, "
         "and transient memory relative to one B x B fp32 matrix.",
     )
-    add_variant_options(parser, "clip,siglip,sogclr,fastclip,amorlip,neuclip")
+    add_variant_options(parser, ",".join(REGISTRY))
     parser.add_argument("--dim", type=int, help="feature width d (default: 512 on CUDA, 256 on CPU)")
     parser.add_argument("--steps", type=int, default=16, help="measured steps per objective (default 16)")
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (default 3)")

@@ -39,12 +39,15 @@ from amorlip.bench.common import (
     write_json,
 )
 from amorlip.config import ConfigError
+from amorlip.objectives.registry import DEFAULT_OBJECTIVE, REGISTRY
 from amorlip.report import format_table
 from amorlip.stats import paired_stats
 
-TILE_KEYS = {"clip": "clip.tile_size", "siglip": "siglip.tile_size", "amorlip": "amor.tile_size",
-             "sogclr": "sogclr.tile_size", "fastclip": "fastclip.tile_size", "neuclip": "neuclip.tile_size"}
-"""The tiled objectives and their tile-size key."""
+
+def _tile_key(objective: str) -> str | None:
+    """The tile-size key of a tiled objective (its registry entry's `tile_key`), else None."""
+    entry = REGISTRY.get(objective)
+    return None if entry is None else entry.tile_key
 
 
 def _sync(device: torch.device) -> None:
@@ -64,7 +67,7 @@ def _timed_step(case: Any, i: int, device: torch.device) -> float:
 def _resolved_tile(objective: str, cfg: Any, batch: int) -> int:
     from amorlip.objectives.tiled import resolve_tile
 
-    section = TILE_KEYS[objective].split(".")[0]
+    section = _tile_key(objective).split(".")[0]
     return resolve_tile(cfg.sections[section].tile_size, batch, batch)
 
 
@@ -82,12 +85,12 @@ def loss_memory(opts: Any, overrides: list, device: torch.device, show: bool) ->
         bar = progress(len(names) * len(batches) * 2 * (opts.repeats + 2), "memory/loss", disable=not show)
         for name in names:
             for batch in batches:
-                modes = [("dense", "0"), ("tiled", tile_text)] if name in TILE_KEYS else [("dense", None)]
+                modes = [("dense", "0"), ("tiled", tile_text)] if _tile_key(name) else [("dense", None)]
                 cases = {}
                 for mode, tile in modes:
                     ov = [o for o in overrides if not o[0].startswith("train.batch")]
                     if tile is not None:
-                        ov.append((TILE_KEYS[name], tile))
+                        ov.append((_tile_key(name), tile))
                     opts_one = copy.copy(opts)
                     opts_one.objectives = name
                     cfg = build_variants(opts_one, ov, 1, tmp)[0].cfg
@@ -234,7 +237,8 @@ def _parse(extra: list[str]) -> tuple[Any, list[tuple[str, str]]]:
     parser.add_argument("--tile-size", default=None, help="loss part: the tiled rows' tile_size (default: auto)")
     parser.add_argument("--repeats", type=int, default=3, help="loss part: timed repeats per mode (default 3)")
     parser.add_argument("--accum", default="1,2,4,8", help="step part: comma-separated train.accum_steps K")
-    parser.add_argument("--step-objective", default="clip", help="step part: the objective (default: clip)")
+    parser.add_argument("--step-objective", default=DEFAULT_OBJECTIVE,
+                        help=f"step part: the objective (default: {DEFAULT_OBJECTIVE})")
     parser.add_argument("--steps", type=int, default=12, help="step part: measured steps per K (default 12)")
     parser.add_argument("--warmup", type=int, default=2, help="step part: unmeasured steps per K first (default 2)")
     parser.add_argument("--budget-mb", type=float, help="report the largest batch whose peak fits this many MiB")

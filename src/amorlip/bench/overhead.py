@@ -375,15 +375,17 @@ def grad_checkpointing_variant(ref: Variant) -> Variant:
 
 
 def _periods(v: Variant) -> list[int]:
-    from amorlip.bench.common import (
-    amor_periods,
-)
+    from amorlip.objectives.registry import period_steps
 
-    return [p for p in amor_periods(v.cfg) if p <= 64]
+    return [p for p in period_steps(v.cfg) if p <= 64]
 
 
 def _amor_settings(v: Variant) -> dict[str, Any] | None:
-    if v.cfg.objective != "amorlip":
+    """The settings that size the objective's amortised work (its registry entry's `amortised`), or None."""
+    from amorlip.objectives.registry import entry_of
+
+    entry = entry_of(v.cfg)
+    if entry is None or not entry.amortised:
         return None
-    a = v.cfg.sections["amor"]
-    return {"t_online": a.t_online, "dim_factor": a.dim_factor, "t_lambda": a.t_lambda, "t_target": a.t_target}
+    options = entry.options_of(v.cfg)
+    return {key: getattr(options, key) for key in entry.amortised}

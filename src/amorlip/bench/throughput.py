@@ -43,6 +43,7 @@ from amorlip.bench.common import (
 from amorlip.config import ConfigError, build_config
 from amorlip.report import format_table
 from amorlip.stats import quantiles
+from amorlip.objectives.registry import DEFAULT_OBJECTIVE
 
 PRECISION = {"fp32": "fp32", "bf16": "amp_bf16", "fp16": "amp"}
 """Our model.precision -> open_clip's --precision (autocast in both)."""
@@ -135,7 +136,7 @@ def run(extra: list[str]) -> dict[str, Any]:
     device = resolve_device(opts.device)
     if opts.steps <= opts.warmup + 1 or opts.repeats < 1:
         raise ConfigError("--steps must exceed --warmup + 1, and --repeats must be >= 1")
-    cfg = build_config(opts.config, [*overrides, ("objective", "clip")])
+    cfg = build_config(opts.config, [*overrides, ("objective", DEFAULT_OBJECTIVE)])
     batch, model = cfg.train.batch_size, cfg.model.name
     workers = opts.workers if opts.workers is not None else int(cfg.data.workers)
     threads = opts.threads or cfg.train.threads
@@ -223,7 +224,7 @@ def _commands(r: int, opts: Any, overrides: list[tuple[str, str]], cfg: Any, dev
     ours_cmd = [
         sys.executable, "-c", OURS_LAUNCHER, str(ours_stamps), "train",
         *(["--config", opts.config] if opts.config else []),
-        *[f"--{k}={v}" for k, v in overrides], "--objective", "clip", *data_args_ours,
+        *[f"--{k}={v}" for k, v in overrides], "--objective", DEFAULT_OBJECTIVE, *data_args_ours,
         "--train.steps", str(opts.steps), "--train.epochs", "none", "--train.log-every", "1",
         "--train.progress", "false", "--train.checkpoint-every", "0", "--train.eval-every", "0",
         "--eval.zeroshot", "false", "--eval.retrieval", "false", "--data.workers", str(workers),

@@ -1,10 +1,9 @@
 """Data sources: embedded synthetic scenes, CSV, webdataset shards, Fashion-MNIST; streams and eval data.
 
-Heavy modules load lazily; the names below are the public API.
+Every module loads lazily (`amorlip.data.sources`, the torch-free registry, is importable without torch); the
+names below are the public API.
 """
 from __future__ import annotations
-
-from amorlip.data.types import Batch, DataError, DataStats, RetrievalSplit, TrainStream, ZeroShotTask
 
 __all__ = [
     "Batch", "DataError", "DataStats", "RetrievalSplit", "TrainStream", "ZeroShotTask",
@@ -14,9 +13,11 @@ __all__ = [
 ]
 
 _LAZY = {
+    **{name: "amorlip.data.types" for name in ("Batch", "DataError", "DataStats", "RetrievalSplit", "TrainStream",
+                                               "ZeroShotTask")},
     "build_train_stream": "amorlip.data.loader",
     "build_eval_data": "amorlip.data.loader",
-    "synthetic_eval_data": "amorlip.data.loader",
+    "synthetic_eval_data": "amorlip.data.synthetic",
     "SyntheticScenes": "amorlip.data.synthetic",
     "synthetic_zeroshot_tasks": "amorlip.data.synthetic",
     "synthetic_retrieval_split": "amorlip.data.synthetic",

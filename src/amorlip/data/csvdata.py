@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import tarfile
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 from torch.utils.data import Dataset
@@ -121,3 +122,17 @@ def _read_rows(path: Path, img_key: str, caption_key: str, separator: str) -> li
                 f"or --data.csv-separator to the file's separator"
             )
         return [(r.get(img_key) or "", r.get(caption_key) or "") for r in reader]
+
+
+def train_stream(cfg: Any, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, pin_memory: bool = False,
+                 needs_indices: bool = True) -> Any:
+    """The training stream of `data.source csv` (`cfg` a `DataConfig`): the rows of `data.train_path` (its first
+    `data.dataset_size`), indexed by row."""
+    from amorlip.data.mapstyle import map_stream
+
+    if not cfg.train_path:
+        raise DataError("data.source=csv needs --data.train-path pointing to a CSV file")
+    dataset = CsvCaptions(cfg.train_path, cfg.csv_img_key, cfg.csv_caption_key, cfg.csv_separator,
+                          limit=cfg.dataset_size)
+    return map_stream(dataset, cfg, batch_size, seed, rank, world_size, name=f"csv {cfg.train_path}",
+                      pin_memory=pin_memory)

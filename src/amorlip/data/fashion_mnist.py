@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -252,3 +253,23 @@ def fashion_mnist_zeroshot_task(root: str | Path | None = None, n: int | None = 
 def fashion_mnist_retrieval_split(root: str | Path | None = None, n: int = 500, seed: int = 0) -> RetrievalSplit:
     """`n` composed TEST items with their captions (never seen in training: the train split is separate)."""
     return RetrievalSplit(name="fashion-mnist-composed", dataset=_ComposedTest(root, n, seed))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The `fashion-mnist` data source (`amorlip.data.sources`)
+
+
+def train_stream(cfg: Any, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, pin_memory: bool = False,
+                 needs_indices: bool = True) -> Any:
+    """The training stream of `data.source fashion-mnist` (`cfg` a `DataConfig`): composed pairs of the train
+    split under `data.fmnist_root` (its first `data.dataset_size`), indexed by row."""
+    from amorlip.data.mapstyle import map_stream
+
+    dataset = FashionMNISTPairs(cfg.fmnist_root, seed=seed, size=cfg.dataset_size)
+    return map_stream(dataset, cfg, batch_size, seed, rank, world_size, name="fashion-mnist", pin_memory=pin_memory)
+
+
+def fashion_mnist_eval_data(cfg: Any, seed: int) -> tuple[list[ZeroShotTask], RetrievalSplit]:
+    """The test-split zero-shot task (`data.eval_size` items) and `data.val_size` composed test pairs."""
+    return ([fashion_mnist_zeroshot_task(cfg.fmnist_root, cfg.eval_size)],
+            fashion_mnist_retrieval_split(cfg.fmnist_root, cfg.val_size, seed))

@@ -16,7 +16,7 @@ Everything is checked when the split / task is built (before any model): a missi
 caption column or with an empty caption, a sample without caption or image, an image PIL cannot read (header
 and checksums, `Image.verify`), a folder without class sub-folders or a class folder without images raise a
 `DataError` naming the file and the fix. `check_paths`
-is the cheap part of those checks (existence and layout), run by `config.validate`.
+is the cheap part of those checks (existence and layout), run by `config.check_machine`.
 """
 from __future__ import annotations
 
@@ -255,7 +255,7 @@ def imagenet_folder_task(root: str, key: str = "eval.imagenet_root") -> ZeroShot
 
 
 # ----------------------------------------------------------------------------------------------------
-# cheap checks (config.validate)
+# cheap checks (config.check_machine)
 # ----------------------------------------------------------------------------------------------------
 
 

@@ -1,7 +1,7 @@
 """What every training stream shares: per-sample seeds, the RNG discipline, sample preparation, collation,
 skip counting and the guard that turns unusable data into a DataError (see amorlip.data.loader's docstring).
 
-The lowest room of the data package: the map-style streams (loader.py) and webdataset (wds.py) both build on
+The lowest room of the data package: the map-style streams (mapstyle.py) and webdataset (wds.py) both build on
 it, and neither imports the other at module level.
 """
 from __future__ import annotations
@@ -202,18 +202,6 @@ def update_stats(stats: DataStats, counts: dict[str, Any], empty: bool) -> None:
     stats.record(counts)
     if empty:
         stats.note_empty_batch()
-
-
-def check_batch_size(batch_size: int, world_size: int) -> int:
-    """The local batch size; a clear error when the global batch does not split evenly."""
-    if world_size < 1 or batch_size < 1:
-        raise DataError(f"batch_size ({batch_size}) and world_size ({world_size}) must be positive")
-    if batch_size % world_size:
-        raise DataError(
-            f"global batch size {batch_size} is not divisible by the {world_size} processes; "
-            f"use a multiple of {world_size} for --train.batch-size"
-        )
-    return batch_size // world_size
 
 
 def check_limits(max_empty_batches: Any, max_skip_fraction: Any) -> tuple[int, float]:

@@ -20,7 +20,7 @@ Besides the training scenes this module builds the matching evaluation data:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -379,3 +379,26 @@ def synthetic_zeroshot_tasks(n_per_task: int, seed: int = 0, render_size: int = 
 def synthetic_retrieval_split(n: int, seed: int = 0, render_size: int = 64) -> RetrievalSplit:
     """`n` held-out captioned scenes (split "val": disjoint from the training stream by construction)."""
     return RetrievalSplit(name="synthetic-val", dataset=SyntheticScenes(n, seed=seed, split="val", render_size=render_size))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The `synthetic` data source (`amorlip.data.sources`)
+
+
+def train_stream(cfg: Any, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, pin_memory: bool = False,
+                 needs_indices: bool = True) -> Any:
+    """The training stream of `data.source synthetic` (`cfg` a `DataConfig`): `data.dataset_size` scenes, else
+    `data.synthetic_size`, indexed by row."""
+    from amorlip.data.mapstyle import map_stream
+
+    size = cfg.dataset_size or cfg.synthetic_size
+    render = int(getattr(cfg, "synthetic_render_size", 64))
+    dataset = SyntheticScenes(size, seed=seed, split="train", render_size=render)
+    return map_stream(dataset, cfg, batch_size, seed, rank, world_size, name="synthetic", pin_memory=pin_memory)
+
+
+def synthetic_eval_data(cfg: Any, seed: int) -> tuple[list[ZeroShotTask], RetrievalSplit]:
+    """The synthetic attribute tasks and held-out retrieval split (usable whatever the training source)."""
+    render = int(getattr(cfg, "synthetic_render_size", 64))
+    return (synthetic_zeroshot_tasks(cfg.eval_size, seed, render),
+            synthetic_retrieval_split(cfg.val_size, seed, render))

@@ -45,12 +45,12 @@ from typing import Any, Callable, Iterator
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from amorlip.batching import split_batch
 from amorlip.data.samples import (
     OK,
     Collate,
     _GuardedStream,
     _identity,
-    check_batch_size,
     loader_items,
     mix_seed,
     prepare_sample,
@@ -209,7 +209,7 @@ class WdsStream(_GuardedStream):
                  pin_memory: bool = False, *, needs_indices: bool = True, train_num_samples: int | None = None,
                  shard_sizes: dict[str, int] | None = None, max_empty_batches: int | None = None,
                  max_skip_fraction: float | None = None):
-        self.local_batch_size = check_batch_size(batch_size, world_size)
+        self.local_batch_size = split_batch(batch_size, world_size, error=DataError)
         if not urls:
             raise DataError("the webdataset shard list is empty; check --data.train-path")
         if not dataset_size or dataset_size < 1:

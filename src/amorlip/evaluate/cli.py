@@ -14,12 +14,8 @@ import torch
 
 from amorlip import checkpoint as ckpt
 from amorlip.config import Config, ConfigError, config_from_dict
+from amorlip.data.sources import DEFAULT_SOURCE, HELD_OUT, SOURCES
 from amorlip.distributed import pick_device
-
-DATA_SOURCES = ("synthetic", "fashion-mnist")
-"""`--data` names: the built-in held-out sets. Anything else is a path: a CSV or webdataset shards (retrieval),
-or an ImageNet-style folder of class sub-folders (zero-shot). Without `--data`, a run is evaluated on what it
-was evaluated on in training: its source's held-out sets plus its data.val_path / eval.imagenet_root."""
 
 
 @dataclass
@@ -74,16 +70,19 @@ def _is_class_folder(path: Path) -> bool:
 
 def eval_data(config: Config | None, data: str | None, seed: int, source: Path | None = None,
               other_work: bool = False):
-    """(zero-shot tasks, retrieval split) for `amorlip eval` (see DATA_SOURCES); read and checked before any model.
+    """(zero-shot tasks, retrieval split) for `amorlip eval`; read and checked before any model.
 
-    A csv / wds run without validation data is an error unless `other_work` (--datacomp / --normalizers): then
-    there is nothing else to evaluate (a note says so)."""
+    `data`: the name of a source with held-out sets of its own (`amorlip.data.sources.HELD_OUT`), or a path: a CSV
+    or webdataset shards (retrieval), or an ImageNet-style folder of class sub-folders (zero-shot). None: what the
+    run was evaluated on in training, its source's held-out sets plus its data.val_path / eval.imagenet_root. A
+    run on a source without held-out sets (csv, wds) and without validation data is an error unless `other_work`
+    (--datacomp / --normalizers): then there is nothing else to evaluate (a note says so)."""
     from amorlip.config import DataConfig
     from amorlip.data.loader import build_eval_data
     from amorlip.data.types import DataError
 
     data_cfg = config.data if config else DataConfig()
-    if data in DATA_SOURCES:
+    if data in HELD_OUT:
         return build_eval_data(data_cfg, seed, source=data)
     if data is not None:
         from amorlip.data.imagefolder import imagenet_folder_task, val_pairs
@@ -97,8 +96,8 @@ def eval_data(config: Config | None, data: str | None, seed: int, source: Path |
     if config is None:
         print(f"note: {source} is an export without a run config: evaluating on the embedded synthetic data "
               "(pass --data PATH for your own: a CSV, webdataset shards or an ImageNet-style folder)")
-        return build_eval_data(data_cfg, seed, source="synthetic")
-    if data_cfg.source in ("csv", "wds") and not data_cfg.val_path and not config.eval.imagenet_root:
+        return build_eval_data(data_cfg, seed, source=DEFAULT_SOURCE)
+    if SOURCES[data_cfg.source].held_out is None and not data_cfg.val_path and not config.eval.imagenet_root:
         if other_work:
             print(f"note: {source} was trained on data.source={data_cfg.source} without validation data "
                   "(data.val_path, eval.imagenet_root): no zero-shot or retrieval metrics (pass --data PATH for them)")
@@ -232,12 +231,12 @@ def _check_args(args: argparse.Namespace, extra: list[str]) -> None:
                 f"--device {device} but no CUDA device is visible (pass --device cpu, or --device auto to use a GPU "
                 "only when there is one)"
             )
-    if args.data is not None and args.data not in DATA_SOURCES:
+    if args.data is not None and args.data not in HELD_OUT:
         from amorlip.data.imagefolder import val_format
 
         if val_format(args.data) == "csv" and not Path(args.data).expanduser().exists():
             raise ConfigError(
-                f"--data {args.data!r} is neither {' nor '.join(DATA_SOURCES)} nor an existing path (pass a CSV file, "
+                f"--data {args.data!r} is neither {' nor '.join(HELD_OUT)} nor an existing path (pass a CSV file, "
                 "webdataset shards or an ImageNet-style folder, or e.g. --data synthetic)"
             )
     if args.model is not None:
@@ -279,7 +278,7 @@ def data_description(data: str | None) -> str:
     """What was evaluated on: a source name, the absolute path given by --data, or "the run's own"."""
     if data is None:
         return "the run's own evaluation data"
-    return data if data in DATA_SOURCES else str(Path(data).expanduser().resolve())
+    return data if data in HELD_OUT else str(Path(data).expanduser().resolve())
 
 
 def default_out(source: Path, is_run: bool, data: str | None) -> Path:
@@ -288,7 +287,7 @@ def default_out(source: Path, is_run: bool, data: str | None) -> Path:
     called `val` do not overwrite each other's results)."""
     folder, stem = (source.parent.parent, "eval") if is_run else (source.parent, f"{source.stem}.eval")
     if data is not None:
-        if data in DATA_SOURCES:
+        if data in HELD_OUT:
             stem += f"-{data}"
         else:
             path = Path(data_description(data))

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from amorlip.config import Config, ConfigError
+from amorlip.data.sources import SOURCES
 from amorlip.evaluate.log_normalizers import error_stats, mean_log_partition
 
 
@@ -63,7 +64,7 @@ def encode_run(loaded: Any, device: torch.device, n_train: int | None = None, n_
     train = build_diagnostic_sets(cfg, stream, size=n)
     if train.train is None:
         raise ConfigError(f"data.source={cfg.data.source}: its training pairs cannot be read one by one "
-                          "(use a map-style source: synthetic, csv, fashion-mnist)")
+                          f"(use a map-style source: {', '.join(name for name, s in SOURCES.items() if s.map_style)})")
     x, y = encode_split(loaded.model, loaded.tokenizer, train.train, loaded.eval_transform, torch_device,
                         batch_size, progress)
     hx = hy = None

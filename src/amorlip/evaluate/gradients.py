@@ -65,10 +65,6 @@ def exact_gradients(x: torch.Tensor, y: torch.Tensor, scale: float, positive: bo
     return gx, gy
 
 
-OWN_LOSS_WITHOUT_POSITIVE = ("sogclr", "fastclip")
-"""Objectives whose full-data loss is the global contrastive loss over the negatives (their own reference)."""
-
-
 def build_objective(cfg: Any, name: str, n: int, batch: int, epochs: int, embed_dim: int):
     """Objective `name` with the run config's section for it (defaults for a section the run did not set)."""
     from amorlip import objectives
@@ -153,7 +149,7 @@ def gradient_fidelity(feats: Any, objective_names: Sequence[str], batch_sizes: S
             obj = build_objective(feats.config, name, n, b, warmup + epochs, x.shape[1])
             s_ref = float(reference_scale(obj, feats.scale))
             total, sq, visits = minibatch_gradients(obj, x, y, feats.scale, b, warmup, epochs, seed)
-            own = name not in OWN_LOSS_WITHOUT_POSITIVE
+            own = not obj.partition_without_positive
             rec = {"objective": name, "batch_size": b, "scale": s_ref, "own_loss": "infonce" if own else "gcl",
                    **fidelity(total, sq, visits, exact(s_ref, own))}
             vs_infonce = rec if own else fidelity(total, sq, visits, exact(s_ref, True))

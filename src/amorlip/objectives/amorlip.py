@@ -56,10 +56,6 @@ from amorlip.schedules import cosine_ramp
 class AmorLIPObjective(Objective):
     """`--objective amorlip`: Algorithm 1 of the paper (see the module docstring and docs/amorlip.md)."""
 
-    name = "amorlip"
-    section = "amor"
-    Config = AmorConfig
-
     def __init__(self, cfg: AmorConfig | None, ctx: ObjectiveContext) -> None:
         """Collective: every rank builds the objective together (the nets' seed is broadcast from rank 0)."""
         cfg = cfg if cfg is not None else AmorConfig()

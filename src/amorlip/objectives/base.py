@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from amorlip.objectives.options import default_temperature_scheme
+from amorlip.objectives.registry import entry_for_class
 
 
 @dataclass
@@ -56,7 +56,8 @@ class ObjectiveOutput:
 
 
 class Objective(nn.Module):
-    """Base class. Subclasses set `name`, and `section` + `Config` when they take options."""
+    """Base class. A registered subclass gets `name`, `section` and `Config` from its line in
+    `amorlip.objectives.registry` (matched by "module:Class"); an unregistered subclass keeps its parent's."""
 
     name: ClassVar[str] = ""
     section: ClassVar[str | None] = None
@@ -66,12 +67,15 @@ class Objective(nn.Module):
     model_overrides: ClassVar[dict[str, Any]] = {}
     """Keyword arguments for open_clip's model constructor (e.g. SigLIP's init_logit_bias)."""
     needs_indices: ClassVar[bool] = False
+    partition_without_positive: ClassVar[bool] = False
+    """Its own full-data loss sums the partition functions over the negatives only (SogCLR's and FastCLIP's GCL):
+    the gradient-fidelity diagnostics compare it with that loss instead of InfoNCE."""
 
-    @classmethod
-    def default_temperature_scheme(cls, cfg: Any) -> str:
-        """The temperature scheme `temperature.scheme auto` means for this objective (options `cfg`): decided by
-        `options.default_temperature_scheme`, which the config layer reads without importing torch."""
-        return default_temperature_scheme(cfg)
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        entry = entry_for_class(f"{cls.__module__}:{cls.__qualname__}")
+        if entry is not None:
+            cls.name, cls.section, cls.Config = entry.name, entry.section, entry.options
 
     def __init__(self, cfg: Any, ctx: ObjectiveContext) -> None:
         super().__init__()

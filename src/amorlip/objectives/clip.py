@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from amorlip import distributed
 from amorlip.objectives import tiled
 from amorlip.objectives.base import Objective, ObjectiveOutput, similarity_logits
-from amorlip.objectives.options import ClipConfig
+from amorlip.objectives.options import ClipConfig  # noqa: F401 - re-exported
 
 
 class ClipObjective(Objective):
@@ -21,9 +21,6 @@ class ClipObjective(Objective):
     in row strips by `tiled.log_sum_exps` (1 process: rows and columns of the one matrix in one pass).
     """
 
-    name = "clip"
-    section = "clip"
-    Config = ClipConfig
 
     def forward(self, image_features, text_features, scale, bias, indices, *, step, epoch) -> ObjectiveOutput:
         """Collective: every rank calls this together (`gather_with_grad` of both modalities)."""

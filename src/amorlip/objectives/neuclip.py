@@ -45,7 +45,7 @@ from torch import Tensor
 
 from amorlip import distributed
 from amorlip.objectives.base import Objective, ObjectiveContext, ObjectiveOutput
-from amorlip.objectives.options import NeuCLIPConfig
+from amorlip.objectives.options import NeuCLIPConfig  # noqa: F401 - re-exported
 from amorlip.objectives.sogclr import (
     GlobalBatch,
     compute_dtype,
@@ -82,10 +82,6 @@ def conjugate_value(log_target: torch.Tensor, alpha: torch.Tensor) -> torch.Tens
 
 class NeuCLIPObjective(Objective):
     """Conjugate-form GCL with alpha predicted by m prototypes per modality, trained by AdaGrad."""
-
-    name = "neuclip"
-    section = "neuclip"
-    Config = NeuCLIPConfig
 
     def __init__(self, cfg: Any, ctx: ObjectiveContext) -> None:
         super().__init__(cfg if cfg is not None else self.Config(), ctx)

@@ -1,7 +1,8 @@
-"""The objectives' options: one dataclass per objective, the config section that holds it, and what
-`temperature.scheme auto` means for it. Torch-free, so that the config layer (`amorlip.config`: `--help`,
-presets, validation) never imports torch; each objective's module re-exports its own class (`from
-amorlip.objectives.amorlip import AmorConfig`) and names it as its `Config`, with `section` as below.
+"""The objectives' options: one dataclass per objective, and the hooks its registry entry names (what
+`temperature.scheme auto` means for FastCLIP, FastCLIP's rule across sections). Torch-free, so that the config
+layer (`amorlip.config`: `--help`, presets, validation) never imports torch; each objective's module re-exports
+its own class (`from amorlip.objectives.amorlip import AmorConfig`), which the registry
+(`amorlip.objectives.registry`) names as its `Config`.
 
 The field docstrings are the `--help` texts (jsonargparse reads them), and each `validate()` is called by
 `amorlip.config.validate`, its ValueError shown as `[section] message`.
@@ -9,7 +10,9 @@ The field docstrings are the `--help` texts (jsonargparse reads them), and each 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
+
+from amorlip.errors import ConfigError
 
 
 def validate_tile_size(key: str, value: Any) -> None:
@@ -79,15 +82,17 @@ class SogCLRConfig:
             raise ValueError(f"eps={self.eps} must be >= 0")
 
 
-FASTCLIP_VERSIONS = (0, 1, 3)
-TEMPERATURE_GRADS = ("release", "exact")
+FastCLIPVersion = Literal[0, 1, 3]
+TemperatureGrad = Literal["release", "exact"]
+FASTCLIP_VERSIONS = get_args(FastCLIPVersion)
+TEMPERATURE_GRADS = get_args(TemperatureGrad)
 
 
 @dataclass
 class FastCLIPConfig:
     """Options of `--objective fastclip` (CLI: `--fastclip.KEY VALUE`). Defaults: FastCLIP-v3, CC3M release."""
 
-    version: Literal[0, 1, 3] = 3
+    version: FastCLIPVersion = 3
     """0: GCL + learnable temperature (plain gradient); 1: GCL + constant temperature; 3: RGCL-g (needs
     temperature.scheme rescaled). Version 2 (individual temperatures) is not implemented."""
     gamma_min: float = 0.2
@@ -100,7 +105,7 @@ class FastCLIPConfig:
     """Keep the u buffers in CPU memory. None: only when the dataset has more than 1M samples."""
     eps: float = 1e-14
     """Objective log(eps + g), weights 1/(u + eps) (the release's --fastclip_eps default 1e-14; 0: none)."""
-    temperature_grad: Literal["release", "exact"] = "release"
+    temperature_grad: TemperatureGrad = "release"
     """Gradient of the learnt s (versions 0, 3). release: as the released code, s attached in the row and
     the column block (each pair's term counted twice in d/ds) and log u without eps in the v3 term, the setting
     its rho values were tuned with. exact: the gradient of RGCL-g (v3: tau GCL_eps + rho tau) with g -> u."""
@@ -129,29 +134,47 @@ class FastCLIPConfig:
             raise ValueError(f"temperature_grad={self.temperature_grad!r} is not one of: {', '.join(TEMPERATURE_GRADS)}")
 
 
+def fastclip_temperature(options: FastCLIPConfig) -> str:
+    """What `temperature.scheme auto` means for FastCLIP: RGCL-g (version 3) learns its temperature through the
+    rescaled scheme (FastCLIP Alg. 1, line 11); versions 0 and 1 optimise the plain loss."""
+    return "rescaled" if options.version == 3 else "plain"
+
+
+def check_fastclip_temperature(options: FastCLIPConfig, cfg: Any) -> None:
+    """FastCLIP x the run's temperature scheme: version 3 needs the rescaled one (ConfigError naming the fix)."""
+    if options.version == 3 and cfg.temperature.scheme != "rescaled":
+        raise ConfigError(
+            f"fastclip.version=3 (RGCL-g) learns its temperature through the rescaled scheme, not "
+            f"temperature.scheme={cfg.temperature.scheme} (pass --temperature.scheme rescaled, or --fastclip.version 0 "
+            "for GCL with the plain gradient)"
+        )
+
+
 # ----------------------------------------------------------------------------------------------------
 # amorlip
 
-ARCHS = ("mlp", "residual")
-AMOR_LOSSES = ("l2-log", "f-div")
-FDIVS = ("kl", "js", "kl-eq9")
-DIVIDE_BY = ("comb", "target", "online")
-STAGE2_NEGATIVES = ("local", "global")
-REINITS = ("fresh", "warm")
+Arch = Literal["mlp", "residual"]
+AmorLoss = Literal["l2-log", "f-div"]
+FDiv = Literal["kl", "js", "kl-eq9"]
+DivideBy = Literal["comb", "target", "online"]
+Stage2Negatives = Literal["local", "global"]
+Reinit = Literal["fresh", "warm"]
+ARCHS, AMOR_LOSSES, FDIVS = get_args(Arch), get_args(AmorLoss), get_args(FDiv)
+DIVIDE_BY, STAGE2_NEGATIVES, REINITS = get_args(DivideBy), get_args(Stage2Negatives), get_args(Reinit)
 
 
 @dataclass
 class AmorConfig:
     """Options of `--objective amorlip` (CLI: `--amor.KEY VALUE`). Defaults: the paper's CC3M setting."""
 
-    arch: Literal["mlp", "residual"] = "mlp"
+    arch: Arch = "mlp"
     """mlp: the paper's three-layer MLP (Sec. 4). residual: the released variant
     (Linear-ReLU-LayerNorm, Linear-ReLU-LayerNorm, + input, ReLU, Linear)."""
     dim_factor: float = 0.5
     """f_d: hidden width = f_d * embed_dim (0.5 CC3M, 1.0 CC12M)."""
-    loss: Literal["l2-log", "f-div"] = "l2-log"
+    loss: AmorLoss = "l2-log"
     """Stage-I amortization loss: l2-log (Eq. 10) | f-div (Eq. 8)."""
-    fdiv: Literal["kl", "js", "kl-eq9"] = "kl"
+    fdiv: FDiv = "kl"
     """f for loss=f-div: kl (generalised KL t log t - t + 1, minimised at lambda = Z) | js |
     kl-eq9 (Eq. 9 literally, t log t: its minimiser is lambda = e * Z)."""
     fdiv_l2_coef: float = 0.1
@@ -176,10 +199,10 @@ class AmorConfig:
     """Epochs of the cosine ramp of beta from 0 to beta_final (None = all training epochs)."""
     lr: float = 1e-3
     """Adam learning rate of the amortization nets (App. D)."""
-    divide_by: Literal["comb", "target", "online"] = "comb"
+    divide_by: DivideBy = "comb"
     """Stage II divisor: comb (this batch's Z_comb, released code) | target (target net, paper) |
     online (online net)."""
-    reinit: Literal["fresh", "warm"] = "fresh"
+    reinit: Reinit = "fresh"
     """At each epoch start: fresh (re-initialise online and target nets, Algorithm 1 line 4) |
     warm (restart them from the previous-epoch net)."""
     init_bias: bool = False
@@ -187,7 +210,7 @@ class AmorConfig:
     max_log_ratio: float | None = 10.0
     """Cap on log(Z_batch / lambda) in Stage II (a detached floor on log lambda), so that a net far below
     the batch partition cannot overflow exp; None disables. Never binds for divide_by=comb."""
-    stage2_negatives: Literal["local", "global"] = "local"
+    stage2_negatives: Stage2Negatives = "local"
     """local: Stage II uses this rank's pairs only (no collective). global: all ranks' features,
     gathered with gradient every step (released code)."""
     sync_grads: bool = True
@@ -268,28 +291,3 @@ class NeuCLIPConfig:
             raise ValueError(f"lr={self.lr} must be positive (AdaGrad learning rate of the prototypes)")
         if not self.eps > 0:
             raise ValueError(f"eps={self.eps} must be positive (it keeps log(eps + g) finite)")
-
-
-# ----------------------------------------------------------------------------------------------------
-# objective -> section
-
-SECTIONS: dict[str, tuple[str, type]] = {
-    "clip": ("clip", ClipConfig),
-    "siglip": ("siglip", SigLipConfig),
-    "sogclr": ("sogclr", SogCLRConfig),
-    "fastclip": ("fastclip", FastCLIPConfig),
-    "amorlip": ("amor", AmorConfig),
-    "neuclip": ("neuclip", NeuCLIPConfig),
-}
-"""Objective name (as in `amorlip.objectives.REGISTRY`, in its order) -> (config section, options dataclass): the
-objective class's `section` and `Config`."""
-
-
-def default_temperature_scheme(options: Any) -> str:
-    """The temperature scheme `temperature.scheme auto` means for an objective with options `options` (its
-    section, or None): FastCLIP's RGCL-g (version 3) learns its temperature through the rescaled scheme (FastCLIP
-    Alg. 1, line 11); every other objective optimises the plain loss. Decided by the options' type, so an objective
-    that reuses FastCLIPConfig under another name decides alike."""
-    if isinstance(options, FastCLIPConfig) and options.version == 3:
-        return "rescaled"
-    return "plain"

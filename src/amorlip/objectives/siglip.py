@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from amorlip import distributed
 from amorlip.objectives import tiled
 from amorlip.objectives.base import Objective, ObjectiveOutput, similarity_logits
-from amorlip.objectives.options import SigLipConfig
+from amorlip.objectives.options import SigLipConfig  # noqa: F401 - re-exported
 
 
 def siglip_labels(num_rows: int, num_cols: int, offset: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -42,9 +42,6 @@ class SigLipObjective(Objective):
     positives and the metrics in O(B d).
     """
 
-    name = "siglip"
-    section = "siglip"
-    Config = SigLipConfig
     model_overrides = {"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0}
 
     def forward(self, image_features, text_features, scale, bias, indices, *, step, epoch) -> ObjectiveOutput:

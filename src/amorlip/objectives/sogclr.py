@@ -266,10 +266,8 @@ def no_autocast(device: torch.device) -> torch.autocast:
 class SogCLRObjective(Objective):
     """GCL with per-sample moving averages u (images) and v (texts), constant gamma."""
 
-    name = "sogclr"
-    section = "sogclr"
-    Config = SogCLRConfig
     needs_indices = True
+    partition_without_positive = True
 
     _cpu_buffers = ("log_u_img", "log_u_txt", "visited")
 
@@ -394,10 +392,6 @@ class SogCLRObjective(Objective):
 
 class FastCLIPObjective(SogCLRObjective):
     """FastCLIP (v3 = RGCL-g by default): SogCLR's estimators with gamma cosine-decayed per epoch."""
-
-    name = "fastclip"
-    section = "fastclip"
-    Config = FastCLIPConfig
 
     def gamma(self, epoch: int) -> float:
         """FastCLIP's inner-rate schedule: cosine from 1 (epoch 0) to gamma_min at epoch E, then constant."""

@@ -1,0 +1,213 @@
+"""The command-line parser of `train` and `compare` (jsonargparse): the command's own options, `--objective` and
+one group per config section, `--SECTION.KEY VALUE` with help from the fields' docstrings; every value is
+converted and checked by it. Around it, three things of ours: the `--section.key` spelling with dashes, the
+open_clip aliases, and one-line error messages that name the fix.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import functools
+import re
+from typing import Any, Callable
+
+from amorlip.config.checks import flag_of
+from amorlip.config.keys import is_optional, key_types, value_error
+from amorlip.config.sections import all_section_types
+from amorlip.errors import ConfigError
+from amorlip.objectives.registry import DEFAULT_OBJECTIVE, REGISTRY
+
+OPEN_CLIP_FLAGS: dict[str, str] = {
+    "batch_size": "train.batch_size",
+    "lr": "optim.lr",
+    "epochs": "train.epochs",
+    "model": "model.name",
+    "train_data": "data.train_path",
+    "dataset_type": "data.source",
+    "resume": "train.resume",
+    "precision": "model.precision",
+    "workers": "data.workers",
+    "seed": "train.seed",
+    "wd": "optim.weight_decay",
+    "warmup": "optim.warmup_steps",
+    "beta1": "optim.beta1",
+    "beta2": "optim.beta2",
+    "eps": "optim.eps",
+    "grad_clip_norm": "optim.grad_clip",
+    "name": "train.name",
+    "logs": "train.output_dir",
+    "device": "train.device",
+}
+"""open_clip's training flags (`--batch-size 32`) that mean one of our keys: accepted as aliases on `train` and
+`compare` (and listed under `amorlip train --help`)."""
+
+
+
+def _formatter_class() -> type:
+    """jsonargparse's help formatter, with two changes argparse offers no public hook for (so they override its
+    formatter's methods): descriptions keep their line breaks, and keys are spelt as users type them."""
+    from jsonargparse import DefaultHelpFormatter
+
+    class HelpFormatter(DefaultHelpFormatter):
+        """jsonargparse's help, with keys spelled as users type them (`--train.batch-size`)."""
+
+        def _fill_text(self, text: str, width: int, indent: str) -> str:
+            # keep the line breaks of descriptions and epilogs (each line is wrapped on its own)
+            return "\n".join(indent + line if line.startswith("  ") else
+                             super(HelpFormatter, self)._fill_text(line, width, indent) if line.strip() else ""
+                             for line in text.splitlines())
+
+        def _format_action_invocation(self, action: Any) -> str:
+            text = super()._format_action_invocation(action)
+            for opt in action.option_strings:
+                if "." in opt:
+                    text = text.replace(opt, opt.replace("_", "-"))
+            return text
+
+    return HelpFormatter
+
+
+
+def _aliases_help() -> str:
+    pairs = [f"  --{k.replace('_', '-'):<16} = {flag_of(v)}" for k, v in OPEN_CLIP_FLAGS.items()]
+    return "open_clip's spellings are accepted as aliases:\n" + "\n".join(pairs)
+
+
+
+class _OwnOptions:
+    """What `add_options` is given: `add_argument` adds to the parser and keeps the action it made, so that the
+    command's own options are known without reading argparse's private action lists."""
+
+    def __init__(self, parser: Any) -> None:
+        self._parser = parser
+        self.actions: list[argparse.Action] = []
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = self._parser.add_argument(*args, **kwargs)
+        self.actions.append(action)
+        return action
+
+
+
+def config_parser(prog: str = "amorlip train", description: str | None = None,
+                  add_options: Callable[[Any], None] | None = None) -> tuple[Any, list[argparse.Action]]:
+    """A jsonargparse parser for `prog` and the actions of the command's own options: `add_options(p)` adds them
+    through `p.add_argument`; then `--objective` and one group per config section (`--section.key VALUE`, help
+    from the fields' docstrings)."""
+    import jsonargparse
+
+    jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    parser = jsonargparse.ArgumentParser(
+        prog=prog, description=description, exit_on_error=False, formatter_class=_formatter_class(),
+        usage=f"{prog} [options] [--SECTION.KEY VALUE ...]",
+        epilog="Every key is also accepted with underscores (--train.batch_size) and as --key=value; `none` unsets "
+               "a key whose type allows null. Setting one of train.steps / train.epochs derives the other.\n\n"
+               + _aliases_help(),
+    )
+    own = _OwnOptions(parser)
+    if add_options is not None:
+        add_options(own)
+    names = list(REGISTRY)
+    parser.add_argument("--objective", choices=names, metavar="{" + ",".join(names) + "}", default=DEFAULT_OBJECTIVE,
+                        help="the training objective; its options are the section of the same name below")
+    for section, typ in all_section_types().items():
+        doc = "" if not typ.__doc__ or typ.__doc__.startswith(typ.__name__ + "(") else typ.__doc__
+        doc = re.split(r"(?<=\.)\s", " ".join(doc.split("\n\n")[0].split()), maxsplit=1)[0].rstrip(".")
+        # our own group without jsonargparse's `--section FILE` loader (YAML presets do that job)
+        group = parser.add_argument_group(f"[{section}]" + (f" {doc}" if doc else ""), name=section)
+        group.add_class_arguments(typ, nested_key=section, as_group=False, fail_untyped=False, instantiate=False)
+    return parser, own.actions
+
+
+@functools.lru_cache(maxsize=1)
+def value_parser(key_set: tuple[str, ...]) -> Any:
+    """The parser that converts single values (`convert`), built once per set of keys."""
+    return config_parser("amorlip")[0]
+
+
+
+def _canonical_words(words: list[str], types: dict[str, Any], own: set[str]) -> list[str]:
+    """Command-line words with config keys in the parser's spelling: dashes -> underscores, open_clip aliases ->
+    our keys, `none` -> null for keys that may be unset."""
+    out: list[str] = []
+    pending: Any = None
+    for word in words:
+        if pending is not None:
+            out.append("null" if is_optional(pending) and word.lower() == "none" else word)
+            pending = None
+            continue
+        if word.startswith("--") and len(word) > 2:
+            name, eq, value = word[2:].partition("=")
+            if name not in own:
+                canonical = name.replace("-", "_")
+                canonical = OPEN_CLIP_FLAGS.get(canonical, canonical)
+                if canonical in types:
+                    typ = types[canonical]
+                    if eq:
+                        value = "null" if is_optional(typ) and value.lower() == "none" else value
+                        word = f"--{canonical}={value}"
+                    else:
+                        word, pending = f"--{canonical}", typ
+        out.append(word)
+    return out
+
+
+
+def _unknown_option_error(message: str, types: dict[str, Any], own: list[str]) -> ConfigError:
+    words = message.split(":", 1)[1].split() if ":" in message else []
+    flags = [w for w in words if w.startswith("-")] or words
+    known = {flag_of(k): flag_of(k) for k in types}
+    known.update({o: o for o in own})
+    known.update({flag_of(alias): flag_of(key) for alias, key in OPEN_CLIP_FLAGS.items()})
+    parts = []
+    for flag in flags:
+        name = flag.split("=", 1)[0]
+        tail = name.lstrip("-").replace("-", "_")  # `--steps` -> `--train.steps`: the key's last part, any section
+        close = [flag_of(k) for k in types if "." not in tail and k.split(".")[-1] == tail][:1]
+        if not close:
+            matches = difflib.get_close_matches(name.replace("_", "-"), list(known), n=1, cutoff=0.6)
+            close = [known[c] for c in matches]
+        key = name.lstrip("-").replace("-", "_")
+        parts.append(f"option {name}" + (f": unknown key {key}" if "." in key else "")
+                     + (f" (did you mean {close[0]}?)" if close else ""))
+    return ConfigError(f"unknown {', '.join(parts)} (see --help for the keys)")
+
+
+
+def parse_config_args(words: list[str], prog: str, description: str | None = None,
+                      add_options: Callable[[Any], None] | None = None) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
+    """Parse a command's words with the config parser: returns (the command's own options, as a dict with their
+    defaults, and the config overrides given, as (dotted key, value) pairs). `--help` prints and exits 0."""
+    parser, own_actions = config_parser(prog, description, add_options)
+    types = key_types()
+    own_names = {o[2:] for a in own_actions for o in a.option_strings}
+    try:
+        ns = parser.parse_args(_canonical_words(list(words), types, own_names), defaults=False)
+    except argparse.ArgumentError as e:
+        message = " ".join(str(e).split())
+        if message.lower().startswith("unrecognized arguments"):
+            raise _unknown_option_error(message, types, [o for a in own_actions for o in a.option_strings])
+        match = re.search(r'Parser key "([^"]+)"', str(e))
+        if match and match.group(1) in types:
+            given = re.search(r"(?:Given|Got) value: (.*)", str(e))
+            raise value_error(match.group(1), given.group(1).strip() if given else "?", types[match.group(1)])
+        raise ConfigError(message) from None
+    given = ns.as_dict()
+    flat: list[tuple[str, Any]] = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and prefix not in types:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            flat.append((prefix, value))
+
+    walk("", given)
+    own = {a.dest: a.default for a in own_actions}
+    overrides = []
+    for key, value in flat:
+        if key in own:
+            own[key] = value
+        else:
+            overrides.append((key, value))
+    return own, overrides
