@@ -30,6 +30,7 @@ import torch
 from amorlip.batching import split_batch
 from amorlip.config import Config, ConfigError, build_config, parse_overrides
 from amorlip.objectives.registry import DEFAULT_OBJECTIVE, REGISTRY, period_steps
+from amorlip.progress import counter as progress  # noqa: F401 - the benchmarks' bar (plain lines off a TTY)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -437,13 +438,6 @@ def load_warning(threads: int | None) -> None:
     if load > cores and (threads or 0) != 1:
         print(f"note: load average {load:.1f} on {cores} cores (other jobs are running); timings will be noisy. "
               "On a shared CPU, --threads 1 gives steadier per-step times.", file=sys.stderr)
-
-
-def progress(total: int, desc: str, disable: bool = False):
-    """A bar on a terminal, plain lines on a non-TTY (amorlip.progress.counter)."""
-    from amorlip.progress import counter
-
-    return counter(total, desc, disable=disable)
 
 
 def mb(nbytes: float | None) -> str:
