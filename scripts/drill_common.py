@@ -50,12 +50,21 @@ def launch_cmd(out: Path, nproc: int, *args: str) -> list[str]:
             "-m", "amorlip.cli", "train", "--train.output-dir", str(out), *MICRO, "--train.device", "cpu", *args]
 
 
+LOGS: list[Path] = []
+"""Where the output of every finished run is kept (the drill sets it to OUT/logs)."""
+
+
 def run_cmd(argv: list[str], limit_s: float = LIMIT_S, **kw) -> subprocess.CompletedProcess:
-    """Run to the end (or the time limit: exit -999, 'HUNG' in stderr)."""
+    """Run to the end (or the time limit: exit -999, 'HUNG' in stderr); its output kept in LOGS."""
     try:
-        return subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=limit_s, **kw)
+        r = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=limit_s, **kw)
     except subprocess.TimeoutExpired:
-        return subprocess.CompletedProcess(argv, returncode=-999, stdout="", stderr=f"HUNG (> {limit_s:.0f} s)")
+        r = subprocess.CompletedProcess(argv, returncode=-999, stdout="", stderr=f"HUNG (> {limit_s:.0f} s)")
+    if LOGS:
+        LOGS[0].mkdir(parents=True, exist_ok=True)
+        log = LOGS[0] / f"{time.monotonic_ns()}.log"
+        log.write_text(f"$ {' '.join(argv)}\n# exit {r.returncode}\n{r.stdout}\n# stderr\n{r.stderr}")
+    return r
 
 
 def run(out: Path, *args: str, **kw) -> subprocess.CompletedProcess:
@@ -93,11 +102,11 @@ class Started:
 
 
 def start(out: Path, *args: str) -> Started:
-    return Started(cmd(out, *args), out / "logs" / f"{time.monotonic_ns()}.log")
+    return Started(cmd(out, *args), (LOGS[0] if LOGS else out / "logs") / f"{time.monotonic_ns()}.log")
 
 
 def start_launch(out: Path, nproc: int, *args: str) -> Started:
-    return Started(launch_cmd(out, nproc, *args), out / "logs" / f"{time.monotonic_ns()}.log")
+    return Started(launch_cmd(out, nproc, *args), (LOGS[0] if LOGS else out / "logs") / f"{time.monotonic_ns()}.log")
 
 
 def descendants(pid: int) -> list[int]:
@@ -131,20 +140,31 @@ def error_lines(text: str, command: str = "train") -> list[str]:
 PROGRESS_LINE = re.compile(r"^step \d+/\d+ ")
 
 
-def one_error_line(proc: subprocess.CompletedProcess) -> bool:
-    """stderr is one line, `amorlip train: error: ...`, besides the progress lines of the steps trained (no
-    traceback, no warning, nothing else)."""
+def one_error_line(proc: subprocess.CompletedProcess, warnings: int = 0) -> bool:
+    """stderr is one line, `amorlip train: error: ...`, after exactly `warnings` lines `amorlip train: warning:
+    ...`, besides the progress lines of the steps trained (no traceback, nothing else)."""
     lines = [line for line in proc.stderr.splitlines() if line.strip() and not PROGRESS_LINE.match(line)]
-    return len(lines) == 1 and len(error_lines(proc.stderr)) == 1
+    return (len(lines) == warnings + 1 and lines[-1].startswith("amorlip train: error:")
+            and all(line.startswith("amorlip train: warning:") for line in lines[:-1]))
 
 
-def error_line(proc: subprocess.CompletedProcess | str, width: int = 110) -> str:
-    """The error line's message (or a traceback's last line, or the end of stderr), shortened to `width`."""
+SHORT_NAMES: dict[str, str] = {}
+"""Paths shown shorter in the table (the drill's work folder as OUT)."""
+
+
+def error_line(proc: subprocess.CompletedProcess | str, width: int = 110, around: str | None = None) -> str:
+    """The error line's message (or a traceback's last line, or the end of stderr), its paths shortened
+    (SHORT_NAMES, a tmpfs as MOUNT), cut to `width` characters (from a little before `around`, if it is there)."""
     text = proc if isinstance(proc, str) else proc.stderr
+    for path, short in SHORT_NAMES.items():
+        text = text.replace(path, short)
+    text = re.sub(r"/tmp/amorlip-tmpfs-\w+", "MOUNT", text)
     if "Traceback" in text:
         return "TRACEBACK: " + text.strip().splitlines()[-1][:width]
     lines = error_lines(text)
-    return lines[0][len("amorlip train: error: "):][:width] if lines else text.strip()[-width:]
+    message = lines[0][len("amorlip train: error: "):] if lines else text.strip()[-width:]
+    at = message.find(around) if around else -1
+    return ("..." + message[max(0, at - 20):][:width]) if at > 20 else message[:width]
 
 
 def last_logged(run_dir: Path) -> int:
@@ -190,7 +210,7 @@ def state_differences(a: Any, b: Any, where: str = "") -> list[str]:
         return [] if same else [where or "<array>"]
     if isinstance(a, dict) and isinstance(b, dict):
         if set(a) != set(b):
-            return [f"{where} keys {sorted(map(str, set(a) ^ set(b)))}"]
+            return [f"{where or '<top>'}: keys {sorted(map(str, set(a) ^ set(b)))}"]
         out: list[str] = []
         for k in a:
             out += state_differences(a[k], b[k], f"{where}.{k}" if where else str(k))
@@ -251,6 +271,7 @@ class References:
         """The run folder of an uninterrupted run with `args` (None when it failed: the case then fails)."""
         key = hashlib.sha1("\0".join(args).encode()).hexdigest()[:10]
         if key not in self.made:
+            shutil.rmtree(self.out / key, ignore_errors=True)  # one left by an earlier drill into the same --out
             r = run(self.out, *args, "--train.name", key)
             self.made[key] = self.out / key if r.returncode == 0 else None
         return self.made[key]
