@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import math
 import os
 import re
+import resource
 import shutil
+import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -177,6 +181,15 @@ def latest_step(run_dir: Path) -> int | None:
     return int(ckpt.load_checkpoint(path)["step"]) if path else None
 
 
+def is_whole(path: Path | None) -> bool:
+    """A checkpoint file that is there and whole (every member matches its CRC-32)."""
+    try:
+        ckpt.verify_checkpoint(path)
+        return path is not None
+    except Exception:  # noqa: BLE001 - any failure: not whole
+        return False
+
+
 def step_files(run_dir: Path) -> list[Path]:
     return sorted(ckpt.checkpoint_dir(run_dir).glob("step_*.pt"))
 
@@ -294,6 +307,53 @@ def tmpfs(size: str, read_only: bool = False) -> Iterator[Path | None]:
         if mounted:
             subprocess.run(["umount", str(mount)], capture_output=True)
         shutil.rmtree(mount, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Faults: processes and data
+
+
+def worker_rank(pid: int) -> int | None:
+    """The RANK a torchrun worker was started with (None: not a worker, or gone)."""
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return next((int(v[5:]) for v in env if v.startswith(b"RANK=")), None)
+
+
+def file_size_limit(limit: int):
+    """A `preexec_fn`: files over `limit` bytes fail with EFBIG (SIGXFSZ ignored), as a full disk fails with ENOSPC."""
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def without_captions(shards: list[Path]) -> None:
+    """Rewrite webdataset shards without their captions (the .txt members)."""
+    for shard in shards:
+        with tarfile.open(shard) as tf:
+            members = [(m, tf.extractfile(m).read()) for m in tf.getmembers() if not m.name.endswith(".txt")]
+        with tarfile.open(shard, "w") as tf:
+            for m, data in members:
+                tf.addfile(m, io.BytesIO(data))
+
+
+def readable_keys(shard: Path) -> dict[str, set[str]]:
+    """The samples of a tar (key -> extensions) whose members can be read whole, read with the standard library
+    as a stream (as webdataset reads it); reading stops at the first error."""
+    found: dict[str, set[str]] = {}
+    try:
+        with tarfile.open(shard, "r|*") as tf:
+            for m in tf:
+                tf.extractfile(m).read()
+                key, ext = m.name.split(".", 1)
+                found.setdefault(key, set()).add(ext)
+    except (tarfile.TarError, EOFError, OSError):
+        pass
+    return found
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -51,9 +51,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from drill_common import (BASE, LOGS, SHORT_NAMES, References, Table, comparable_rows, descendants, error_line, last_logged, latest_step, launch_cmd,
-                          one_error_line, run, run_cmd, run_differences, start, start_launch, step_files,
-                          temporaries, tmpfs, verdict, wait_for_step)
+from drill_common import (BASE, LIMIT_S, LOGS, SHORT_NAMES, References, Table, comparable_rows, descendants,
+                          error_line, file_size_limit, is_whole, last_logged, latest_step, launch_cmd, one_error_line,
+                          readable_keys, run, run_cmd, run_differences, start, start_launch, step_files, temporaries,
+                          tmpfs, verdict, wait_for_step, without_captions, worker_rank)
 from amorlip import checkpoint as ckpt
 from amorlip.history import metrics_path, parse_lines, read_history
 from amorlip.resume import flatten
@@ -77,6 +78,14 @@ def resume(d: Drill, name: str, *args: str):
     return run(d.out, *args, "--train.name", name, "--train.resume", "latest")
 
 
+def exact(d: Drill, name: str, resumed, args: list[str], ignore: frozenset[str] = frozenset()) -> list[str]:
+    """Where run `name`, resumed by `resumed`, differs from an uninterrupted run with `args` (run_differences)."""
+    ref = d.refs.get(*args)
+    if resumed.returncode or ref is None:
+        return [f"resume exit {resumed.returncode}" if resumed.returncode else "the reference run failed"]
+    return run_differences(d.out / name, ref, ignore)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Interrupted runs continue exactly
 
@@ -90,36 +99,40 @@ def case_kill9(d: Drill) -> None:
         proc.kill()
         resumed_from = latest_step(d.out / name)
         r = resume(d, name, *args)
-        ref = d.refs.get(*args)
-        diff = run_differences(d.out / name, ref) if r.returncode == 0 and ref else ["a run failed"]
+        diff = exact(d, name, r, args)
         d.t.add(f"kill -9 at step {at}, {objective}", "exit 0, exact",
                 f"resumed from step {resumed_from}: exit {r.returncode}, {verdict(diff)}",
                 reached and r.returncode == 0 and not diff)
 
 
 def case_write_kill(d: Drill) -> None:
-    """kill -9 while a checkpoint's temporary file is there (seen by polling), after a random delay of up to
-    20 ms; a hit: the temporary file is still there after the kill (the rename had not happened)."""
+    """kill -9 after a checkpoint's temporary file appeared (polling every 0.5 ms), at delays spread over 0-100 ms
+    (a micro-vit checkpoint takes about 100 ms to write here, fsync included); a hit: the temporary file is still
+    there after the kill (the rename had not happened). The later kills may miss."""
     tries, hits, bad = (2 if d.quick else 4), 0, []
-    for i in range(tries):
+    delays = [0.1 * i / tries for i in range(tries)]
+    for i, delay in enumerate(delays):
         name, target = f"wkill{i}", 3 * d.rng.randrange(2, 8)  # a checkpoint after the first: one to fall back on
         proc, folder = start(d.out, *base(), "--train.name", name), ckpt.checkpoint_dir(d.out / name)
         prefix = f".step_{target:08d}.pt."
-        while proc.alive() and not (folder.is_dir() and any(e.name.startswith(prefix) for e in os.scandir(folder))):
+        deadline = time.monotonic() + LIMIT_S
+        while proc.alive() and time.monotonic() < deadline and not (
+                folder.is_dir() and any(e.name.startswith(prefix) for e in os.scandir(folder))):
             time.sleep(0.0005)
-        time.sleep(d.rng.uniform(0, 0.02))
+        time.sleep(delay)
         proc.kill()
         if not any(p.name.startswith(prefix) for p in temporaries(d.out / name)):
             continue  # the write had finished: not inside it
         hits += 1
         before = latest_step(d.out / name)
         r = resume(d, name, *base())
-        diff = run_differences(d.out / name, d.refs.get(*base())) if r.returncode == 0 else ["resume failed"]
+        diff = exact(d, name, r, base())
         if before != target - 3 or r.returncode or diff or temporaries(d.out / name):
             bad.append(f"step {target}: latest {before}, resume exit {r.returncode}, {verdict(diff)}")
     d.t.add("kill -9 inside a checkpoint write",
             "each hit: previous checkpoint latest, temp removed, resume exact",
-            f"inside the write in {hits} of {tries} tries; " + ("; ".join(bad) or "every hit exact"),
+            f"inside the write in {hits} of {tries} tries (killed {', '.join(f'{x * 1000:.0f}' for x in delays)} ms "
+            f"after the temp file appeared); " + ("; ".join(bad) or "every hit exact"),
             hits > 0 and not bad)
 
 
@@ -132,7 +145,7 @@ def case_signals(d: Drill) -> None:
         rc, last, saved = proc.wait(), last_logged(d.out / name), latest_step(d.out / name)
         said = f"received {sig.name} at step {last}: checkpoint" in proc.text()
         r = resume(d, name, *base())
-        diff = run_differences(d.out / name, d.refs.get(*base())) if r.returncode == 0 else ["resume failed"]
+        diff = exact(d, name, r, base())
         ok = rc == 128 + sig and saved == last and said and "Traceback" not in proc.text() and not diff
         d.t.add(f"{sig.name} mid-run", f"exit {128 + sig}, checkpoint at the last logged step, resume exact",
                 f"exit {rc}, saved step {saved} (last logged {last}), resume: {verdict(diff)}", ok)
@@ -150,7 +163,7 @@ def case_torn_metrics(d: Drill) -> None:
         f.write(line[: len(line) // 2])  # a write cut short: no newline
     r = resume(d, name, *base())
     _, torn = parse_lines(path)
-    diff = run_differences(d.out / name, d.refs.get(*base())) if r.returncode == 0 else ["resume failed"]
+    diff = exact(d, name, r, base())
     dropped = "dropped a torn last line" in r.stdout
     d.t.add("torn metrics line after kill -9", "exit 0, torn line dropped (said so), exact",
             f"exit {r.returncode}, {'dropped' if dropped and torn is None else 'NOT dropped'}, {verdict(diff)}",
@@ -184,23 +197,22 @@ def case_corrupt_checkpoint(d: Drill) -> None:
         name = f"damaged-{how}"
         shutil.copytree(d.out / "damaged", d.out / name)
         newest = step_files(d.out / name)[-1]
-        data = bytearray(newest.read_bytes())
-        if how == "flip":
-            data[len(data) // 2: len(data) // 2 + 16] = bytes(b ^ 0xFF for b in data[len(data) // 2: len(data) // 2 + 16])
+        data, mid = bytearray(newest.read_bytes()), newest.stat().st_size // 2
+        if how == "flip":  # in the middle of the weights: a CRC-32 mismatch
+            data[mid: mid + 16] = bytes(b ^ 0xFF for b in data[mid: mid + 16])
         else:
-            del data[len(data) // 2:]
+            del data[mid:]
         newest.write_bytes(bytes(data))
         named = run(d.out, *base(), *keep, "--train.name", name, "--train.resume", str(newest))
         r = resume(d, name, *base(), *keep)
         warnings = [line for line in r.stdout.splitlines() if line.startswith("warning:") and "trying the one before"]
-        diff = (run_differences(d.out / name, d.refs.get(*base()), frozenset({"train.stop_at", "train.keep_checkpoints"}))
-                if r.returncode == 0 else ["resume failed"])
+        diff = exact(d, name, r, base(), frozenset({"train.stop_at", "train.keep_checkpoints"}))
         ok = (made.returncode == 0 and named.returncode == 2 and one_error_line(named) and newest.name in named.stderr
               and len(warnings) == 1 and "at step 9" in r.stdout and r.returncode == 0 and not diff)
         d.t.add(f"newest checkpoint {'with 16 bytes flipped' if how == 'flip' else 'truncated to half'}",
                 "PATH: exit 2, one line; latest: one warning, from step 9, exact",
-                f"PATH: exit {named.returncode}, {error_line(named, 70, around='is ')}; latest: {len(warnings)} warning, "
-                f"exit {r.returncode}, {verdict(diff)}", ok)
+                f"PATH: exit {named.returncode}, {error_line(named, 70, around='is ')}; latest: {len(warnings)} "
+                f"warning, exit {r.returncode}, {verdict(diff)}", ok)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -220,15 +232,8 @@ def case_stale(d: Drill) -> None:
 
 def case_disk_full(d: Drill) -> None:
     with tmpfs("30m") as mount:
-        kw = {}
-        if mount is None:  # a file size limit fails the write the same way (EFBIG instead of ENOSPC)
-            import resource
-
-            def limit() -> None:
-                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-                resource.setrlimit(resource.RLIMIT_FSIZE, (25 * 2**20, 25 * 2**20))
-
-            kw["preexec_fn"] = limit
+        # no tmpfs: a file size limit fails the write the same way (EFBIG instead of ENOSPC)
+        kw = {} if mount else {"preexec_fn": file_size_limit(25 * 2**20)}
         # each micro-vit checkpoint is ~19 MB: the first fits in 30 MB, the second does not
         where = mount or d.out
         r = run(where, "--train.steps", "6", "--train.checkpoint-every", "2", "--train.keep-checkpoints", "5",
@@ -289,12 +294,14 @@ def case_val_data(d: Drill) -> None:
 def case_nan(d: Drill) -> None:
     r = run(d.out, "--train.steps", "40", "--optim.lr", "1e3", "--train.checkpoint-every", "1",
             "--train.keep-checkpoints", "100", "--train.name", "nan")
-    files = step_files(d.out / "nan")
-    bad = sum(bool(ckpt.non_finite_tensors({k: ckpt.load_checkpoint(f)[k] for k in ("model", "optimizer", "objective")}))
-              for f in files)
-    ok = r.returncode == 1 and bad == 0 and one_error_line(r)
-    d.t.add("divergence (lr 1e3)", "exit 1, one line, 0 non-finite checkpoints",
-            f"exit {r.returncode}, {len(files)} checkpoints, {bad} non-finite: {error_line(r, 70)}", ok)
+    files, rows = step_files(d.out / "nan"), read_history(d.out / "nan")
+    states = (ckpt.load_checkpoint(f) for f in files)
+    bad = sum(bool(ckpt.non_finite_tensors({k: s[k] for k in ("model", "optimizer", "objective")})) for s in states)
+    # a checkpoint after every step that was logged (finite), none after the step that was not
+    ok = r.returncode == 1 and bad == 0 and one_error_line(r) and len(files) == len(rows) > 0
+    d.t.add("divergence (lr 1e3)", "exit 1, one line, a checkpoint per logged step, 0 non-finite",
+            f"exit {r.returncode}, {len(rows)} steps logged, {len(files)} checkpoints, {bad} non-finite: "
+            f"{error_line(r, 60)}", ok)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -319,23 +326,11 @@ def case_bad_csv(d: Drill) -> None:
             f"exit {r.returncode}: {error_line(r, 100)}", ok)
 
 
-def _without_captions(shards: list[Path]) -> None:
-    import io
-    import tarfile
-
-    for shard in shards:  # rewritten without the .txt members
-        with tarfile.open(shard) as tf:
-            members = [(m, tf.extractfile(m).read()) for m in tf.getmembers() if not m.name.endswith(".txt")]
-        with tarfile.open(shard, "w") as tf:
-            for m, data in members:
-                tf.addfile(m, io.BytesIO(data))
-
-
 def case_no_captions(d: Drill) -> None:
     from amorlip.data.writers import write_synthetic_wds
 
     n = 64
-    _without_captions(write_synthetic_wds(d.out / "nocap", n, 0, 32))
+    without_captions(write_synthetic_wds(d.out / "nocap", n, 0, 32))
     r = run(d.out, "--data.source", "wds", "--data.train-path", str(d.out / "nocap"), "--train.steps", "20",
             "--train.name", "nocap")
     want = [f"{n} of the {n} samples read (100%) are unusable", f"skipped {n} of {n} samples ({n} without caption)"]
@@ -366,25 +361,9 @@ def case_zero_shard(d: Drill) -> None:
     rows = read_history(d.out / "zero")
     want = [f"worker {w} of 2: its shards ({empty})", f"{16 * w} samples read; 1 unreadable shard"]
     ok = r.returncode == 2 and one_error_line(r) and all(x in r.stderr for x in want) and len(rows) == w
-    d.t.add("good shard + zero-byte shard, 2 workers", f"exit 2 after {w} steps, one line: worker {w}, 1 unreadable shard",
+    d.t.add("good shard + zero-byte shard, 2 workers",
+            f"exit 2 after {w} steps, one line: worker {w}, 1 unreadable shard",
             f"exit {r.returncode} after {len(rows)} steps: {error_line(r, 100)}", ok)
-
-
-def _readable_keys(shard: Path) -> dict[str, set[str]]:
-    """The samples of a tar (key -> extensions) whose members can be read whole, read with the standard library
-    as a stream (as webdataset reads it); reading stops at the first error."""
-    import tarfile
-
-    found: dict[str, set[str]] = {}
-    try:
-        with tarfile.open(shard, "r|*") as tf:
-            for m in tf:
-                tf.extractfile(m).read()
-                key, ext = m.name.split(".", 1)
-                found.setdefault(key, set()).add(ext)
-    except (tarfile.TarError, EOFError, OSError):
-        pass
-    return found
 
 
 def case_truncated_shard(d: Drill) -> None:
@@ -398,7 +377,7 @@ def case_truncated_shard(d: Drill) -> None:
     shards = write_synthetic_wds(d.out / "trunc", 128, 0, 64)
     data = shards[-1].read_bytes()
     shards[-1].write_bytes(data[: len(data) // 3])
-    keys = _readable_keys(shards[-1])
+    keys = readable_keys(shards[-1])
     k, no_caption = len(keys), sum("txt" not in e for e in keys.values())
     corrupt = sum("txt" in e and not e & {"jpg", "png"} for e in keys.values())
     reads = sum(math.ceil(16 * steps / (64 + k)) for steps in (8, 4))
@@ -443,24 +422,21 @@ def case_ddp_kill_worker(d: Drill, bound_s: float = 120.0) -> None:
     args, name = ["--train.steps", "12", "--train.checkpoint-every", "3"], "ddp-kill"
     proc = start_launch(d.out, 2, *args, "--train.name", name)
     reached = wait_for_step(d.out / name, 7, proc)
-    worker = next((pid for pid in descendants(proc.pid) if _rank(pid) == 1), None)
+    worker = next((pid for pid in descendants(proc.pid) if worker_rank(pid) == 1), None)
     t0 = time.monotonic()
     if worker is not None:
         os.kill(worker, signal.SIGKILL)
     rc, took = proc.wait(limit_s=bound_s), time.monotonic() - t0
-    latest = ckpt.latest_checkpoint(d.out / name)
-    try:
-        ckpt.verify_checkpoint(latest)
-        whole = True
-    except Exception:  # noqa: BLE001 - any failure: not whole
-        whole = False
+    whole = is_whole(ckpt.latest_checkpoint(d.out / name))
     step = latest_step(d.out / name) if whole else None
     r = run_cmd(launch_cmd(d.out, 2, *args, "--train.name", name, "--train.resume", "latest"))
-    ref = None if d.quick else run_cmd(launch_cmd(d.out, 2, *args, "--train.name", "ddp-straight"))
-    diff = ([] if ref is None else run_differences(d.out / name, d.out / "ddp-straight")
-            if r.returncode == 0 and ref.returncode == 0 else ["a run failed"])
-    ok = reached and worker is not None and rc == 1 and took < bound_s and whole and step and step % 3 == 0 \
-        and r.returncode == 0 and last_logged(d.out / name) == 12 and not diff
+    diff = []
+    if not d.quick:  # against an uninterrupted 2-process run
+        ref = run_cmd(launch_cmd(d.out, 2, *args, "--train.name", "ddp-straight"))
+        diff = (run_differences(d.out / name, d.out / "ddp-straight") if r.returncode == 0 == ref.returncode
+                else ["a run failed"])
+    ok = (reached and worker is not None and rc == 1 and took < bound_s and whole and step and step % 3 == 0
+          and r.returncode == 0 and last_logged(d.out / name) == 12 and not diff)
     d.t.add("2 workers, kill -9 of one", f"launcher exit 1 within {bound_s:.0f} s, latest whole, resume exit 0"
             + ("" if d.quick else ", exact"), f"exit {rc} after {took:.0f} s, latest step {step} "
             f"{'whole' if whole else 'DAMAGED'}, resume exit {r.returncode}"
@@ -476,17 +452,8 @@ def case_ddp_world_size(d: Drill) -> None:
     ok = (made.returncode == 0 and refused.returncode == 2 and one_error_line(refused)
           and "world_size 2 -> 1" in refused.stderr and accepted.returncode == 0 and steps == list(range(1, 13)))
     d.t.add("2-process checkpoint resumed by 1 process", "exit 2, one line naming world_size; "
-            "allowed: exit 0, 12 rows", f"exit {refused.returncode}: {error_line(refused, 70, around='world_size')}; allowed: exit "
-            f"{accepted.returncode}, {len(steps)} rows", ok)
-
-
-def _rank(pid: int) -> int | None:
-    """The RANK a torchrun worker was started with (None: not a worker, or gone)."""
-    try:
-        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    return next((int(v[5:]) for v in env if v.startswith(b"RANK=")), None)
+            "allowed: exit 0, 12 rows", f"exit {refused.returncode}: {error_line(refused, 70, around='world_size')}; "
+            f"allowed: exit {accepted.returncode}, {len(steps)} rows", ok)
 
 
 # ----------------------------------------------------------------------------------------------------
