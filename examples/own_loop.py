@@ -13,7 +13,7 @@ import torch
 
 import amorlip
 from amorlip.data import SyntheticScenes
-from amorlip.data.loader import MapStream
+from amorlip.data.mapstyle import MapStream
 from amorlip.objectives import get
 
 
