@@ -38,3 +38,15 @@ def test_counter_off_a_terminal_and_disabled(capsys):
     assert list(progress.iterate(iter([1, 2]), "gen", enabled=False)) == [1, 2]
     err = capsys.readouterr().err
     assert err.splitlines()[0].startswith("items: 3/3 (100%)") and len(err.splitlines()) == 1
+
+
+def test_iterate_takes_an_iterable_whose_len_raises(capsys):
+    class NoLen:  # a DataLoader over an IterableDataset has __len__, which raises TypeError
+        def __len__(self):
+            raise TypeError("no len")
+
+        def __iter__(self):
+            return iter([1, 2])
+
+    assert list(progress.iterate(NoLen(), "stream", every_s=3600.0)) == [1, 2]
+    assert capsys.readouterr().err.startswith("stream: 2 | ")

@@ -110,7 +110,10 @@ def counter(total: int | None, desc: str, disable: bool = False, every_s: float 
 def iterate(items: Any, desc: str, enabled: bool = True, total: int | None = None, every_s: float = 30.0) -> Any:
     """Yield from `items`, counting them on a `counter` (its total: `total`, else `len(items)` when it has one)."""
     if total is None:
-        total = len(items) if hasattr(items, "__len__") else None
+        try:
+            total = len(items)
+        except TypeError:  # no length (an iterable dataset's loader)
+            total = None
     bar = counter(total, desc, disable=not enabled, every_s=every_s)
     try:
         for item in items:
