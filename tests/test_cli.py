@@ -150,8 +150,61 @@ def test_open_clip_flags_are_aliases(capsys):
     assert cfg["train"]["resume"] == "latest"
     cfg = printed(capsys, "--train-data", "x.csv", "--dataset-type", "csv")
     assert cfg["data"]["train_path"] == "x.csv" and cfg["data"]["source"] == "csv"
-    # --train-data alone would silently train on the synthetic data: refused, naming the fix
-    assert "--data.source csv" in one_line_error(*run(capsys, "train", "--train-data", "x.csv")[::2], "train")
+
+
+def test_open_clip_values_mean_ours_or_are_refused_naming_the_nearest(capsys, tmp_path):
+    from amorlip.config import parse_config_args
+
+    def overrides(*words):
+        return dict(parse_config_args(list(words), "amorlip train")[1])
+
+    assert overrides("--precision", "amp") == {"model.precision": "fp16"}  # open_clip's amp: fp16 autocast + scaler
+    assert overrides("--model.precision=AMP_BFLOAT16") == {"model.precision": "bf16"}
+    assert printed(capsys, "--precision", "amp_bfloat16")["model"]["precision"] == "bf16"
+    assert printed(capsys, "--precision", "amp_bf16")["model"]["precision"] == "amp_bf16"  # ours already
+    preset = tmp_path / "p.yaml"
+    preset.write_text("model: {precision: amp_bfloat16}\n")  # YAML takes open_clip's values too
+    assert build_config(str(preset)).model.precision == "bf16"
+    line = one_line_error(*run(capsys, "train", "--precision", "pure_fp16")[::2], "train")
+    assert "pure_fp16" in line and "pass fp16" in line and "pure_bf16" in line
+    assert overrides("--val-data", "v.csv") == {"data.val_path": "v.csv"}
+
+
+def test_dataset_type_auto_and_a_bare_train_data_infer_the_source(capsys, tmp_path):
+    def source(*words):
+        return printed(capsys, *words)["data"]["source"]
+
+    assert source("--train-data", "x.csv") == "csv"  # open_clip's --dataset-type defaults to auto
+    assert source("--train-data", "pairs.TSV") == "csv"
+    assert source("--dataset-type", "webdataset", "--train-data", "s/{0..3}.tar") == "wds"
+    assert source("--dataset-type", "auto", "--train-data", "s/shard-0000.tar") == "wds"
+    assert source("--data.source=auto", "--data.train-path", "pipe:cat s/0.tar") == "wds"
+    assert source("--train-data", str(tmp_path)) == "wds"  # a shard folder
+    assert source("--dataset-type", "synthetic") == "synthetic"
+    csv_preset = tmp_path / "csv.yaml"
+    csv_preset.write_text("data: {source: csv, train_path: a.csv}\n")
+    assert source("--config", str(csv_preset), "--train-data", "rows.data") == "csv"  # kept: the name tells nothing
+    line = one_line_error(*run(capsys, "train", "--train-data", "rows.data")[::2], "train")
+    assert "rows.data" in line and "--data.source csv" in line and "--data.source wds" in line
+    line = one_line_error(*run(capsys, "train", "--dataset-type", "auto")[::2], "train")
+    assert "data.train_path" in line and "--data.train-path" in line
+
+
+def test_print_config_says_what_steps_epochs_give_and_the_run_takes_that_many(capsys, tmp_path):
+    words = ["--model.name", "micro-vit", "--data.synthetic-size", "72", "--train.batch-size", "8",
+             "--train.epochs", "2", "--data.val-size", "16", "--data.eval-size", "16", "--eval.zeroshot", "false",
+             "--eval.retrieval", "false", "--train.progress", "false", "--train.threads", "1",
+             "--optim.warmup-steps", "1", "--train.output-dir", str(tmp_path), "--train.name", "e"]
+    rc, out, _ = run(capsys, "train", *words, "--print-config")
+    assert rc == 0 and yaml.safe_load(out)["train"]["steps"] is None
+    assert out.endswith("train.epochs 2 x 9 steps per epoch (72 samples // train.batch_size 8) = 18 steps\n")
+    rc, _, err = run(capsys, "train", *words)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "e" / "summary.json").read_text())["steps"] == 18
+    rc, out, _ = run(capsys, "train", "--train-data", "x.csv", "--epochs", "3", "--print-config")
+    assert rc == 0 and out.endswith("train.epochs 3 x (the dataset's samples // train.batch_size 64)\n")
+    rc, out, _ = run(capsys, "train", "--train.steps", "7", "--print-config")
+    assert "# train.steps" not in out
 
 
 def test_dashes_underscores_equals_and_none(capsys):

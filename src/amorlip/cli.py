@@ -82,11 +82,13 @@ def cmd_train(words: list[str]) -> int:
     """Collective under torchrun: every rank runs `amorlip train` together (train.main_worker). Parse, check and
     train; `--print-config` prints the resolved config instead."""
     from amorlip.config import build_config, describe, parse_config_args
+    from amorlip.config.build import derived_steps_note
 
     own, overrides = parse_config_args(words, "amorlip train", TRAIN_DESCRIPTION, _train_options)
     cfg = build_config(own["config"], overrides)
     if own["print_config"]:
-        print(describe(cfg), end="")
+        note = derived_steps_note(cfg)
+        print(describe(cfg) + (note + "\n" if note else ""), end="")
         return 0
     if os.environ.get("RANK", "0") == "0":  # a run folder in use is refused now, before torch is imported
         from amorlip.runlock import RUN_IN_USE_FIX, check_free

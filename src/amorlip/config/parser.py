@@ -14,6 +14,7 @@ from typing import Any, Callable
 from amorlip.config.checks import flag_of
 from amorlip.config.keys import is_optional, key_types, value_error
 from amorlip.config.sections import all_section_types
+from amorlip.data.sources import OPEN_CLIP_SOURCE_NAMES
 from amorlip.errors import ConfigError
 from amorlip.objectives.registry import DEFAULT_OBJECTIVE, REGISTRY
 
@@ -23,6 +24,7 @@ OPEN_CLIP_FLAGS: dict[str, str] = {
     "epochs": "train.epochs",
     "model": "model.name",
     "train_data": "data.train_path",
+    "val_data": "data.val_path",
     "dataset_type": "data.source",
     "resume": "train.resume",
     "precision": "model.precision",
@@ -40,6 +42,36 @@ OPEN_CLIP_FLAGS: dict[str, str] = {
 }
 """open_clip's training flags (`--batch-size 32`) that mean one of our keys: accepted as aliases on `train` and
 `compare` (and listed under `amorlip train --help`)."""
+
+AUTO_SOURCE = "auto"
+"""open_clip's `--dataset-type auto`: the source is inferred from data.train_path (`amorlip.config.build`)."""
+
+OPEN_CLIP_VALUES: dict[str, dict[str, str]] = {
+    "model.precision": {"amp": "fp16", "amp_bfloat16": "bf16"},
+    "data.source": OPEN_CLIP_SOURCE_NAMES,
+}
+"""open_clip's values of a key that mean one of ours (`--precision amp` = fp16 autocast with a gradient scaler,
+`--dataset-type webdataset`: the data-source registry's `open_clip_name`s), accepted in every spelling of the key, on the command line and in YAML."""
+
+REFUSED_VALUES: dict[str, dict[str, str]] = {
+    "model.precision": {
+        "pure_fp16": "model.precision=pure_fp16 (open_clip's fp16 weights and optimizer state, no loss scaler) is "
+                     "not offered: fp16 without a scaler underflows in contrastive training (pass fp16 for fp16 "
+                     "autocast with a gradient scaler, open_clip's amp, or pure_bf16 for low-precision weights)",
+    },
+}
+"""open_clip's values we do not offer, with the one-line reason and the nearest offer."""
+
+
+def open_clip_value(key: str, value: Any) -> Any:
+    """`value` of the dotted `key` in our terms: an open_clip value mapped to ours (OPEN_CLIP_VALUES), a refused
+    one raised as ConfigError naming the nearest offer (REFUSED_VALUES); any other value unchanged."""
+    if not isinstance(value, str):
+        return value
+    refused = REFUSED_VALUES.get(key, {}).get(value.lower())
+    if refused:
+        raise ConfigError(refused)
+    return OPEN_CLIP_VALUES.get(key, {}).get(value.lower(), value)
 
 
 
@@ -128,12 +160,13 @@ def value_parser(key_set: tuple[str, ...]) -> Any:
 
 def _canonical_words(words: list[str], types: dict[str, Any], own: set[str]) -> list[str]:
     """Command-line words with config keys in the parser's spelling: dashes -> underscores, open_clip aliases ->
-    our keys, `none` -> null for keys that may be unset."""
+    our keys, open_clip values -> ours (`open_clip_value`), `none` -> null for keys that may be unset."""
     out: list[str] = []
-    pending: Any = None
+    pending: tuple[str, Any] | None = None
     for word in words:
         if pending is not None:
-            out.append("null" if is_optional(pending) and word.lower() == "none" else word)
+            key, typ = pending
+            out.append("null" if is_optional(typ) and word.lower() == "none" else open_clip_value(key, word))
             pending = None
             continue
         if word.startswith("--") and len(word) > 2:
@@ -144,12 +177,32 @@ def _canonical_words(words: list[str], types: dict[str, Any], own: set[str]) -> 
                 if canonical in types:
                     typ = types[canonical]
                     if eq:
-                        value = "null" if is_optional(typ) and value.lower() == "none" else value
+                        value = "null" if is_optional(typ) and value.lower() == "none" else open_clip_value(
+                            canonical, value)
                         word = f"--{canonical}={value}"
                     else:
-                        word, pending = f"--{canonical}", typ
+                        word, pending = f"--{canonical}", (canonical, typ)
         out.append(word)
     return out
+
+
+
+def _take_auto_source(words: list[str]) -> tuple[list[str], bool]:
+    """Canonical words without `--data.source auto` (not a source: the parser would refuse it), and whether it was
+    there (`amorlip.config.build` infers the source from data.train_path then)."""
+    out: list[str] = []
+    auto = False
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word == f"--data.source={AUTO_SOURCE}":
+            auto = True
+        elif word == "--data.source" and i + 1 < len(words) and words[i + 1].lower() == AUTO_SOURCE:
+            auto, i = True, i + 1
+        else:
+            out.append(word)
+        i += 1
+    return out, auto
 
 
 
@@ -181,8 +234,9 @@ def parse_config_args(words: list[str], prog: str, description: str | None = Non
     parser, own_actions = config_parser(prog, description, add_options)
     types = key_types()
     own_names = {o[2:] for a in own_actions for o in a.option_strings}
+    canonical, auto_source = _take_auto_source(_canonical_words(list(words), types, own_names))
     try:
-        ns = parser.parse_args(_canonical_words(list(words), types, own_names), defaults=False)
+        ns = parser.parse_args(canonical, defaults=False)
     except argparse.ArgumentError as e:
         message = " ".join(str(e).split())
         if message.lower().startswith("unrecognized arguments"):
@@ -210,4 +264,6 @@ def parse_config_args(words: list[str], prog: str, description: str | None = Non
             own[key] = value
         else:
             overrides.append((key, value))
+    if auto_source:
+        overrides.append(("data.source", AUTO_SOURCE))
     return own, overrides

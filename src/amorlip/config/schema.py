@@ -33,7 +33,7 @@ class ModelConfig:
     name: str = "tiny-vit"
     """Any open_clip model config name (RN50, ViT-B-32, ...) or a registered tiny config."""
     precision: Precision = "fp32"
-    """fp32 | bf16 = amp_bf16 (bf16 autocast, fp32 weights; CUDA or CPU) | fp16 (autocast + grad scaler, CUDA only) | pure_bf16 (bf16 weights and optimizer state, no autocast)."""
+    """fp32 | bf16 = amp_bf16 (bf16 autocast, fp32 weights; CUDA or CPU) | fp16 (autocast + grad scaler, CUDA only) | pure_bf16 (bf16 weights and optimizer state, no autocast). open_clip's amp = fp16 and amp_bfloat16 = bf16 are accepted; its pure_fp16 is refused (no loss scaler)."""
     compile: bool = False
     """Wrap the model in torch.compile."""
     pretrained: str | None = None
@@ -73,7 +73,7 @@ class DataConfig:
     """Training and evaluation data."""
 
     source: SourceName = DEFAULT_SOURCE
-    """synthetic | csv | wds | fashion-mnist."""
+    """synthetic | csv | wds | fashion-mnist; open_clip's webdataset = wds, and auto (also implied by a train_path given without a source) infers csv or wds from train_path's name."""
     train_path: str | None = None
     """CSV file, or webdataset shard pattern (brace notation, `::` joins several), or a shard directory."""
     dataset_size: int | None = None

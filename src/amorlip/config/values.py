@@ -8,7 +8,7 @@ import difflib
 from typing import Any
 
 from amorlip.config.keys import as_text, is_optional, key_types, value_error
-from amorlip.config.parser import OPEN_CLIP_FLAGS, value_parser
+from amorlip.config.parser import OPEN_CLIP_FLAGS, open_clip_value, value_parser
 from amorlip.config.sections import Config, default_config, section_of, valid_keys
 from amorlip.errors import ConfigError
 from amorlip.objectives.registry import REGISTRY
@@ -49,7 +49,7 @@ def _set(cfg: Config, dotted: str, value: Any) -> str:
         raise ConfigError(
             f"unknown key {section}.{key}{hint}; valid keys in [{section}]: {', '.join(valid_keys(obj))}"
         )
-    setattr(obj, key, convert(dotted, value))
+    setattr(obj, key, convert(dotted, open_clip_value(dotted, value)))
     return dotted
 
 
