@@ -73,7 +73,7 @@ class DataConfig:
     """Training and evaluation data."""
 
     source: SourceName = DEFAULT_SOURCE
-    """synthetic | csv | wds | fashion-mnist; open_clip's webdataset = wds, and auto (also implied by a train_path given without a source) infers csv or wds from train_path's name."""
+    """synthetic | csv | wds | fashion-mnist. open_clip's webdataset = wds, and auto (also implied by a train_path given without a source) infers csv or wds from train_path's name."""
     train_path: str | None = None
     """CSV file, or webdataset shard pattern (brace notation, `::` joins several), or a shard directory."""
     dataset_size: int | None = None

@@ -15,7 +15,7 @@ An entry names:
 * `reads_train_path`: it reads `data.train_path` (required then, refused otherwise);
 * `drops_samples`: unreadable samples are dropped, so ranks may get batches of different sizes (trimmed to the
   smallest with several processes);
-* `open_clip_name`: open_clip's `--dataset-type` value for it, when open_clip has one (accepted as an alias);
+* `open_clip_name`: open_clip's `--dataset-type` value for it where that is another name (accepted as an alias);
 * `path_patterns`: regular expressions of the data.train_path values it reads, by which `--data.source auto`
   (open_clip's `--dataset-type auto`) and a bare `--train-data PATH` pick it; `reads_directories`: a folder
   path means it too;
@@ -72,10 +72,10 @@ def _resolve(path: str) -> Callable[..., Any]:
 
 SOURCES: dict[str, DataSource] = {s.name: s for s in (
     DataSource("synthetic", "amorlip.data.synthetic:train_stream", "amorlip.data.synthetic:synthetic_eval_data",
-               map_style=True, reads_train_path=False, drops_samples=False, open_clip_name="synthetic",
+               map_style=True, reads_train_path=False, drops_samples=False,
                epoch_size_keys=("dataset_size", "synthetic_size")),
     DataSource("csv", "amorlip.data.csvdata:train_stream", None,
-               map_style=True, reads_train_path=True, drops_samples=True, open_clip_name="csv",
+               map_style=True, reads_train_path=True, drops_samples=True,
                path_patterns=(r"\.(csv|tsv)$",)),
     DataSource("wds", "amorlip.data.wds:WdsStream.from_config", None,
                map_style=False, reads_train_path=True, drops_samples=True, open_clip_name="webdataset",
@@ -99,7 +99,7 @@ HELD_OUT = tuple(name for name, s in SOURCES.items() if s.held_out is not None)
 
 
 OPEN_CLIP_SOURCE_NAMES: dict[str, str] = {
-    s.open_clip_name: s.name for s in SOURCES.values() if s.open_clip_name and s.open_clip_name != s.name}
+    s.open_clip_name: s.name for s in SOURCES.values() if s.open_clip_name}
 """open_clip's `--dataset-type` values that name one of our sources by another name."""
 
 
