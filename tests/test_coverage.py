@@ -1,7 +1,7 @@
 """Paths no other test reaches, each checked against a fact known independently of the code under test:
 resume from a named checkpoint file, a run sized by epochs, gradient clipping's effect on the update,
 resume-neutral settings, `pipe:` webdataset shards, SigLIP's initial bias in an export, torch.compile on the
-CPU, and the switch to rho_final in a real run."""
+CPU, the switch to rho_final in a real run, and a latched step_thresh carried across a resume."""
 from __future__ import annotations
 
 import json
@@ -318,3 +318,42 @@ def test_rho_switches_to_rho_final_for_the_last_fraction_of_steps(tmp_path, frac
     for r in rows:
         assert r["loss"] == pytest.approx((r["objective_loss"] + r["rho"]) / scale, rel=1e-5), r
         scale = math.exp(r["logit_scale"])
+
+
+# --- 9: step_thresh latched across a resume ----------------------------------------------------------------
+
+
+def test_latched_step_thresh_travels_in_the_checkpoint(tmp_path):
+    """step_thresh divides the temperature's lr by 3 once T <= 0.03. From T = 0.028 (a pretrained file with that
+    logit_scale) at lr_temperature 0.05, the first update leaves T = 0.0294 (hit), and T rises past 0.03 after the
+    third. Re-checked, the lr goes back to 0.05 from step 4; latched, it stays 0.05 / 3 to the end, a flag no
+    longer visible in the weights (T > 0.03): it must come from the checkpoint. Stopped at 5 (T = 0.031) and
+    resumed, the latched run logs the same lr per step and ends bit-identical to the uninterrupted one."""
+    from amorlip.models import create_model
+
+    model, *_ = create_model("micro-vit")
+    state = model.state_dict()
+    state["logit_scale"] = torch.tensor(math.log(1 / 0.028))
+    torch.save(state, tmp_path / "init.pt")
+    common = ["--objective", "clip", "--model.pretrained", str(tmp_path / "init.pt"), "--train.steps", "8",
+              "--optim.temperature-step-thresh", "true", "--optim.lr-temperature", "0.05"]
+    latched = [*common, "--optim.temperature-step-thresh-latch", "true"]
+    assert run_cli(tmp_path, *common, "--train.name", "rechecked") == 0
+    assert run_cli(tmp_path, *latched, "--train.name", "straight") == 0
+    assert run_cli(tmp_path, *latched, "--train.name", "split", "--train.stop-at", "5") == 0
+    saved = final_state(tmp_path / "split")
+    assert saved["step"] == 5 and saved["temp_thresh_hit"] is True
+    assert 1 / math.exp(float(saved["model"]["logit_scale"])) > 0.03  # the weights alone would say "not hit"
+    assert run_cli(tmp_path, *latched, "--train.name", "split", "--train.resume", "latest") == 0
+
+    def temperature_lrs(name: str) -> list[float]:
+        return [r["lr_temperature"] for r in rows_of(tmp_path / name)]
+
+    third = 0.05 / 3
+    assert temperature_lrs("rechecked") == pytest.approx([0.05, third, third] + [0.05] * 5)
+    assert temperature_lrs("straight") == pytest.approx([0.05] + [third] * 7)
+    assert temperature_lrs("split") == temperature_lrs("straight")
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "split")
+    assert a["step"] == b["step"] == 8
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
