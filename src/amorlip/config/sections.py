@@ -1,5 +1,5 @@
 """The sections of a run config: the core ones (`amorlip.config.schema`), one per registered objective (its
-registry entry's options dataclass, `amorlip.objectives.registry`) and the features' (`resolution`, RECLIP), and
+registry entry's options dataclass, `amorlip.objectives.registry`) and the features' (`resolution`, RECLIP; `aug`, augmentation), and
 `Config`, which holds them all."""
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from amorlip.config.schema import (
     TrainConfig,
 )
 from amorlip.errors import ConfigError
+from amorlip.model_options import AugConfig
 from amorlip.objectives.registry import DEFAULT_OBJECTIVE, REGISTRY
 from amorlip.reclip_options import ResolutionConfig
 
@@ -31,8 +32,8 @@ def objective_sections() -> dict[str, type]:
 
 
 def extra_sections() -> dict[str, type]:
-    """Sections contributed by optional features (e.g. the RECLIP resolution schedule)."""
-    return {"resolution": ResolutionConfig}
+    """Sections contributed by optional features: the RECLIP resolution schedule, training-image augmentation."""
+    return {"resolution": ResolutionConfig, "aug": AugConfig}
 
 
 @dataclass
