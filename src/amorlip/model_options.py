@@ -10,8 +10,10 @@ color_jitter='(0.4, 0.4, 0.4, 0.1)' color_jitter_prob=0.8 gray_scale_prob=0.2` i
 from __future__ import annotations
 
 import math
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 from amorlip.config.checks import flag_of
 from amorlip.errors import ConfigError
@@ -101,6 +103,16 @@ def aug_cfg(aug: Any) -> dict[str, Any] | None:
     if not out.get("use_timm"):
         out.pop("use_timm", None)
     return out
+
+
+@contextmanager
+def used_aug_items() -> Iterator[None]:
+    """Silence open_clip's "Unused augmentation cfg items" warning: its own transform uses color_jitter(_prob) and
+    gray_scale_prob yet names them unused (it counts only what it pops); `AugConfig.validate` refuses the keys it
+    would really ignore."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Unused augmentation cfg items")
+        yield
 
 
 def check_model_options(mcfg: Any) -> None:

@@ -70,7 +70,9 @@ def create_model(name: str, device: torch.device | str = "cpu", **overrides: Any
     An `hf-hub:ORG/REPO` name is read from the local Hugging Face cache, with its weights (`amorlip.hf_cache`).
     """
     model_config(name)
-    with _quiet_random_init(), hf_cache.offline():
+    from amorlip.model_options import used_aug_items
+
+    with _quiet_random_init(), hf_cache.offline(), used_aug_items():
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             hf_cache.open_clip_name(name), pretrained=None, device=device, **overrides
         )

@@ -184,7 +184,10 @@ def phase_transforms(model: nn.Module, image_size: int, aug_cfg: dict | None = N
     base = dict(getattr(unwrap(model).visual, "preprocess_cfg", None) or {})
     base = {k: v for k, v in base.items() if k in PreprocessCfg.__dataclass_fields__}
     cfg = PreprocessCfg(**{**base, "size": image_size})
-    return image_transform_v2(cfg, is_train=True, aug_cfg=aug_cfg), image_transform_v2(cfg, is_train=False)
+    from amorlip.model_options import used_aug_items
+
+    with used_aug_items():
+        return image_transform_v2(cfg, is_train=True, aug_cfg=aug_cfg), image_transform_v2(cfg, is_train=False)
 
 
 # ----------------------------------------------------------------------------------------------------

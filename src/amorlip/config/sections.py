@@ -18,6 +18,7 @@ from amorlip.config.schema import (
     TrainConfig,
 )
 from amorlip.errors import ConfigError
+from amorlip.hf_cache import safe_name
 from amorlip.model_options import AugConfig
 from amorlip.objectives.registry import DEFAULT_OBJECTIVE, REGISTRY
 from amorlip.reclip_options import ResolutionConfig
@@ -57,9 +58,11 @@ class Config:
 
     @property
     def run_dir(self) -> Path:
-        """The run's folder: train.output_dir / (train.name, or objective-model-bBATCH-sSEED)."""
+        """The run's folder: train.output_dir / (train.name, or objective-model-bBATCH-sSEED; an hf-hub:ORG/REPO
+        model is spelt hf-hub-ORG--REPO there)."""
         t = self.train
-        return Path(t.output_dir) / (t.name or f"{self.objective}-{self.model.name}-b{t.batch_size}-s{t.seed}")
+        model = safe_name(self.model.name)
+        return Path(t.output_dir) / (t.name or f"{self.objective}-{model}-b{t.batch_size}-s{t.seed}")
 
     def to_dict(self) -> dict[str, Any]:
         """The config as nested plain values (what `describe` prints and run folders and checkpoints keep)."""
