@@ -233,7 +233,7 @@ class ResolutionRun:
                 f"the last resolution phase must be at the model's native {self.native_image_size} px and "
                 f"{self.native_context_length} tokens (got {last.image_size} px, {last.context_length} tokens): "
                 "the final evaluation, the export and the model config all use the native size; "
-                "to finish at another size, use a model config with that image_size or pass --model.force-image-size"
+                "to finish at another size, use a model config with that image_size or pass --model.force-image-size SIZE"
             )
         if any(p.context_length < self.native_context_length for p in self.phases):
             enable_short_text(model)
