@@ -191,7 +191,9 @@ def export_open_clip(checkpoint: str | Path, out: str | Path) -> tuple[Path, Pat
     """
     import json
 
-    from amorlip.models import model_config
+    from amorlip.config import config_from_dict
+    from amorlip.hf_cache import safe_name
+    from amorlip.model_options import effective_model_config
     from amorlip.reclip import state_dict_at_image_size
 
     # Check the destination before reading anything: a path under a file or in a read-only folder fails here,
@@ -217,14 +219,15 @@ def export_open_clip(checkpoint: str | Path, out: str | Path) -> tuple[Path, Pat
         )
     name = ck["config"]["model"]["name"]
     if out.suffix != ".pt":
-        out = out / f"{name}.pt"
-    # a checkpoint saved in a low-resolution RECLIP phase is exported at the model's native resolution
-    weights = state_dict_at_image_size(ck["model"], model_config(name))
+        out = out / f"{safe_name(name)}.pt"
+    # the model as trained (model.force_image_size, force_quick_gelu, ...); a checkpoint saved in a
+    # low-resolution RECLIP phase is exported at the model's native resolution
+    config = effective_model_config(config_from_dict(ck["config"]).model)
+    weights = state_dict_at_image_size(ck["model"], config)
     state = {"epoch": ck.get("epoch", 0), "step": ck["step"], "name": name, "state_dict": weights}
     atomic_save(state, out)
-    config = dict(model_config(name))
     if "logit_bias" in ck["model"]:  # SigLIP-style models carry a learnable bias
         config["init_logit_bias"] = float(ck["model"]["logit_bias"].reshape(-1)[0])
-    config_path = out.parent / f"{name}.json"
+    config_path = out.parent / f"{safe_name(name)}.json"
     atomic_write_text(json.dumps(config, indent=2), config_path)
     return out, config_path

@@ -185,6 +185,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         "load with: open_clip.add_model_config(%r); open_clip.create_model_and_transforms(%r, pretrained=%r)"
         % (str(config_path), config_path.stem, str(out))
     )
+    import torch
+
+    tensors = len(torch.load(out, map_location="meta", weights_only=True)["state_dict"])
+    print(f"exported: {out} ({tensors} tensors)")
     return 0
 
 

@@ -67,7 +67,12 @@ def model_names() -> list[str]:
 
 def model_config(name: str) -> dict[str, Any]:
     """The open_clip config dict of `name` (a copy; ValueError for unknown names), as
-    `open_clip.get_model_config` returns it once the tiny configs are registered."""
+    `open_clip.get_model_config` returns it once the tiny configs are registered; an `hf-hub:` name's from the
+    local Hugging Face cache (`amorlip.hf_cache`; ConfigError when it is not there)."""
+    if name.startswith("hf-hub:"):  # from the local Hugging Face cache only
+        from amorlip.hf_cache import hub_config
+
+        return copy.deepcopy(hub_config(name)["model_cfg"])
     live = _live_open_clip()
     cfg = live.get_model_config(name) if live is not None else None
     if cfg is None:
@@ -160,7 +165,7 @@ quarter of its import time, though only Hugging Face text towers and timm image 
 def unused_imports(name: str) -> list[str]:
     """The packages of OPTIONAL_IMPORTS model `name` does not use: transformers unless its text tower or tokenizer
     is Hugging Face's, timm unless its image tower is timm's. Empty for a model whose config is not known here
-    (an `hf-hub:` name is never looked up: open_clip would try to download its config)."""
+    (an `hf-hub:` name keeps them all: its config is read from the cache only later)."""
     if name.startswith("hf-hub:"):
         return []
     try:

@@ -13,7 +13,7 @@ import open_clip
 import torch
 from torch import nn
 
-from amorlip import model_catalog
+from amorlip import hf_cache, model_catalog
 from amorlip.config.schema import Precision
 from amorlip.errors import ConfigError
 from amorlip.model_catalog import (MODEL_CONFIG_DIR, TINY_MODELS, check_lock_options,  # noqa: F401 - re-exported
@@ -66,14 +66,17 @@ def _quiet_random_init() -> Iterator[None]:
 def create_model(name: str, device: torch.device | str = "cpu", **overrides: Any):
     """Build `name` with random weights (pretrained=None). Returns (model, train_transform, eval_transform, tokenizer).
 
-    `overrides` go to open_clip's constructor (e.g. init_logit_scale, init_logit_bias, force_image_size).
+    `overrides` go to open_clip's constructor (e.g. init_logit_scale, init_logit_bias, force_image_size, aug_cfg).
+    An `hf-hub:ORG/REPO` name is read from the local Hugging Face cache, with its weights (`amorlip.hf_cache`).
     """
     model_config(name)
-    with _quiet_random_init():
+    from amorlip.model_options import used_aug_items
+
+    with _quiet_random_init(), hf_cache.offline(), used_aug_items():
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            name, pretrained=None, device=device, **overrides
+            hf_cache.open_clip_name(name), pretrained=None, device=device, **overrides
         )
-    tokenizer = open_clip.get_tokenizer(name)
+        tokenizer = open_clip.get_tokenizer(hf_cache.open_clip_name(name))
     return model, preprocess_train, preprocess_val, tokenizer
 
 
@@ -347,20 +350,24 @@ def lock_towers(model: nn.Module, mcfg: Any) -> None:
 
 
 def build_model(mcfg: Any, device: torch.device | str = "cpu", load_pretrained_weights: bool = True,
-                **overrides: Any):
-    """The model a run trains, from its ModelConfig: built (create_model), initial weights (model.pretrained,
-    unless `load_pretrained_weights` is False: a resumed run takes its weights from the checkpoint), towers
-    locked, gradient checkpointing, weight dtype. Returns (model, train_transform, eval_transform, tokenizer).
+                aug: Any = None, **overrides: Any):
+    """The model a run trains, from its ModelConfig (its forcing and preprocessing options, then a pretrained
+    tag's, then `overrides`) and `aug` section (the training transform's augmentation): built (create_model),
+    initial weights (model.pretrained, unless `load_pretrained_weights` is False: a resumed run takes its weights
+    from the checkpoint), towers locked, gradient checkpointing, weight dtype. Returns (model, train_transform,
+    eval_transform, tokenizer).
     """
+    from amorlip.model_options import aug_cfg, model_kwargs, tag_preprocess
+
+    overrides = {**model_kwargs(mcfg), **overrides}  # the user's options win over the tag's
+    if aug_cfg(aug) is not None:
+        overrides["aug_cfg"] = aug_cfg(aug)
     tag_cfg = None
     if mcfg.pretrained and load_pretrained_weights:
         _, tag_cfg = resolve_pretrained(mcfg.name, mcfg.pretrained)
     if tag_cfg:  # an open_clip tag: its activation and preprocessing, as open_clip would build it
-        overrides.setdefault("force_quick_gelu", bool(tag_cfg.get("quick_gelu", False)))
-        for key, ours in (("mean", "image_mean"), ("std", "image_std"), ("interpolation", "image_interpolation"),
-                          ("resize_mode", "image_resize_mode")):
-            if tag_cfg.get(key) is not None:
-                overrides.setdefault(ours, tag_cfg[key])
+        for key, value in tag_preprocess(tag_cfg).items():
+            overrides.setdefault(key, value)
     model, train_transform, eval_transform, tokenizer = create_model(mcfg.name, device=device, **overrides)
     if mcfg.pretrained and load_pretrained_weights:
         path = load_pretrained(model, mcfg.name, mcfg.pretrained)

@@ -174,8 +174,9 @@ class ContextTokenizer:
         return self.tokenizer(texts, context_length=context_length or self.context_length)
 
 
-def phase_transforms(model: nn.Module, image_size: int) -> tuple[Callable, Callable]:
-    """(train, eval) image transforms at `image_size`: the model's preprocessing config with another size."""
+def phase_transforms(model: nn.Module, image_size: int, aug_cfg: dict | None = None) -> tuple[Callable, Callable]:
+    """(train, eval) image transforms at `image_size`: the model's preprocessing config with another size, and the
+    run's augmentation (`aug_cfg`, open_clip's) in the train transform."""
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
     from amorlip.models import unwrap
@@ -183,7 +184,10 @@ def phase_transforms(model: nn.Module, image_size: int) -> tuple[Callable, Calla
     base = dict(getattr(unwrap(model).visual, "preprocess_cfg", None) or {})
     base = {k: v for k, v in base.items() if k in PreprocessCfg.__dataclass_fields__}
     cfg = PreprocessCfg(**{**base, "size": image_size})
-    return image_transform_v2(cfg, is_train=True), image_transform_v2(cfg, is_train=False)
+    from amorlip.model_options import used_aug_items
+
+    with used_aug_items():
+        return image_transform_v2(cfg, is_train=True, aug_cfg=aug_cfg), image_transform_v2(cfg, is_train=False)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -201,8 +205,9 @@ class ResolutionRun:
     """
 
     def __init__(self, cfg: ResolutionConfig | None, model: nn.Module, total_steps: int,
-                 train_transform: Callable, eval_transform: Callable, tokenizer: Callable) -> None:
-        self.enabled = bool(cfg is not None and cfg.phases)
+                 train_transform: Callable, eval_transform: Callable, tokenizer: Callable,
+                 aug_cfg: dict | None = None) -> None:
+        self.enabled, self.aug_cfg = bool(cfg is not None and cfg.phases), aug_cfg
         self.total_steps = total_steps
         # without a schedule the model is never inspected (any open_clip tower works as before)
         self.native_image_size = image_size_of(model) if self.enabled else None
@@ -228,7 +233,7 @@ class ResolutionRun:
                 f"the last resolution phase must be at the model's native {self.native_image_size} px and "
                 f"{self.native_context_length} tokens (got {last.image_size} px, {last.context_length} tokens): "
                 "the final evaluation, the export and the model config all use the native size; "
-                "to finish at another size, use a model config with that image_size"
+                "to finish at another size, use a model config with that image_size or pass --model.force-image-size SIZE"
             )
         if any(p.context_length < self.native_context_length for p in self.phases):
             enable_short_text(model)
@@ -256,7 +261,7 @@ class ResolutionRun:
         if phase.image_size == self.native_image_size:
             self.train_transform, self.eval_transform = self._native[:2]
         else:
-            self.train_transform, self.eval_transform = phase_transforms(model, phase.image_size)
+            self.train_transform, self.eval_transform = phase_transforms(model, phase.image_size, self.aug_cfg)
         native_tok = self._native[2]
         self.tokenizer = (native_tok if phase.context_length == self.native_context_length
                           else ContextTokenizer(native_tok, phase.context_length))

@@ -6,6 +6,11 @@ refuses such a resume and names the keys, unless the user accepts them with
 `--train.resume-allow-changes KEY,...`. Keys that only change how a run is watched, saved or placed
 (`NEUTRAL_KEYS`) may always change. `config_hash` identifies the settings that change results; `compare`
 puts it in its run names so that an ablation never reuses another's runs.
+
+Keys added after the first release are listed in `LATE_KEYS` with their default: at that default they are left
+out of `result_keys` (so of `config_hash`, and a run folder made before the key existed keeps its name and its
+finished results), and a saved config that lacks one is compared as if it held the default. A new result-changing
+key goes there, with the default its dataclass field has (tests/test_late_keys.py checks both).
 """
 from __future__ import annotations
 
@@ -33,6 +38,24 @@ NEUTRAL_SECTIONS = frozenset({"eval"})
 # Keys that cannot be accepted as changes: the saved state does not fit another objective or model.
 STRUCTURAL_KEYS = ("objective", "model.name")
 WORLD_SIZE = "world_size"
+# Result-changing keys added after the first release -> their default (see the module docstring).
+LATE_KEYS: dict[str, Any] = {
+    "model.force_quick_gelu": False,
+    "model.force_image_size": None,
+    "model.force_patch_dropout": None,
+    "model.image_mean": None,
+    "model.image_std": None,
+    "model.image_interpolation": None,
+    "model.image_resize_mode": None,
+    "aug.scale": None,
+    "aug.ratio": None,
+    "aug.color_jitter": None,
+    "aug.color_jitter_prob": None,
+    "aug.gray_scale_prob": None,
+    "aug.re_prob": None,
+    "aug.re_count": None,
+    "aug.use_timm": False,
+}
 
 
 def flatten(config: dict[str, Any]) -> dict[str, Any]:
@@ -60,7 +83,14 @@ def result_keys(config: dict[str, Any]) -> dict[str, Any]:
     """The flattened settings that change what a run computes."""
     flat = flatten(config)
     source = flat.get("data.source")
-    return {k: v for k, v in flat.items() if not is_neutral(k, source)}
+    return {k: v for k, v in flat.items()
+            if not is_neutral(k, source) and not (k in LATE_KEYS and _same(v, LATE_KEYS[k]))}
+
+
+def _same(value: Any, default: Any) -> bool:
+    """`value == default`, a tuple equal to the list a YAML file reads back."""
+    norm = (lambda v: list(v) if isinstance(v, tuple) else v)  # noqa: E731
+    return norm(value) == norm(default)
 
 
 def config_hash(config: dict[str, Any], length: int = 8) -> str:
@@ -73,9 +103,14 @@ def differences(saved: dict[str, Any], requested: dict[str, Any], saved_world: i
                 requested_world: int) -> dict[str, tuple[Any, Any]]:
     """Result-changing keys whose values differ: key -> (saved, requested).
 
-    A key the saved config lacks (made by an earlier version, before the key existed) is not compared.
+    A key the saved config lacks (made by an earlier version, before the key existed) is not compared, but for
+    the `LATE_KEYS`, which had their default then.
     """
     old, new = result_keys(saved), result_keys(requested)
+    for key, default in LATE_KEYS.items():  # left out at their default (or absent: saved before they existed)
+        if key in old or key in new:
+            old.setdefault(key, default)
+            new.setdefault(key, default)
     diff = {k: (old[k], new[k]) for k in new if k in old and old[k] != new[k]}
     if saved_world is not None and saved_world != requested_world:
         diff[WORLD_SIZE] = (saved_world, requested_world)

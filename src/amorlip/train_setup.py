@@ -23,6 +23,7 @@ from amorlip.batching import split_batch
 from amorlip.config import Config, ConfigError, describe
 from amorlip.data.types import TrainStream
 from amorlip.metrics_log import MetricsLogger
+from amorlip.model_options import aug_cfg
 from amorlip.models import build_model, model_config, param_groups
 from amorlip.objectives.base import Objective, ObjectiveContext
 from amorlip.progress import Progress
@@ -68,12 +69,13 @@ def _build_run(cfg: Config, dist_info: distributed.DistInfo, stream: TrainStream
     resume_path = find_resume_path(cfg, cfg.run_dir, dist_info.is_main)
     model, train_transform, eval_transform, tokenizer = build_model(
         cfg.model, device=dist_info.device, load_pretrained_weights=resume_path is None, output_dict=True,
-        **objective_cls.model_overrides
+        aug=cfg.sections.get("aug"), **objective_cls.model_overrides
     )
     objective = _build_objective(cfg, objective_cls, dist_info, stream, total_steps)
     # RECLIP phases (docs/reclip.md): small images / short captions first, the model's native size last.
     resolution = reclip.ResolutionRun(cfg.sections.get("resolution"), model, total_steps,
-                                      train_transform, eval_transform, tokenizer)
+                                      train_transform, eval_transform, tokenizer,
+                                      aug_cfg=aug_cfg(cfg.sections.get("aug")))
     groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.lr, cfg.optim.lr_temperature)
     optimizer = build_optimizer(groups, cfg, dist_info.device)
     scaler = torch.amp.GradScaler("cuda", enabled=dist_info.device.type == "cuda" and cfg.model.precision == "fp16")

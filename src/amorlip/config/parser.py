@@ -39,6 +39,14 @@ OPEN_CLIP_FLAGS: dict[str, str] = {
     "name": "train.name",
     "logs": "train.output_dir",
     "device": "train.device",
+    "force_quick_gelu": "model.force_quick_gelu",
+    "force_image_size": "model.force_image_size",
+    "force_patch_dropout": "model.force_patch_dropout",
+    "image_mean": "model.image_mean",
+    "image_std": "model.image_std",
+    "image_interpolation": "model.image_interpolation",
+    "image_resize_mode": "model.image_resize_mode",
+    "pretrained": "model.pretrained",
 }
 """open_clip's training flags (`--batch-size 32`) that mean one of our keys: accepted as aliases on `train` and
 `compare` (and listed under `amorlip train --help`)."""

@@ -14,6 +14,7 @@ from amorlip.batching import split_batch
 from amorlip.config.checks import at_least, check_choice, flag_of, positive
 from amorlip.data.sources import DEFAULT_SOURCE, SOURCES, SourceName
 from amorlip.errors import ConfigError
+from amorlip.model_options import Interpolation, ResizeMode
 
 Precision = Literal["fp32", "bf16", "fp16", "amp_bf16", "pure_bf16"]
 LrTemperatureSchedule = Literal["const", "same-as-lr"]
@@ -31,7 +32,7 @@ class ModelConfig:
     """The model: an open_clip config, its precision, compilation."""
 
     name: str = "tiny-vit"
-    """Any open_clip model config name (RN50, ViT-B-32, ...) or a registered tiny config."""
+    """Any open_clip model config name (RN50, ViT-B-32, ...), a registered tiny config, or hf-hub:ORG/REPO from the local Hugging Face cache (never downloaded; its weights are loaded)."""
     precision: Precision = "fp32"
     """fp32 | bf16 = amp_bf16 (bf16 autocast, fp32 weights; CUDA or CPU) | fp16 (autocast + grad scaler, CUDA only) | pure_bf16 (bf16 weights and optimizer state, no autocast). open_clip's amp = fp16 and amp_bfloat16 = bf16 are accepted; its pure_fp16 is refused (no loss scaler)."""
     compile: bool = False
@@ -52,13 +53,30 @@ class ModelConfig:
     """lock_text: freeze the layer norms too (false only for Hugging Face text towers)."""
     grad_checkpointing: bool = False
     """Recompute each transformer block's activations in the backward pass (open_clip's set_grad_checkpointing): less memory, more time."""
+    force_quick_gelu: bool = False
+    """Use QuickGELU activations (as OpenAI's models do; open_clip's --force-quick-gelu); true wins over a pretrained tag's setting."""
+    force_image_size: int | None = None
+    """Image side in pixels instead of the model config's (positional embeddings and transforms follow; RECLIP's last phase must use it); None = the config's."""
+    force_patch_dropout: float | None = None
+    """FLIP (a resource-efficient method): drop this fraction of the image patches in training only, in [0, 1); evaluation sees all patches. ViT image towers; None = the config's (usually none)."""
+    image_mean: list[float] | None = None
+    """Per-channel normalisation mean, 3 values, e.g. [0.5,0.5,0.5]; None = the pretrained tag's, else OpenAI's. A value given wins over the tag's."""
+    image_std: list[float] | None = None
+    """Per-channel normalisation std, 3 values, e.g. [0.5,0.5,0.5]; None = the pretrained tag's, else OpenAI's. A value given wins over the tag's."""
+    image_interpolation: Interpolation | None = None
+    """Resize interpolation of the evaluation transform (bicubic | bilinear | random); None = the tag's, else bicubic. A value given wins over the tag's."""
+    image_resize_mode: ResizeMode | None = None
+    """How the evaluation transform fits images: shortest (resize, center crop) | longest (resize, pad) | squash; None = the tag's, else shortest. A value given wins over the tag's."""
 
     def validate(self) -> None:
-        """A precision, a known model config, and lock options this model can take."""
-        from amorlip.model_catalog import check_lock_options, model_names
+        """A precision, a known model config, lock options this model can take, forcing options in range."""
+        from amorlip.hf_cache import check_hf_hub, is_hf_hub
+        from amorlip.model_catalog import check_lock_options, model_names, tower_kinds
+        from amorlip.model_options import check_model_options
 
         check_choice(self.precision, get_args(Precision), "model.precision")
-        names = model_names()
+        check_model_options(self)
+        names = [self.name] if is_hf_hub(self.name) and check_hf_hub(self.name) else model_names()
         if self.name not in names:
             close = difflib.get_close_matches(self.name, names, n=3)
             hint = f"did you mean {', '.join(close)}? " if close else ""
@@ -67,6 +85,9 @@ class ModelConfig:
                 "e.g. tiny-vit, RN50, ViT-B-32)"
             )
         check_lock_options(self)
+        if self.force_patch_dropout and tower_kinds(self.name)[0] != "vit":
+            raise ConfigError(f"model.force_patch_dropout={self.force_patch_dropout}: {self.name}'s image tower is "
+                              "not a ViT; patch dropout (FLIP) drops ViT patch tokens (drop --model.force-patch-dropout)")
 
 @dataclass
 class DataConfig:

@@ -1,5 +1,5 @@
 """The sections of a run config: the core ones (`amorlip.config.schema`), one per registered objective (its
-registry entry's options dataclass, `amorlip.objectives.registry`) and the features' (`resolution`, RECLIP), and
+registry entry's options dataclass, `amorlip.objectives.registry`) and the features' (`resolution`, RECLIP; `aug`, augmentation), and
 `Config`, which holds them all."""
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from amorlip.config.schema import (
     TrainConfig,
 )
 from amorlip.errors import ConfigError
+from amorlip.hf_cache import safe_name
+from amorlip.model_options import AugConfig
 from amorlip.objectives.registry import DEFAULT_OBJECTIVE, REGISTRY
 from amorlip.reclip_options import ResolutionConfig
 
@@ -31,8 +33,8 @@ def objective_sections() -> dict[str, type]:
 
 
 def extra_sections() -> dict[str, type]:
-    """Sections contributed by optional features (e.g. the RECLIP resolution schedule)."""
-    return {"resolution": ResolutionConfig}
+    """Sections contributed by optional features: the RECLIP resolution schedule, training-image augmentation."""
+    return {"resolution": ResolutionConfig, "aug": AugConfig}
 
 
 @dataclass
@@ -56,9 +58,11 @@ class Config:
 
     @property
     def run_dir(self) -> Path:
-        """The run's folder: train.output_dir / (train.name, or objective-model-bBATCH-sSEED)."""
+        """The run's folder: train.output_dir / (train.name, or objective-model-bBATCH-sSEED; an hf-hub:ORG/REPO
+        model is spelt hf-hub-ORG--REPO there)."""
         t = self.train
-        return Path(t.output_dir) / (t.name or f"{self.objective}-{self.model.name}-b{t.batch_size}-s{t.seed}")
+        model = safe_name(self.model.name)
+        return Path(t.output_dir) / (t.name or f"{self.objective}-{model}-b{t.batch_size}-s{t.seed}")
 
     def to_dict(self) -> dict[str, Any]:
         """The config as nested plain values (what `describe` prints and run folders and checkpoints keep)."""

@@ -77,9 +77,11 @@ def check_machine(cfg: Config) -> None:
             )
     if cfg.model.pretrained and cfg.train.resume in (None, "auto"):  # a resumed run loads the checkpoint instead
         from amorlip import objectives
+        from amorlip.model_options import model_kwargs
         from amorlip.models import check_pretrained
 
-        check_pretrained(cfg.model.name, cfg.model.pretrained, **objectives.get(cfg.objective).model_overrides)
+        check_pretrained(cfg.model.name, cfg.model.pretrained, **model_kwargs(cfg.model),
+                         **objectives.get(cfg.objective).model_overrides)
     if cfg.train.wandb:
         from amorlip.logging_wandb import require_wandb
 

@@ -43,6 +43,7 @@ def load_for_eval(path: str, model_name: str | None, device: torch.device,
     A checkpoint saved in a low-resolution RECLIP phase is evaluated at the model's native resolution
     (positional embeddings interpolated), like its export. `preloaded`: `read_checkpoint(path)`'s result.
     """
+    from amorlip.model_options import effective_model_config, model_kwargs
     from amorlip.models import create_model, model_config
     from amorlip.reclip import state_dict_at_image_size
 
@@ -54,11 +55,13 @@ def load_for_eval(path: str, model_name: str | None, device: torch.device,
     name = model_name or (config.model.name if config else state.get("name"))
     if not name:
         raise ConfigError(f"{source} does not name its model; pass --model NAME (an open_clip config name)")
-    overrides = {}
+    own = config is not None and name == config.model.name  # the run's forcing and preprocessing options
+    overrides = model_kwargs(config.model) if own else {}
     if "logit_bias" in weights:
         overrides["init_logit_bias"] = float(weights["logit_bias"].reshape(-1)[0])
     model, train_tf, eval_tf, tokenizer = create_model(name, device=device, **overrides)
-    model.load_state_dict(state_dict_at_image_size(weights, model_config(name)))
+    model_cfg = effective_model_config(config.model) if own else model_config(name)
+    model.load_state_dict(state_dict_at_image_size(weights, model_cfg))
     model.eval()
     return LoadedModel(model, train_tf, eval_tf, tokenizer, config, state, source)
 
