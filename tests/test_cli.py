@@ -170,6 +170,25 @@ def test_open_clip_values_mean_ours_or_are_refused_naming_the_nearest(capsys, tm
     assert overrides("--val-data", "v.csv") == {"data.val_path": "v.csv"}
 
 
+def test_open_clip_bare_bool_flags_and_lists_of_several_words(capsys):
+    cfg = printed(capsys, "--force-quick-gelu", "--lock-image", "--grad-checkpointing")  # open_clip's store_true
+    assert cfg["model"]["force_quick_gelu"] and cfg["model"]["lock_image"] and cfg["model"]["grad_checkpointing"]
+    cfg = printed(capsys, "--force-quick-gelu", "false", "--lr", "0.02")
+    assert cfg["model"]["force_quick_gelu"] is False and cfg["optim"]["lr"] == 0.02
+    cfg = printed(capsys, "--image-mean", "0.5", "0.4", "0.3", "--temperature.rho-final", "-8.5")
+    assert cfg["model"]["image_mean"] == [0.5, 0.4, 0.3] and cfg["temperature"]["rho_final"] == -8.5
+    assert printed(capsys, "--image-std=[0.2,0.2,0.2]")["model"]["image_std"] == [0.2, 0.2, 0.2]
+    assert printed(capsys, "--image-mean", "none")["model"]["image_mean"] is None
+    assert "3 values" in one_line_error(*run(capsys, "train", "--image-mean", "0.5", "0.5")[::2], "train")
+    cfg = printed(capsys, "--aug-cfg", "scale=(0.4, 1.0)", "color_jitter=(0.4, 0.4, 0.4, 0.1)", "color_jitter_prob=0.8",
+                  "gray_scale_prob=0.2", "--lr", "0.03")  # open_clip's --aug-cfg, as its shell words arrive
+    assert cfg["aug"]["scale"] == [0.4, 1.0] and cfg["aug"]["color_jitter"] == [0.4, 0.4, 0.4, 0.1]
+    assert cfg["aug"]["color_jitter_prob"] == 0.8 and cfg["aug"]["gray_scale_prob"] == 0.2 and cfg["optim"]["lr"] == 0.03
+    assert "unknown key aug.bogus" in one_line_error(*run(capsys, "train", "--aug-cfg", "bogus=1")[::2], "train")
+    assert one_line_error(*run(capsys, "train", "--lr")[::2], "train").endswith(
+        "--optim.lr needs a value (pass --optim.lr VALUE)")
+
+
 def test_dataset_type_auto_and_a_bare_train_data_infer_the_source(capsys, tmp_path):
     def source(*words):
         return printed(capsys, *words)["data"]["source"]

@@ -9,7 +9,7 @@ import argparse
 import difflib
 import functools
 import re
-from typing import Any, Callable
+from typing import Any, Callable, get_args, get_origin
 
 from amorlip.config.checks import flag_of
 from amorlip.config.keys import is_optional, key_types, value_error
@@ -47,6 +47,14 @@ OPEN_CLIP_FLAGS: dict[str, str] = {
     "image_interpolation": "model.image_interpolation",
     "image_resize_mode": "model.image_resize_mode",
     "pretrained": "model.pretrained",
+    "lock_image": "model.lock_image",
+    "lock_image_unlocked_groups": "model.lock_image_unlocked_groups",
+    "lock_image_freeze_bn_stats": "model.lock_image_freeze_bn_stats",
+    "lock_text": "model.lock_text",
+    "lock_text_unlocked_layers": "model.lock_text_unlocked_layers",
+    "lock_text_freeze_layer_norm": "model.lock_text_freeze_layer_norm",
+    "grad_checkpointing": "model.grad_checkpointing",
+    "torchcompile": "model.compile",
 }
 """open_clip's training flags (`--batch-size 32`) that mean one of our keys: accepted as aliases on `train` and
 `compare` (and listed under `amorlip train --help`)."""
@@ -109,7 +117,8 @@ def _formatter_class() -> type:
 
 
 def _aliases_help() -> str:
-    pairs = [f"  --{k.replace('_', '-'):<16} = {flag_of(v)}" for k, v in OPEN_CLIP_FLAGS.items()]
+    width = max(len(k) for k in OPEN_CLIP_FLAGS) + 2
+    pairs = [f"  --{k.replace('_', '-'):<{width}} = {flag_of(v)}" for k, v in OPEN_CLIP_FLAGS.items()]
     return "open_clip's spellings are accepted as aliases:\n" + "\n".join(pairs)
 
 
@@ -166,31 +175,58 @@ def value_parser(key_set: tuple[str, ...]) -> Any:
 
 
 
+def _is_list(typ: Any) -> bool:
+    """Whether the type is a list (or an optional one)."""
+    return any(get_origin(t) is list for t in (typ, *get_args(typ)))
+
+
+def _value_words(words: list[str], i: int, typ: Any) -> tuple[str | None, int]:
+    """The value of the key whose flag is `words[i - 1]`, and the index after it: the next word; none for a bare
+    bool flag (open_clip's `--force-quick-gelu`: the next word is another flag, or there is none: true); for a
+    list, every word up to the next flag joined (`--image-mean 0.5 0.5 0.5`)."""
+    def is_flag(k: int) -> bool:
+        return words[k].startswith("--") and len(words[k]) > 2
+
+    if i >= len(words) or is_flag(i):
+        return ("true", i) if typ is bool else (None, i)
+    if _is_list(typ) and not words[i].lstrip().startswith("[") and words[i].lower() not in ("none", "null"):
+        j = i
+        while j < len(words) and not is_flag(j):
+            j += 1
+        return "[" + ",".join(words[i:j]) + "]", j
+    return words[i], i + 1
+
+
 def _canonical_words(words: list[str], types: dict[str, Any], own: set[str]) -> list[str]:
     """Command-line words with config keys in the parser's spelling: dashes -> underscores, open_clip aliases ->
-    our keys, open_clip values -> ours (`open_clip_value`), `none` -> null for keys that may be unset."""
+    our keys, open_clip values -> ours (`open_clip_value`), `none` -> null for keys that may be unset, bare bool
+    flags -> true and lists given as several words -> one (`_value_words`)."""
     out: list[str] = []
-    pending: tuple[str, Any] | None = None
-    for word in words:
-        if pending is not None:
-            key, typ = pending
-            out.append("null" if is_optional(typ) and word.lower() == "none" else open_clip_value(key, word))
-            pending = None
+    i = 0
+    while i < len(words):
+        word, i = words[i], i + 1
+        if word in ("--aug-cfg", "--aug_cfg"):  # open_clip's `--aug-cfg KEY=VALUE ...`: the aug section's keys
+            while i < len(words) and not words[i].startswith("--"):
+                key, _, value = words[i].partition("=")
+                value = value.strip()
+                if value.startswith("(") and value.endswith(")"):
+                    value = "[" + value[1:-1] + "]"
+                out.append(f"--aug.{key.strip()}={value}")
+                i += 1
             continue
-        if word.startswith("--") and len(word) > 2:
-            name, eq, value = word[2:].partition("=")
-            if name not in own:
-                canonical = name.replace("-", "_")
-                canonical = OPEN_CLIP_FLAGS.get(canonical, canonical)
-                if canonical in types:
-                    typ = types[canonical]
-                    if eq:
-                        value = "null" if is_optional(typ) and value.lower() == "none" else open_clip_value(
-                            canonical, value)
-                        word = f"--{canonical}={value}"
-                    else:
-                        word, pending = f"--{canonical}", (canonical, typ)
-        out.append(word)
+        name, eq, value = word[2:].partition("=")
+        canonical = OPEN_CLIP_FLAGS.get(name.replace("-", "_"), name.replace("-", "_"))
+        if not word.startswith("--") or len(word) <= 2 or name in own or canonical not in types:
+            out.append(word)
+            continue
+        typ = types[canonical]
+        if not eq:
+            value, i = _value_words(words, i, typ)
+            if value is None:  # no value: the parser says so
+                out.append(f"--{canonical}")
+                continue
+        value = "null" if is_optional(typ) and value.lower() == "none" else open_clip_value(canonical, value)
+        out.append(f"--{canonical}={value}")
     return out
 
 
@@ -253,6 +289,10 @@ def parse_config_args(words: list[str], prog: str, description: str | None = Non
         if match and match.group(1) in types:
             given = re.search(r"(?:Given|Got) value: (.*)", str(e))
             raise value_error(match.group(1), given.group(1).strip() if given else "?", types[match.group(1)])
+        missing = re.match(r"argument (--\S+): expected one argument", message)
+        if missing:
+            flag = missing.group(1).replace("_", "-") if "." in missing.group(1) else missing.group(1)
+            raise ConfigError(f"{flag} needs a value (pass {flag} VALUE)") from None
         raise ConfigError(message) from None
     given = ns.as_dict()
     flat: list[tuple[str, Any]] = []
