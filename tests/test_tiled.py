@@ -59,17 +59,24 @@ def run(obj, x, y, s, bias, steps=1):
     return outs
 
 
-def assert_same(a, b):
-    for (la, ma, ga), (lb, mb, gb) in zip(a, b):
-        torch.testing.assert_close(la, lb, **TOL)
+FP32_TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def assert_same(a, b, fp32_from=None):
+    """Equal losses, metrics and gradients per step. From step `fp32_from` on (AmorLIP: its nets are trained in
+    fp32 by Stage I at step 0 from targets whose rounding differs in the last bits between the two runs; the
+    online divisor reads them at once, the others from the next step), at fp32's tolerance."""
+    for i, ((la, ma, ga), (lb, mb, gb)) in enumerate(zip(a, b)):
+        step_tol = FP32_TOL if fp32_from is not None and i >= fp32_from else TOL
+        torch.testing.assert_close(la, lb, **step_tol)
         assert ma.keys() == mb.keys()
         for k in ma:  # Stage I runs in fp32 by design (its targets' rounding differs in the last bits)
             fp32 = torch.as_tensor(ma[k]).dtype != torch.float64 or k.startswith("amor_loss")
-            tol = dict(rtol=1e-5, atol=1e-6) if fp32 else TOL
+            tol = FP32_TOL if fp32 else step_tol
             torch.testing.assert_close(torch.as_tensor(ma[k], dtype=torch.float64),
                                        torch.as_tensor(mb[k], dtype=torch.float64), **tol, msg=k)
         for u, v in zip(ga, gb):
-            torch.testing.assert_close(u, v, **TOL)
+            torch.testing.assert_close(u, v, **step_tol)
 
 
 CASES = [
@@ -99,7 +106,8 @@ def test_tiled_equals_dense(name, kw, with_bias, b, tile):
     steps = 1 if name in ("clip", "siglip") else 2  # the others' state (u, nets, prototypes) moves after step 0
     dense = run(make(name, 0, b, **kw), x, y, s, bias, steps)
     tiled_ = run(make(name, tile, b, **kw), x, y, s, bias, steps)
-    assert_same(tiled_, dense)
+    fp32_from = None if name != "amorlip" else 0 if kw.get("divide_by") == "online" else 1
+    assert_same(tiled_, dense, fp32_from)
 
 
 @pytest.mark.parametrize("name", ["clip", "siglip", "amorlip", "sogclr", "fastclip", "neuclip"])
