@@ -11,6 +11,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 # tiny models run fastest single-threaded, and a shared 2-core machine makes 2 threads much slower
 torch.set_num_threads(1)
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test starts single-threaded, whatever an in-process run before it set (`--train.threads`)."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)
+
 EXIT_GRACE_S = 180
 """A finished test session must also end: this long after the last test, a process still alive prints every
 thread's stack and exits 1, so a leaked thread or child (or a library's exit hook that waits forever) shows up

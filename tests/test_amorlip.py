@@ -24,14 +24,6 @@ from amorlip.objectives.amorlip import (
 from amorlip.objectives.base import ObjectiveContext
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: a second thread only adds contention on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def make(n_epochs=3, steps_per_epoch=10, d=16, b=8, dataset_size=None, **kw) -> AmorLIPObjective:
     ctx = ObjectiveContext(dataset_size=dataset_size or 10 * b, steps_per_epoch=steps_per_epoch,

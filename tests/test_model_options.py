@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 
 from amorlip import models
-from amorlip.cli import main
 from amorlip.config import build_config, preset_names
 from amorlip.config.sections import all_section_types
 from amorlip.model_options import AugConfig, aug_cfg

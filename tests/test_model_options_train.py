@@ -22,13 +22,6 @@ AUG = ["--aug.scale", "[0.3,1.0]", "--aug.color-jitter", "[0.4,0.4,0.4,0.1]", "-
        "--aug.gray-scale-prob", "0.2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def train(tmp_path, *args) -> int:
     return main(["train", "--train.output-dir", str(tmp_path), *TINY, *args])

@@ -5,25 +5,11 @@ import torch
 from amorlip.checkpoint import latest_checkpoint, load_checkpoint
 from amorlip.cli import main
 from amorlip.objectives import REGISTRY
+from state_utils import assert_same_state
 
 TINY = ["--model.name", "micro-vit", "--data.synthetic-size", "96", "--train.batch-size", "16",
         "--optim.warmup-steps", "2", "--train.progress", "false", "--train.log-every", "1", "--train.steps", "9",
         "--train.checkpoint-every", "4", "--eval.zeroshot", "false", "--eval.retrieval", "false"]
-
-
-def assert_same(a, b, path="state"):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            assert_same(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, path
 
 
 @pytest.mark.slow
@@ -37,7 +23,7 @@ def test_objective_trains_and_resumes_exactly(tmp_path, objective):
     a = load_checkpoint(latest_checkpoint(tmp_path / "straight"))
     b = load_checkpoint(latest_checkpoint(tmp_path / "split"))
     assert a["step"] == b["step"] == 9
-    assert_same(a["model"], b["model"], "model")
-    assert_same(a["objective"], b["objective"], "objective")
-    assert_same(a["optimizer"]["state"], b["optimizer"]["state"], "optimizer")
+    assert_same_state(a["model"], b["model"], "model")
+    assert_same_state(a["objective"], b["objective"], "objective")
+    assert_same_state(a["optimizer"]["state"], b["optimizer"]["state"], "optimizer")
     assert all(torch.isfinite(v).all() for v in a["model"].values() if v.is_floating_point())

@@ -4,6 +4,7 @@ log in the run folder, file modes, progress on a non-TTY. Every subprocess has a
 instead of hanging."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat

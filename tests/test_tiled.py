@@ -19,13 +19,6 @@ from dist_utils import run_distributed
 TOL = dict(rtol=1e-10, atol=1e-12)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def ctx(b, d=8):
     return ObjectiveContext(dataset_size=20 * b, steps_per_epoch=10, total_steps=30, total_epochs=3, embed_dim=d,

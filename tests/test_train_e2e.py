@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from amorlip.cli import main
+from state_utils import assert_same_state
 
 TINY = ["--model.name", "micro-vit", "--data.synthetic-size", "256", "--data.val-size", "64",
         "--data.eval-size", "48", "--train.batch-size", "16", "--optim.warmup-steps", "2",
@@ -144,24 +145,6 @@ def torchrun(tmp_path, *args):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def assert_same_tensors(a, b, where=""):
-    """Nested dicts / lists of tensors equal bit for bit."""
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_same_tensors(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_tensors(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif hasattr(a, "shape"):  # numpy's RNG state
-        assert (a == b).all(), where
-    else:
-        assert a == b, where
-
-
 @pytest.mark.slow
 def test_torchrun_two_processes_resume_equals_uninterrupted(tmp_path):
     """Two gloo processes, AmorLIP (its lambda nets and their optimizer in the state): 4 steps straight, and 2 +
@@ -175,7 +158,7 @@ def test_torchrun_two_processes_resume_equals_uninterrupted(tmp_path):
     a, b = load_model_state(tmp_path / "straight"), load_model_state(tmp_path / "split")
     assert a["step"] == b["step"] == 4 and a["world_size"] == b["world_size"] == 2
     for key in ("model", "optimizer", "objective", "rng"):
-        assert_same_tensors(a[key], b[key], key)
+        assert_same_state(a[key], b[key], key)
     rows = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
 
