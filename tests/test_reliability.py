@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from amorlip import checkpoint as ckpt
+from state_utils import assert_same_state
 from faults_common import ENV, TIMEOUT, TINY, limit_file_size, one_error_line, run, train_cmd, wait_for_step
 
 def state_of(path: Path) -> dict:
@@ -213,7 +214,10 @@ def test_skipped_samples_are_reported_while_training(tmp_path):
 
 @pytest.mark.slow
 def test_two_process_resume_keeps_every_ranks_counts(tmp_path):
-    """Each rank restores its own counters: after a 2-process stop + resume the counts equal an uninterrupted run's."""
+    """Two gloo processes, AmorLIP (its lambda nets and their optimizer in the state), CSV data with 4 corrupt
+    images (a skipped sample shrinks one rank's batch: the ranks trim to a common size): 12 steps straight, and 5 + a resume to 12. Each rank restores its own counters, so the skip counts
+    equal the uninterrupted run's; the weights, optimizer, objective and RNG states are the same bit for bit; the
+    log holds each step once."""
     from amorlip.data.writers import write_synthetic_csv
 
     csv_path = write_synthetic_csv(tmp_path / "csv", 64, 0)
@@ -232,6 +236,13 @@ def test_two_process_resume_keeps_every_ranks_counts(tmp_path):
     torchrun("--train.name", "cut", "--train.resume", "latest")
     a, b = (json.loads((tmp_path / n / "summary.json").read_text())["data_skipped"] for n in ("straight", "cut"))
     assert a == b and a["skipped_corrupt"] == 4, (a, b)
+    a, b = (ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / n)) for n in ("straight", "cut"))
+    assert a["step"] == b["step"] == 12 and a["world_size"] == b["world_size"] == 2
+    for key in ("model", "optimizer", "objective", "rng"):
+        assert_same_state(a[key], b[key], key)
+    rows = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [r["step"] for r in (
+        json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
 @pytest.mark.slow

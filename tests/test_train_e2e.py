@@ -1,9 +1,6 @@
 """End-to-end training from the CLI: runs, resume equivalence, export round trip, bad input."""
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import open_clip
@@ -11,7 +8,6 @@ import pytest
 import torch
 
 from amorlip.cli import main
-from state_utils import assert_same_state
 
 TINY = ["--model.name", "micro-vit", "--data.synthetic-size", "256", "--data.val-size", "64",
         "--data.eval-size", "48", "--train.batch-size", "16", "--optim.warmup-steps", "2",
@@ -135,50 +131,6 @@ def test_corrupt_sample_is_skipped_and_counted(tmp_path):
     skipped = json.loads((tmp_path / "c" / "summary.json").read_text())["data_skipped"]
     assert (skipped["skipped_corrupt"], skipped["corrupt_visits"], skipped["seen"]) == (1, 1, 48)
     assert skipped["summary"].endswith(f"first: {images[0]}")
-
-
-def torchrun(tmp_path, *args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "amorlip.cli", "train", "--train.output-dir", str(tmp_path), *TINY, "--train.device", "cpu", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-
-@pytest.mark.slow
-def test_torchrun_two_processes_resume_equals_uninterrupted(tmp_path):
-    """Two gloo processes, AmorLIP (its lambda nets and their optimizer in the state): 4 steps straight, and 2 +
-    a resume to 4: the same weights, optimizer state and objective state, bit for bit, and one log row per step."""
-    common = ["--train.steps", "4", "--eval.zeroshot", "false", "--eval.retrieval", "false", "--objective", "amorlip"]
-    torchrun(tmp_path, *common, "--train.name", "straight")
-    torchrun(tmp_path, *common, "--train.name", "split", "--train.stop-at", "2")
-    assert load_model_state(tmp_path / "split")["step"] == 2
-    torchrun(tmp_path, *common, "--train.name", "split", "--train.resume", "latest")
-    assert json.loads((tmp_path / "straight" / "summary.json").read_text())["steps"] == 4
-    a, b = load_model_state(tmp_path / "straight"), load_model_state(tmp_path / "split")
-    assert a["step"] == b["step"] == 4 and a["world_size"] == b["world_size"] == 2
-    for key in ("model", "optimizer", "objective", "rng"):
-        assert_same_state(a[key], b[key], key)
-    rows = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
-
-
-@pytest.mark.slow
-def test_torchrun_two_processes_with_a_corrupt_csv_sample(tmp_path):
-    """A skipped sample shrinks one rank's batch; ranks trim to a common size instead of failing the gather."""
-    from amorlip.data.writers import write_synthetic_csv
-
-    csv_path = write_synthetic_csv(tmp_path / "csv", 64, 0)
-    sorted((tmp_path / "csv").rglob("*.png"))[5].write_bytes(b"garbage")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "amorlip.cli", "train", "--train.output-dir", str(tmp_path), *TINY, "--train.steps", "4",
-           "--data.source", "csv", "--data.train-path", str(csv_path), "--train.name", "ddp-csv",
-           "--train.device", "cpu", "--eval.zeroshot", "false", "--eval.retrieval", "false"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "ddp-csv" / "summary.json").read_text())
-    assert summary["steps"] == 4 and summary["data_skipped"]["skipped_corrupt"] >= 1
 
 
 def test_fused_adamw_is_the_default_and_takes_the_same_step():
