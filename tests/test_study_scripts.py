@@ -148,3 +148,41 @@ def test_findings_tables_r2_on_known_numbers(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         findings_tables.main([str(tmp_path / "missing.json")])
     assert e.value.code == 2
+
+
+def test_seeds_needed_inverts_the_interval_and_counts_seeds_as_scipy_would(tmp_path, capsys):
+    """The sd behind a compare interval is the seeds' own stdev; the seeds needed for +-T are the fewest n with
+    t_{0.975, n-1} sd / sqrt(n) <= T, counted here with scipy's t quantile."""
+    import statistics
+
+    from scipy.stats import t as student_t
+
+    from amorlip.stats import mean_interval, sd_of_interval, seeds_for_half_width
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import seeds_needed
+    finally:
+        sys.path.pop(0)
+    diffs = [-0.0114, -0.0235, 0.0007, 0.0007, -0.0152]  # fractions, as compare writes them
+    iv = mean_interval(diffs)
+    assert sd_of_interval(iv.half, iv.n) == pytest.approx(statistics.stdev(diffs), rel=1e-12)
+    for sd in (0.3, 1.05, 2.04, 4.12, 9.0):
+        want = next(n for n in range(2, 2000) if student_t.ppf(0.975, n - 1) * sd / math.sqrt(n) <= 2.0)
+        assert seeds_for_half_width(sd, 2.0) == want
+    assert seeds_for_half_width(100.0, 2.0, most=50) is None
+    with pytest.raises(ValueError, match="positive"):
+        seeds_for_half_width(1.0, 0.0)
+    path = tmp_path / "differences.csv"
+    path.write_text("entry,reference,train.batch_size,metric,seeds,difference,ci95_low,ci95_high,verdict\n"
+                    f"amor,clip,16,zeroshot/mean_top1,5,{iv.mean},{iv.low},{iv.high},no difference measured\n"
+                    "amor,clip,16,retrieval/mean_R@1,1,0.01,,,no difference measured\n")
+    assert seeds_needed.main([str(path), "--target", "0.5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    sd = 100 * statistics.stdev(diffs)
+    need = next(n for n in range(2, 2000) if student_t.ppf(0.975, n - 1) * sd / math.sqrt(n) <= 0.5)
+    assert lines[0].endswith("| seeds for ±0.5 |")
+    assert lines[2] == f"| amor | 16 | zeroshot/mean_top1 | 5 | {sd:.2f} | ±{100 * iv.half:.2f} | {need} |"
+    assert lines[3] == "| amor | 16 | retrieval/mean_R@1 | 1 | - | - | - |"
+    with pytest.raises(SystemExit) as e:
+        seeds_needed.main([str(tmp_path / "missing.csv")])
+    assert e.value.code == 2

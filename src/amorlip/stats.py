@@ -89,6 +89,22 @@ def verdict(diff: Interval | None, higher_is_better: bool = True) -> str:
     return NO_DIFFERENCE
 
 
+def sd_of_interval(half: float, n: int) -> float:
+    """The per-seed standard deviation behind a 95% t interval of half-width `half` over `n` >= 2 values."""
+    return half * math.sqrt(n) / t975(n - 1)
+
+
+def seeds_for_half_width(sd: float, target: float, most: int = 1000) -> int | None:
+    """The fewest seeds n >= 2 whose 95% t interval, t_{0.975, n-1} * sd / sqrt(n), is at most `target` wide
+    on each side if the per-seed spread stays `sd`; None when more than `most` would be needed."""
+    if target <= 0:
+        raise ValueError(f"the target half-width must be positive, got {target}")
+    for n in range(2, most + 1):
+        if t975(n - 1) * sd / math.sqrt(n) <= target:
+            return n
+    return None
+
+
 # ----------------------------------------------------------------------------------------------------
 # Benchmarks: per-step times of variants measured side by side, in blocks
 
