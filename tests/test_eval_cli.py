@@ -94,6 +94,30 @@ def test_exported_model_same_numbers_in_clip_benchmark(trained, monkeypatch):
                                                                                   abs=1e-9)
 
 
+@pytest.mark.slow
+def test_gradient_fidelity_from_the_runs_trained_state(trained, tmp_path, capsys):
+    """--gf-trained-state: the run's own objective (sogclr) starts from its checkpoint's state, the others as
+    before; wrong uses are one line, exit 2, before any evaluation."""
+    out = tmp_path / "gf.json"
+    common = ["eval", str(trained / "r"), "--gradient-fidelity", "--gf-batch-sizes", "16", "--gf-epochs", "2",
+              "--gf-warmup", "1", "--out", str(out)]
+    assert main([*common, "--gf-trained-state", "--gf-objectives", "clip,sogclr"]) == 0
+    printed = capsys.readouterr().out
+    assert "sogclr starts from the state saved at step 4 (epoch 0)" in printed
+    records = {r["objective"]: r for r in json.loads(out.read_text())["gradient_fidelity"]}
+    assert records["sogclr"]["state"] == "trained (step 4)" and records["clip"]["state"] == "warm-up 1 epochs"
+    assert records["sogclr"]["visits"] == 2.0 and records["sogclr"]["pairs"] == 96
+    out.unlink()
+    for extra, message in ((["--gf-trained-state", "--gf-objectives", "clip"], "the run's objective sogclr is not "
+                            "among --gf-objectives clip (add it)"),
+                           (["--gf-trained-state", "--gf-pairs", "50"], "drop --gf-pairs")):
+        assert main([*common, *extra]) == 2
+        err = capsys.readouterr()
+        assert message in err.err and "evaluating on" not in err.out and not out.exists()
+    assert main(["eval", str(trained / "r"), "--gf-trained-state"]) == 2
+    assert "--gf-trained-state is an option of --gradient-fidelity (pass both)" in capsys.readouterr().err
+
+
 def test_eval_errors(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "missing")]) == 2
     assert "neither a checkpoint file nor a run folder" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """The mechanism tools of docs/findings.md on known cases: `amorlip bench amortizer` (Stage I alone on frozen
 features) and `amorlip eval --gradient-fidelity` (minibatch gradients against the exact full-data gradient)."""
+import math
 import subprocess
 import sys
 
@@ -11,7 +12,8 @@ from amorlip.bench.amortizer import Setting, stage1_curve, steps_to
 from amorlip.config import default_config
 from amorlip.evaluate.features import FrozenFeatures, exact_log_z, r2_score
 from amorlip.evaluate.log_normalizers import mean_log_partition
-from amorlip.evaluate.gradients import exact_gradients, fidelity, gradient_fidelity, minibatch_gradients
+from amorlip.evaluate.gradients import (TrainedState, build_objective, exact_gradients, fidelity, gradient_fidelity,
+                                       minibatch_gradients)
 from amorlip.objectives.clip import ClipObjective
 from amorlip.objectives.base import ObjectiveContext
 
@@ -101,6 +103,52 @@ def test_gradient_fidelity_runs_every_objective_and_sogclr_is_exact_at_batch_n()
     # exact gradient of its own loss (GCL); against InfoNCE it differs by the positive's place in the partition
     assert by[("sogclr", 64)]["own_loss"] == "gcl" and by[("sogclr", 64)]["rel_error"] < 1e-5
     assert by[("sogclr", 64)]["infonce_rel_error"] > 1e-3
+
+
+def test_bias_removes_the_noise_the_mean_of_few_visits_keeps():
+    """Visits g = (1 + c) exact + independent noise: `bias` estimates c whatever the noise and the visits, while
+    the raw error of the mean grows with the noise / visits; the noise-free cosine is 1, the norm ratio 1 + c."""
+    g = torch.Generator().manual_seed(3)
+    n, d, c = 4000, 8, 0.25
+    exact = torch.randn(n, d, generator=g, dtype=torch.float64)
+    for visits, noise_sd in ((2, 1.0), (8, 0.5)):
+        draws = (1 + c) * exact[None] + noise_sd * torch.randn(visits, n, d, generator=g, dtype=torch.float64)
+        got = fidelity(draws.sum(0), (draws ** 2).sum((0, 2)), torch.full((n,), visits), exact)
+        noise_share = noise_sd ** 2 / visits  # per coordinate, against exact's unit variance
+        assert got["bias"] == pytest.approx(c, abs=0.01)
+        assert got["rel_error"] == pytest.approx(math.sqrt(c ** 2 + noise_share), abs=0.01)
+        assert got["rel_error"] > c + 0.05
+        assert got["bias_cosine"] == pytest.approx(1.0, abs=0.01)
+        assert got["cosine"] == pytest.approx((1 + c) / math.sqrt((1 + c) ** 2 + noise_share), abs=0.002)
+        assert got["bias_norm_ratio"] == pytest.approx(1 + c, abs=0.01)
+        assert got["rel_variance"] == pytest.approx(noise_sd ** 2, rel=0.05)
+
+
+def test_a_trained_state_is_measured_as_saved_and_a_fresh_one_is_not():
+    """SogCLR with a slow u (gamma 0.01): a state whose u holds the exact full-data partitions (one pass at B = N,
+    where a first visit sets u to them) gives a nearly exact gradient at B = 8 from its first visit, while a fresh
+    state (u set from the first biased batches) stays biased; the trained run keeps its epoch (no new one)."""
+    feats = _frozen(n=64)
+    feats.config.sections["sogclr"].gamma = 0.01
+    x, y = feats.image.double(), feats.text.double()
+    exact_pass = build_objective(feats.config, "sogclr", 64, 64, 1, 8)
+    minibatch_gradients(exact_pass, x, y, feats.scale, 64, warmup=0, epochs=1)
+    trained = TrainedState("sogclr", exact_pass.state_dict(), step=7, epoch=3, steps_per_epoch=8, total_steps=80)
+    quiet = {"warmup": 0, "epochs": 2, "log": lambda *a, **k: None}
+    warm, = gradient_fidelity(feats, ["sogclr"], [8], trained=trained, **quiet)
+    fresh, = gradient_fidelity(feats, ["sogclr"], [8], **quiet)
+    assert warm["state"] == "trained (step 7)" and fresh["state"] == "warm-up 0 epochs"
+    assert warm["bias"] < 0.1 < 0.5 < fresh["bias"]  # two visits: the raw error of the mean is mostly noise
+    assert warm["rel_error"] > 5 * warm["bias"]
+    seen = []
+    obj = build_objective(feats.config, "sogclr", 64, 8, 2, 8, trained)
+
+    def spy(*args, step, epoch):
+        seen.append((step, epoch))
+        return type(obj).forward(obj, *args, step=step, epoch=epoch)
+    obj.forward = spy
+    minibatch_gradients(obj, x, y, feats.scale, 8, 0, 2, indices=feats.indices, start_step=7, fixed_epoch=3)
+    assert seen == [(7 + k, 3) for k in range(16)]  # steps continue from the checkpoint's, every pass is epoch 3
 
 
 @pytest.mark.slow

@@ -305,6 +305,10 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gf-warmup", type=int, default=2,
                    help="epochs over the pairs before measuring, so objective states see every pair (default 2)")
     p.add_argument("--gf-epochs", type=int, default=4, help="epochs measured (visits per pair; default 4)")
+    p.add_argument("--gf-trained-state", action="store_true",
+                   help="the run's own objective starts from the state its checkpoint saved (lambda nets, u, "
+                        "prototypes) at its step, without warm-up, instead of a fresh state warmed up on the frozen "
+                        "features; every measured pass counts as the checkpoint's epoch (needs all training pairs)")
     p.add_argument("--data", "--data.source", dest="data", default=None,
                    help=f"evaluation data: {', '.join(HELD_OUT)}, or a CSV / shards / class folder path (default: what "
                         "the run evaluated on: its data.val_path, eval.imagenet_root or its source's held-out split)")

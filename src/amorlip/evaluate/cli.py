@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +185,26 @@ def gradient_fidelity_options(args: argparse.Namespace) -> tuple[list[str], list
     return names, sizes
 
 
+def trained_state(preloaded: tuple, names: list[str], pairs: int | None):
+    """--gf-trained-state: the checkpoint's objective state (`gradients.TrainedState`; steps per epoch and length
+    are filled in once the data's size is known), checked: a training checkpoint, whose objective is measured,
+    with every training pair."""
+    from amorlip.evaluate.gradients import TrainedState
+
+    source, state, config = preloaded
+    if config is None or not isinstance(state.get("objective"), dict) or "step" not in state:
+        raise ConfigError(f"--gf-trained-state: {source} holds no objective state (pass a training checkpoint or "
+                          "run folder, not an export)")
+    if config.objective not in names:
+        raise ConfigError(f"--gf-trained-state: the run's objective {config.objective} is not among --gf-objectives "
+                          f"{','.join(names)} (add it)")
+    if pairs is not None:
+        raise ConfigError("--gf-trained-state needs every training pair (its state is indexed by the dataset): "
+                          "drop --gf-pairs")
+    step = int(state["step"])
+    return TrainedState(config.objective, state["objective"], step, int(state.get("epoch", 0)), 1, step)
+
+
 def run_gradient_fidelity(args: argparse.Namespace, out: Path, preloaded: tuple | None = None
                           ) -> list[dict[str, Any]]:
     """--gradient-fidelity: `amorlip.evaluate.gradients` on the run's frozen features; prints a table and writes
@@ -194,11 +214,18 @@ def run_gradient_fidelity(args: argparse.Namespace, out: Path, preloaded: tuple 
     from amorlip.evaluate.gradients import gradient_fidelity, plot_fidelity, fidelity_table
 
     names, sizes = gradient_fidelity_options(args)
+    preloaded = preloaded or read_checkpoint(args.checkpoint)
+    trained = trained_state(preloaded, names, args.gf_pairs) if args.gf_trained_state else None
     feats = load_run_features(args.checkpoint, args.gf_pairs, 0, args.device, progress=sys.stderr.isatty(),
                               preloaded=preloaded)
     print(f"gradient fidelity on {feats.describe()}")
+    if trained is not None:  # the run's epoch as its map-style stream makes it (the last partial batch dropped)
+        per_epoch = max(1, feats.dataset_size // feats.config.train.batch_size)
+        trained = replace(trained, steps_per_epoch=per_epoch,
+                          total_steps=feats.config.train.steps or feats.config.train.epochs * per_epoch)
+        print(f"{trained.objective} starts from the state saved at step {trained.step} (epoch {trained.epoch})")
     records = gradient_fidelity(feats, names, sizes, warmup=args.gf_warmup, epochs=args.gf_epochs,
-                                seed=feats.config.train.seed)
+                                seed=feats.config.train.seed, trained=trained)
     print(fidelity_table(records))
     print(f"wrote {plot_fidelity(records, out.parent / 'gradient_fidelity.png')}")
     return records
@@ -223,6 +250,8 @@ def _check_args(args: argparse.Namespace, extra: list[str]) -> None:
         raise ConfigError(f"--batch-size {args.batch_size} must be at least 1 (pass e.g. --batch-size 256)")
     if getattr(args, "gradient_fidelity", False):
         gradient_fidelity_options(args)
+    elif getattr(args, "gf_trained_state", False):
+        raise ConfigError("--gf-trained-state is an option of --gradient-fidelity (pass both)")
     device = args.device
     if device != "auto":
         try:
@@ -247,6 +276,13 @@ def _check_args(args: argparse.Namespace, extra: list[str]) -> None:
 
         if args.model not in model_names():
             raise ConfigError(f"--model {args.model!r} is not a known model config (`amorlip models` lists them)")
+    _check_datacomp(args)
+    if args.out:
+        _check_writable(Path(args.out), "--out")
+
+
+def _check_datacomp(args: argparse.Namespace) -> None:
+    """--datacomp ROOT and --datacomp-tasks: clip_benchmark installed, ROOT a folder holding a selected task."""
     if args.datacomp_tasks and not args.datacomp:
         raise ConfigError("--datacomp-tasks needs --datacomp ROOT (the folder of the clip_benchmark wds datasets)")
     if args.datacomp:
@@ -273,8 +309,6 @@ def _check_args(args: argparse.Namespace, extra: list[str]) -> None:
                 f"--datacomp {root} holds none of the {len(selected)} selected DataComp tasks (pass the folder with "
                 f"one wds folder per task, e.g. {root / example.folder_names[0] / 'test' / 'nshards.txt'})"
             )
-    if args.out:
-        _check_writable(Path(args.out), "--out")
 
 
 def data_description(data: str | None) -> str:
@@ -307,6 +341,8 @@ def run_eval(args: argparse.Namespace, extra: list[str]) -> int:
     device = pick_device(args.device)
     preloaded = read_checkpoint(args.checkpoint)
     config = preloaded[2]
+    if args.gradient_fidelity and args.gf_trained_state:  # its checks, before any evaluation
+        trained_state(preloaded, gradient_fidelity_options(args)[0], args.gf_pairs)
     tasks, retrieval = eval_data(config, args.data, config.train.seed if config else 0, preloaded[0],
                                  other_work=bool(args.datacomp or args.normalizers))
     described = [f"zero-shot {t.name} ({len(t.dataset)} images, {len(t.classnames)} classes)" for t in tasks]

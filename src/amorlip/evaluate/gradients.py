@@ -16,16 +16,24 @@ measures it on frozen features (`amorlip.evaluate.features`), at the level of th
   a pair i in batch b, `g_b(i) = B dL_b/d(x_i, y_i)` estimates the exact `N dL/d(x_i, y_i)`; at B = N, CLIP's
   is exact. After `warmup` epochs (so that the state has seen every pair), `epochs` more are measured.
 * Per objective and B: `cosine` between the mean minibatch gradient (over the visits of each pair, stacked over
-  all pairs) and the exact one, `rel_error` = |mean - exact| / |exact| (the bias), `norm_ratio` = |mean| /
-  |exact|, and `rel_variance` = the mean squared deviation of a single visit from the mean, over |exact|^2 (the
-  noise; unbiased over the visits). Each objective is compared with the exact gradient of its own full-data loss
+  all pairs) and the exact one, `rel_error` = |mean - exact| / |exact|, `norm_ratio` = |mean| / |exact|, and
+  `rel_variance` = the mean squared deviation of a single visit from the mean, over |exact|^2 (the noise;
+  unbiased over the visits). The mean of k visits keeps var / k of that noise, so `bias`, `bias_cosine` and
+  `bias_norm_ratio` are the same with it removed (`fidelity`): the bias proper, whatever the visits. Each objective is compared with the exact gradient of its own full-data loss
   (InfoNCE; for SogCLR / FastCLIP the global contrastive loss, whose partitions hold the negatives only) and, as
   `infonce_*`, with InfoNCE's; both at the scale its loss runs at (`reference_scale`: SogCLR's constant
   temperature, else the model's s).
+* The run's own trained state (`TrainedState`, `amorlip eval RUN --gradient-fidelity --gf-trained-state`): the
+  run's objective starts from the state its checkpoint saved (AmorLIP's lambda nets and their Adam, SogCLR /
+  FastCLIP's u, NeuCLIP's prototypes), at the checkpoint's step, with the run's steps per epoch and length, and is
+  measured without warm-up. Every measured pass counts as the checkpoint's epoch, so no epoch boundary
+  re-initialises the nets during the measurement; within it the state keeps updating as in training (on frozen
+  encoders). Needs every training pair (its indices are the dataset's).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -65,40 +73,65 @@ def exact_gradients(x: torch.Tensor, y: torch.Tensor, scale: float, positive: bo
     return gx, gy
 
 
-def build_objective(cfg: Any, name: str, n: int, batch: int, epochs: int, embed_dim: int):
-    """Objective `name` with the run config's section for it (defaults for a section the run did not set)."""
+@dataclass(frozen=True)
+class TrainedState:
+    """A run's objective state as its checkpoint saved it (`state`, the objective's state_dict), where in training
+    it was (`step`, `epoch`), and the run's `steps_per_epoch` and `total_steps`."""
+
+    objective: str
+    state: dict
+    step: int
+    epoch: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+def build_objective(cfg: Any, name: str, n: int, batch: int, epochs: int, embed_dim: int,
+                    trained: TrainedState | None = None):
+    """Objective `name` with the run config's section for it (defaults for a section the run did not set); with
+    `trained`, built with the run's steps per epoch and length and loaded with its saved state."""
     from amorlip import objectives
     from amorlip.objectives.base import ObjectiveContext
 
     cls = objectives.get(name)
-    steps_per_epoch = max(1, n // batch)
-    ctx = ObjectiveContext(dataset_size=n, steps_per_epoch=steps_per_epoch, total_steps=steps_per_epoch * epochs,
-                           total_epochs=epochs, embed_dim=embed_dim, local_batch_size=batch)
+    steps_per_epoch = max(1, n // batch) if trained is None else trained.steps_per_epoch
+    total_steps = steps_per_epoch * epochs if trained is None else trained.total_steps
+    ctx = ObjectiveContext(dataset_size=n, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                           total_epochs=math.ceil(total_steps / steps_per_epoch), embed_dim=embed_dim,
+                           local_batch_size=batch)
     section = cfg.sections.get(cls.section) if (cls.section and cfg is not None) else None
-    return cls(section, ctx)
+    objective = cls(section, ctx)
+    if trained is not None:
+        objective.load_state_dict(trained.state)
+    return objective
 
 
 def minibatch_gradients(objective: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, scale: float, batch: int,
-                        warmup: int, epochs: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
+                        warmup: int, epochs: int, seed: int = 0, indices: torch.Tensor | None = None,
+                        start_step: int = 0, fixed_epoch: int | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(sum of g_b(i), sum of |g_b(i)|^2 per pair, visits per pair) over `epochs` measured epochs after `warmup`
-    epochs (module docstring). Sums are (N, 2d) and (N,), float64; every pair is visited once per epoch."""
+    epochs (module docstring). Sums are (N, 2d) and (N,), float64; every pair is visited once per epoch.
+    `indices`: the pairs' dataset indices (default 0..N-1); `start_step` / `fixed_epoch`: the step the objective
+    continues from and the epoch every pass counts as (a trained state's; default: steps from 0, passes 0, 1, ...)."""
     n, d = x.shape
     if not 2 <= batch <= n:
         raise ValueError(f"batch {batch} must be in [2, N = {n}]")
-    indices = torch.arange(n)
+    indices = torch.arange(n) if indices is None else indices
     gen = torch.Generator().manual_seed(seed)
     s = torch.tensor(float(scale), dtype=x.dtype)
     total = torch.zeros(n, 2 * d, dtype=torch.float64)
     sq = torch.zeros(n, dtype=torch.float64)
     visits = torch.zeros(n, dtype=torch.long)
     objective.train()
-    step = 0
+    step = start_step
     for epoch in range(warmup + epochs):
         order = torch.randperm(n, generator=gen)
         for start in range(0, n - batch + 1, batch):
             b = order[start:start + batch]
             xb, yb = x[b].clone().requires_grad_(True), y[b].clone().requires_grad_(True)
-            out = objective(xb, yb, s, None, indices[b], step=step, epoch=epoch)
+            out = objective(xb, yb, s, None, indices[b], step=step,
+                            epoch=epoch if fixed_epoch is None else fixed_epoch)
             gx, gy = torch.autograd.grad(out.loss, [xb, yb])
             step += 1
             if epoch >= warmup:
@@ -110,7 +143,14 @@ def minibatch_gradients(objective: torch.nn.Module, x: torch.Tensor, y: torch.Te
 
 
 def fidelity(total: torch.Tensor, sq: torch.Tensor, visits: torch.Tensor, exact: torch.Tensor) -> dict[str, float]:
-    """Bias and noise of the minibatch gradients against `exact` (N, 2d) over the pairs visited at least once."""
+    """Bias and noise of the minibatch gradients against `exact` (N, 2d) over the pairs visited at least once.
+
+    The mean over k visits still carries noise: E|mean_i - exact_i|^2 = |bias_i|^2 + var_i / k_i. So besides the
+    raw `rel_error`, `cosine` and `norm_ratio` of the mean, `bias` = sqrt(max(0, sum_i (|mean_i - exact_i|^2 -
+    s_i^2 / k_i))) / |exact| removes that noise with each pair's unbiased visit variance s_i^2 (k_i >= 2), and
+    `bias_cosine` (clamped to [-1, 1]) / `bias_norm_ratio` do the same for |mean|^2 (the noise adds to it, not to
+    mean . exact); they tell the bias apart from the noise that few visits leave in the mean (NaN with fewer than
+    2 visits)."""
     seen = visits > 0
     k = visits[seen].double()
     mean = total[seen] / k[:, None]
@@ -119,16 +159,22 @@ def fidelity(total: torch.Tensor, sq: torch.Tensor, visits: torch.Tensor, exact:
     dev = (sq[seen] - k * (mean * mean).sum(dim=1))  # sum over visits of |g - mean|^2, per pair
     multi = k > 1
     var = float((dev[multi] / (k[multi] - 1)).sum()) if bool(multi.any()) else math.nan
-    cos = float((mean * ex).sum() / (mean.norm() * ex.norm()).clamp_min(1e-300))
-    return {"cosine": cos, "rel_error": float((mean - ex).norm()) / math.sqrt(ex_norm2),
-            "norm_ratio": float(mean.norm()) / math.sqrt(ex_norm2),
+    noise = float((dev[multi] / (k[multi] - 1) / k[multi]).sum()) if bool(multi.all()) else math.nan
+    dot, mean2 = float((mean * ex).sum()), float((mean * mean).sum())
+    cos = dot / max(math.sqrt(mean2 * ex_norm2), 1e-300)
+    err2 = float(((mean - ex) ** 2).sum())
+    clean2 = max(mean2 - noise, 1e-300)
+    return {"cosine": cos, "rel_error": math.sqrt(err2 / ex_norm2), "norm_ratio": math.sqrt(mean2 / ex_norm2),
             "rel_variance": max(0.0, var) / ex_norm2 if bool(multi.any()) else math.nan,
-            "pairs": int(seen.sum()), "visits": float(k.mean())}
+            "bias": math.sqrt(max(0.0, err2 - noise) / ex_norm2), "bias_cosine": max(-1.0, min(1.0, dot / math.sqrt(clean2 * ex_norm2))),
+            "bias_norm_ratio": math.sqrt(clean2 / ex_norm2), "pairs": int(seen.sum()), "visits": float(k.mean())}
 
 
 def gradient_fidelity(feats: Any, objective_names: Sequence[str], batch_sizes: Sequence[int], warmup: int = 2,
-                      epochs: int = 4, seed: int = 0, log: Any = print) -> list[dict[str, Any]]:
-    """One record per (objective, B): `fidelity` of its minibatch gradients on the frozen features `feats`."""
+                      epochs: int = 4, seed: int = 0, log: Any = print, trained: TrainedState | None = None
+                      ) -> list[dict[str, Any]]:
+    """One record per (objective, B): `fidelity` of its minibatch gradients on the frozen features `feats`. With
+    `trained`, that objective starts from the run's saved state (module docstring) and the others as without."""
     from amorlip.evaluate.log_normalizers import reference_scale
 
     n = feats.image.shape[0]
@@ -146,17 +192,23 @@ def gradient_fidelity(feats: Any, objective_names: Sequence[str], batch_sizes: S
         for batch in batch_sizes:
             b = min(int(batch), n)
             torch.manual_seed(seed)
-            obj = build_objective(feats.config, name, n, b, warmup + epochs, x.shape[1])
+            mine = trained if trained is not None and trained.objective == name else None
+            obj = build_objective(feats.config, name, n, b, warmup + epochs, x.shape[1], mine)
             s_ref = float(reference_scale(obj, feats.scale))
-            total, sq, visits = minibatch_gradients(obj, x, y, feats.scale, b, warmup, epochs, seed)
+            if mine is None:
+                total, sq, visits = minibatch_gradients(obj, x, y, feats.scale, b, warmup, epochs, seed)
+            else:
+                total, sq, visits = minibatch_gradients(obj, x, y, feats.scale, b, 0, epochs, seed, feats.indices,
+                                                        mine.step, mine.epoch)
             own = not obj.partition_without_positive
             rec = {"objective": name, "batch_size": b, "scale": s_ref, "own_loss": "infonce" if own else "gcl",
+                   "state": f"trained (step {mine.step})" if mine else f"warm-up {warmup} epochs",
                    **fidelity(total, sq, visits, exact(s_ref, own))}
             vs_infonce = rec if own else fidelity(total, sq, visits, exact(s_ref, True))
-            rec["infonce_cosine"], rec["infonce_rel_error"] = vs_infonce["cosine"], vs_infonce["rel_error"]
+            rec.update({f"infonce_{key}": vs_infonce[key] for key in ("cosine", "rel_error", "bias", "bias_cosine")})
             records.append(rec)
-            log(f"  {name} B={b}: cosine {rec['cosine']:.4f}, rel. error {rec['rel_error']:.4f}, "
-                f"rel. variance {rec['rel_variance']:.4f} (against {rec['own_loss']})")
+            log(f"  {name} B={b}: bias {rec['bias']:.4f} (cosine {rec['bias_cosine']:.4f}), rel. variance "
+                f"{rec['rel_variance']:.4f}, rel. error of the mean {rec['rel_error']:.4f} (against {rec['own_loss']})")
     return records
 
 
@@ -164,10 +216,11 @@ def fidelity_table(records: list[dict[str, Any]]) -> str:
     """Markdown-style table of `gradient_fidelity` records, a row per (objective, B)."""
     from amorlip.report import format_table
 
-    rows = [[r["objective"], str(r["batch_size"]), r["own_loss"], f"{r['cosine']:.4f}", f"{r['rel_error']:.4f}",
-             f"{r['norm_ratio']:.3f}", f"{r['rel_variance']:.4f}", f"{r['infonce_rel_error']:.4f}"] for r in records]
-    return format_table(["objective", "B", "own loss", "cosine", "rel. error (bias)", "norm ratio", "rel. variance",
-                         "rel. error vs InfoNCE"], rows)
+    rows = [[r["objective"], str(r["batch_size"]), r.get("state", "-"), r["own_loss"], f"{r['bias_cosine']:.4f}",
+             f"{r['bias']:.4f}", f"{r['bias_norm_ratio']:.3f}", f"{r['rel_variance']:.4f}", f"{r['rel_error']:.4f}",
+             f"{r['infonce_bias']:.4f}"] for r in records]
+    return format_table(["objective", "B", "state", "own loss", "cosine (noise removed)", "bias", "norm ratio",
+                         "rel. variance", "rel. error of the mean", "bias vs InfoNCE"], rows)
 
 
 def plot_fidelity(records: list[dict[str, Any]], path: Any) -> Any:
@@ -181,9 +234,10 @@ def plot_fidelity(records: list[dict[str, Any]], path: Any) -> Any:
     for name in dict.fromkeys(r["objective"] for r in records):
         rs = sorted((r for r in records if r["objective"] == name), key=lambda r: r["batch_size"])
         bs = [r["batch_size"] for r in rs]
-        axes[0].plot(bs, [r["rel_error"] for r in rs], marker="o", label=name)
+        axes[0].plot(bs, [max(r["bias"], 1e-6) for r in rs], marker="o", label=name)
         axes[1].plot(bs, [r["rel_variance"] for r in rs], marker="o", label=name)
-    for ax, title in zip(axes, ("bias: |mean minibatch - exact| / |exact|", "variance of one batch / |exact|^2")):
+    for ax, title in zip(axes, ("bias: |mean minibatch - exact| / |exact|, visit noise removed",
+                                "variance of one batch / |exact|^2")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("batch size B")
