@@ -8,34 +8,39 @@
 #     (--gf-trained-state) from its last checkpoint before the final one, which lies inside an epoch (the final
 #     one ends an epoch, where AmorLIP's nets are re-initialised), against CLIP's gradient on the same features.
 #
-# Usage: scripts/gradient_trained.sh RUNS OUT [SEED]   (RUNS: the study's runs folder; SEED: 4 by default)
+# The checkpoints' places in their epochs differ (they were saved by the clock), so AmorLIP at batch 16 is measured
+# on two seeds' checkpoints: early (seed 4) and late (seed 3) in an epoch.
+#
+# Usage: scripts/gradient_trained.sh RUNS OUT   (RUNS: the study's runs folder)
 set -euo pipefail
-if [ $# -lt 2 ]; then echo "usage: scripts/gradient_trained.sh RUNS OUT [SEED]" >&2; exit 2; fi
-RUNS=$1; OUT=$2; SEED=${3:-4}; AMORLIP=${AMORLIP:-amorlip}
+if [ $# -lt 2 ]; then echo "usage: scripts/gradient_trained.sh RUNS OUT" >&2; exit 2; fi
+RUNS=$1; OUT=$2; AMORLIP=${AMORLIP:-amorlip}
 mkdir -p "$OUT"
 git -C "$(dirname "$0")" rev-parse HEAD > "$OUT/COMMIT" 2>/dev/null || true
 
-run_of() {  # the run folder of entry $1 at batch $2 for the seed
+run_of() {  # the run folder of entry $1 at batch $2 for seed $3
   local d
-  for d in "$RUNS/$1-s$SEED-"*; do
+  for d in "$RUNS/$1-s$3-"*; do
     if grep -q "^  batch_size: $2\$" "$d/config.yaml" 2>/dev/null; then echo "$d"; return; fi
   done
-  echo "gradient_trained.sh: error: no run of $1 at batch $2, seed $SEED under $RUNS" >&2; exit 2
+  echo "gradient_trained.sh: error: no run of $1 at batch $2, seed $3 under $RUNS" >&2; exit 2
 }
 
-measure() {  # NAME ENTRY BATCH WHICH(final|inside) OBJECTIVES [eval options...]
-  local name=$1 run ckpt
-  run=$(run_of "$2" "$3")
+measure() {  # NAME ENTRY BATCH SEED WHICH(final|inside) OBJECTIVES [eval options...]
+  local name=$1 entry=$2 batch=$3 seed=$4 which=$5 objectives=$6 run ckpt
+  shift 6
+  run=$(run_of "$entry" "$batch" "$seed")
   if [ -s "$OUT/$name.json" ]; then echo "$name: done"; return; fi
-  if [ "$4" = final ]; then ckpt=$(ls "$run"/checkpoints/step_*.pt | sort | tail -1)
+  if [ "$which" = final ]; then ckpt=$(ls "$run"/checkpoints/step_*.pt | sort | tail -1)
   else ckpt=$(ls "$run"/checkpoints/step_*.pt | sort | tail -2 | head -1); fi
   echo "$name: $ckpt"
-  OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $AMORLIP eval "$ckpt" --gradient-fidelity --gf-objectives "$5" \
-    --gf-batch-sizes 16,64,256,1024 --gf-warmup 2 --gf-epochs 3 --device cpu --out "$OUT/$name.json" "${@:6}" \
+  OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $AMORLIP eval "$ckpt" --gradient-fidelity --gf-objectives "$objectives" \
+    --gf-batch-sizes 16,64,256,1024 --gf-warmup 2 --gf-epochs 3 --device cpu --out "$OUT/$name.json" "$@" \
     > "$OUT/$name.log" 2>&1
 }
 
-measure clip-b64-fresh fmnist60k-clip 64 final clip,sogclr,fastclip,amorlip,neuclip
-measure amorlip-b64-trained fmnist60k-amorlip 64 inside clip,amorlip --gf-trained-state
-measure amorlip-b16-trained fmnist60k-amorlip 16 inside clip,amorlip --gf-trained-state
-measure fastclip-b64-trained fmnist60k-fastclip 64 inside clip,fastclip --gf-trained-state
+measure clip-b64-fresh fmnist60k-clip 64 4 final clip,sogclr,fastclip,amorlip,neuclip
+measure amorlip-b64-trained fmnist60k-amorlip 64 4 inside clip,amorlip --gf-trained-state
+measure amorlip-b16-trained fmnist60k-amorlip 16 4 inside clip,amorlip --gf-trained-state
+measure fastclip-b64-trained fmnist60k-fastclip 64 4 inside clip,fastclip --gf-trained-state
+measure amorlip-b16-trained-s3 fmnist60k-amorlip 16 3 inside clip,amorlip --gf-trained-state

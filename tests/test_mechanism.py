@@ -122,6 +122,14 @@ def test_bias_removes_the_noise_the_mean_of_few_visits_keeps():
         assert got["cosine"] == pytest.approx((1 + c) / math.sqrt((1 + c) ** 2 + noise_share), abs=0.002)
         assert got["bias_norm_ratio"] == pytest.approx(1 + c, abs=0.01)
         assert got["rel_variance"] == pytest.approx(noise_sd ** 2, rel=0.05)
+    # uneven visits (a dropped last batch): pairs seen once carry no variance and are left out of the bias
+    visits = torch.where(torch.arange(n) % 10 == 0, 1, 3)
+    draws = (1 + c) * exact[None] + torch.randn(3, n, d, generator=g, dtype=torch.float64)
+    draws = draws * (torch.arange(3)[:, None] < visits[None, :])[..., None]  # the visits that happened
+    got = fidelity(draws.sum(0), (draws ** 2).sum((0, 2)), visits, exact)
+    assert got["bias"] == pytest.approx(c, abs=0.015) and got["bias_norm_ratio"] == pytest.approx(1 + c, abs=0.015)
+    once = fidelity(draws[:1].sum(0), (draws[:1] ** 2).sum((0, 2)), torch.ones(n, dtype=torch.long), exact)
+    assert math.isnan(once["bias"]) and math.isnan(once["rel_variance"]) and once["rel_error"] > c
 
 
 def test_a_trained_state_is_measured_as_saved_and_a_fresh_one_is_not():

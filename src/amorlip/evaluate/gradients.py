@@ -149,8 +149,8 @@ def fidelity(total: torch.Tensor, sq: torch.Tensor, visits: torch.Tensor, exact:
     raw `rel_error`, `cosine` and `norm_ratio` of the mean, `bias` = sqrt(max(0, sum_i (|mean_i - exact_i|^2 -
     s_i^2 / k_i))) / |exact| removes that noise with each pair's unbiased visit variance s_i^2 (k_i >= 2), and
     `bias_cosine` (clamped to [-1, 1]) / `bias_norm_ratio` do the same for |mean|^2 (the noise adds to it, not to
-    mean . exact); they tell the bias apart from the noise that few visits leave in the mean (NaN with fewer than
-    2 visits)."""
+    mean . exact); they tell the bias apart from the noise that few visits leave in the mean (computed over the pairs
+    visited at least twice; NaN when none was)."""
     seen = visits > 0
     k = visits[seen].double()
     mean = total[seen] / k[:, None]
@@ -159,15 +159,25 @@ def fidelity(total: torch.Tensor, sq: torch.Tensor, visits: torch.Tensor, exact:
     dev = (sq[seen] - k * (mean * mean).sum(dim=1))  # sum over visits of |g - mean|^2, per pair
     multi = k > 1
     var = float((dev[multi] / (k[multi] - 1)).sum()) if bool(multi.any()) else math.nan
-    noise = float((dev[multi] / (k[multi] - 1) / k[multi]).sum()) if bool(multi.all()) else math.nan
     dot, mean2 = float((mean * ex).sum()), float((mean * mean).sum())
-    cos = dot / max(math.sqrt(mean2 * ex_norm2), 1e-300)
-    err2 = float(((mean - ex) ** 2).sum())
-    clean2 = max(mean2 - noise, 1e-300)
-    return {"cosine": cos, "rel_error": math.sqrt(err2 / ex_norm2), "norm_ratio": math.sqrt(mean2 / ex_norm2),
+    return {"cosine": dot / max(math.sqrt(mean2 * ex_norm2), 1e-300), "rel_error": float((mean - ex).norm()) /
+            math.sqrt(ex_norm2), "norm_ratio": math.sqrt(mean2 / ex_norm2),
             "rel_variance": max(0.0, var) / ex_norm2 if bool(multi.any()) else math.nan,
-            "bias": math.sqrt(max(0.0, err2 - noise) / ex_norm2), "bias_cosine": max(-1.0, min(1.0, dot / math.sqrt(clean2 * ex_norm2))),
-            "bias_norm_ratio": math.sqrt(clean2 / ex_norm2), "pairs": int(seen.sum()), "visits": float(k.mean())}
+            **_noise_removed(mean[multi], ex[multi], dev[multi] / (k[multi] - 1) / k[multi]),
+            "pairs": int(seen.sum()), "visits": float(k.mean())}
+
+
+def _noise_removed(mean: torch.Tensor, ex: torch.Tensor, noise: torch.Tensor) -> dict[str, float]:
+    """`fidelity`'s bias, bias_cosine and bias_norm_ratio over the pairs visited at least twice (`noise`: each
+    one's unbiased visit variance over its visits, what the noise adds to |mean_i - exact_i|^2 and |mean_i|^2)."""
+    if mean.shape[0] == 0:
+        return {"bias": math.nan, "bias_cosine": math.nan, "bias_norm_ratio": math.nan}
+    ex_norm2, noise_sum = float((ex * ex).sum()), float(noise.sum())
+    err2 = float(((mean - ex) ** 2).sum()) - noise_sum
+    clean2 = max(float((mean * mean).sum()) - noise_sum, 1e-300)
+    cos = float((mean * ex).sum()) / math.sqrt(clean2 * ex_norm2)
+    return {"bias": math.sqrt(max(0.0, err2) / ex_norm2), "bias_cosine": max(-1.0, min(1.0, cos)),
+            "bias_norm_ratio": math.sqrt(clean2 / ex_norm2)}
 
 
 def gradient_fidelity(feats: Any, objective_names: Sequence[str], batch_sizes: Sequence[int], warmup: int = 2,
