@@ -39,8 +39,8 @@ measure() {  # NAME ENTRY BATCH SEED WHICH(final|inside) OBJECTIVES [eval option
     > "$OUT/$name.log" 2>&1
 }
 
-measure clip-b64-fresh fmnist60k-clip 64 4 final clip,sogclr,fastclip,amorlip,neuclip
 measure amorlip-b64-trained fmnist60k-amorlip 64 4 inside clip,amorlip --gf-trained-state
 measure amorlip-b16-trained fmnist60k-amorlip 16 4 inside clip,amorlip --gf-trained-state
 measure fastclip-b64-trained fmnist60k-fastclip 64 4 inside clip,fastclip --gf-trained-state
 measure amorlip-b16-trained-s3 fmnist60k-amorlip 16 3 inside clip,amorlip --gf-trained-state
+measure clip-b64-fresh fmnist60k-clip 64 4 final clip,sogclr,fastclip,amorlip,neuclip

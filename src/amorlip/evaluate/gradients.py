@@ -149,8 +149,11 @@ def fidelity(total: torch.Tensor, sq: torch.Tensor, visits: torch.Tensor, exact:
     raw `rel_error`, `cosine` and `norm_ratio` of the mean, `bias` = sqrt(max(0, sum_i (|mean_i - exact_i|^2 -
     s_i^2 / k_i))) / |exact| removes that noise with each pair's unbiased visit variance s_i^2 (k_i >= 2), and
     `bias_cosine` (clamped to [-1, 1]) / `bias_norm_ratio` do the same for |mean|^2 (the noise adds to it, not to
-    mean . exact); they tell the bias apart from the noise that few visits leave in the mean (computed over the pairs
-    visited at least twice; NaN when none was)."""
+    mean . exact); they tell the bias apart from the noise that few visits leave in the mean. They are computed over
+    the pairs visited at least twice. Where nothing of the squared error is left once the noise is removed, the
+    visits do not resolve a bias: `bias` and `bias_cosine` are NaN (so is `bias_norm_ratio` where nothing of
+    |mean|^2 is left). They take the visits of a pair as draws around one mean: exact for a stateless objective
+    (CLIP); for one whose state moves between visits (u, lambda nets, prototypes), that movement counts as noise."""
     seen = visits > 0
     k = visits[seen].double()
     mean = total[seen] / k[:, None]
@@ -170,14 +173,18 @@ def fidelity(total: torch.Tensor, sq: torch.Tensor, visits: torch.Tensor, exact:
 def _noise_removed(mean: torch.Tensor, ex: torch.Tensor, noise: torch.Tensor) -> dict[str, float]:
     """`fidelity`'s bias, bias_cosine and bias_norm_ratio over the pairs visited at least twice (`noise`: each
     one's unbiased visit variance over its visits, what the noise adds to |mean_i - exact_i|^2 and |mean_i|^2)."""
+    ex_norm2 = float((ex * ex).sum())
+    err2 = float(((mean - ex) ** 2).sum()) - float(noise.sum())
+    clean2 = float((mean * mean).sum()) - float(noise.sum())
+    out = {"bias": math.nan, "bias_cosine": math.nan, "bias_norm_ratio": math.nan}
     if mean.shape[0] == 0:
-        return {"bias": math.nan, "bias_cosine": math.nan, "bias_norm_ratio": math.nan}
-    ex_norm2, noise_sum = float((ex * ex).sum()), float(noise.sum())
-    err2 = float(((mean - ex) ** 2).sum()) - noise_sum
-    clean2 = max(float((mean * mean).sum()) - noise_sum, 1e-300)
-    cos = float((mean * ex).sum()) / math.sqrt(clean2 * ex_norm2)
-    return {"bias": math.sqrt(max(0.0, err2) / ex_norm2), "bias_cosine": max(-1.0, min(1.0, cos)),
-            "bias_norm_ratio": math.sqrt(clean2 / ex_norm2)}
+        return out
+    if clean2 > 0.0:
+        out["bias_norm_ratio"] = math.sqrt(clean2 / ex_norm2)
+    if err2 > 0.0 and clean2 > 0.0:  # else the visits do not resolve how the mean differs from the exact gradient
+        out["bias"] = math.sqrt(err2 / ex_norm2)
+        out["bias_cosine"] = max(-1.0, min(1.0, float((mean * ex).sum()) / math.sqrt(clean2 * ex_norm2)))
+    return out
 
 
 def gradient_fidelity(feats: Any, objective_names: Sequence[str], batch_sizes: Sequence[int], warmup: int = 2,
@@ -215,7 +222,8 @@ def gradient_fidelity(feats: Any, objective_names: Sequence[str], batch_sizes: S
                    "state": f"trained (step {mine.step})" if mine else f"warm-up {warmup} epochs",
                    **fidelity(total, sq, visits, exact(s_ref, own))}
             vs_infonce = rec if own else fidelity(total, sq, visits, exact(s_ref, True))
-            rec.update({f"infonce_{key}": vs_infonce[key] for key in ("cosine", "rel_error", "bias", "bias_cosine")})
+            rec.update({f"infonce_{key}": vs_infonce[key]
+                        for key in ("cosine", "rel_error", "bias", "bias_cosine")})
             records.append(rec)
             log(f"  {name} B={b}: bias {rec['bias']:.4f} (cosine {rec['bias_cosine']:.4f}), rel. variance "
                 f"{rec['rel_variance']:.4f}, rel. error of the mean {rec['rel_error']:.4f} (against {rec['own_loss']})")
@@ -226,9 +234,12 @@ def fidelity_table(records: list[dict[str, Any]]) -> str:
     """Markdown-style table of `gradient_fidelity` records, a row per (objective, B)."""
     from amorlip.report import format_table
 
-    rows = [[r["objective"], str(r["batch_size"]), r.get("state", "-"), r["own_loss"], f"{r['bias_cosine']:.4f}",
-             f"{r['bias']:.4f}", f"{r['bias_norm_ratio']:.3f}", f"{r['rel_variance']:.4f}", f"{r['rel_error']:.4f}",
-             f"{r['infonce_bias']:.4f}"] for r in records]
+    def num(value: float, digits: int = 4) -> str:
+        return "-" if math.isnan(value) else f"{value:.{digits}f}"
+
+    rows = [[r["objective"], str(r["batch_size"]), r.get("state", "-"), r["own_loss"], num(r["bias_cosine"]),
+             num(r["bias"]), num(r["bias_norm_ratio"], 3), f"{r['rel_variance']:.4f}", f"{r['rel_error']:.4f}",
+             num(r["infonce_bias"])] for r in records]
     return format_table(["objective", "B", "state", "own loss", "cosine (noise removed)", "bias", "norm ratio",
                          "rel. variance", "rel. error of the mean", "bias vs InfoNCE"], rows)
 
