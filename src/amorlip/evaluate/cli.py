@@ -205,8 +205,8 @@ def trained_state(preloaded: tuple, names: list[str], pairs: int | None):
     return TrainedState(config.objective, state["objective"], step, int(state.get("epoch", 0)), 1, step)
 
 
-def run_gradient_fidelity(args: argparse.Namespace, out: Path, preloaded: tuple | None = None
-                          ) -> list[dict[str, Any]]:
+def run_gradient_fidelity(args: argparse.Namespace, out: Path, preloaded: tuple | None = None,
+                          trained: Any = None) -> list[dict[str, Any]]:
     """--gradient-fidelity: `amorlip.evaluate.gradients` on the run's frozen features; prints a table and writes
     gradient_fidelity.png beside `out`. `preloaded`: the checkpoint as `read_checkpoint` read it."""
     import sys
@@ -215,7 +215,8 @@ def run_gradient_fidelity(args: argparse.Namespace, out: Path, preloaded: tuple 
 
     names, sizes = gradient_fidelity_options(args)
     preloaded = preloaded or read_checkpoint(args.checkpoint)
-    trained = trained_state(preloaded, names, args.gf_pairs) if args.gf_trained_state else None
+    if trained is None and args.gf_trained_state:
+        trained = trained_state(preloaded, names, args.gf_pairs)
     feats = load_run_features(args.checkpoint, args.gf_pairs, 0, args.device, progress=sys.stderr.isatty(),
                               preloaded=preloaded)
     print(f"gradient fidelity on {feats.describe()}")
@@ -341,8 +342,9 @@ def run_eval(args: argparse.Namespace, extra: list[str]) -> int:
     device = pick_device(args.device)
     preloaded = read_checkpoint(args.checkpoint)
     config = preloaded[2]
-    if args.gradient_fidelity and args.gf_trained_state:  # its checks, before any evaluation
-        trained_state(preloaded, gradient_fidelity_options(args)[0], args.gf_pairs)
+    trained = None  # --gf-trained-state is read and checked here, before any evaluation
+    if args.gradient_fidelity and args.gf_trained_state:
+        trained = trained_state(preloaded, gradient_fidelity_options(args)[0], args.gf_pairs)
     tasks, retrieval = eval_data(config, args.data, config.train.seed if config else 0, preloaded[0],
                                  other_work=bool(args.datacomp or args.normalizers))
     described = [f"zero-shot {t.name} ({len(t.dataset)} images, {len(t.classnames)} classes)" for t in tasks]
@@ -378,7 +380,7 @@ def run_eval(args: argparse.Namespace, extra: list[str]) -> int:
             print(f"DataComp {label} over {summary['n_tasks']} tasks: {100 * summary['average']:.2f}"
                   + (f" (missing: {', '.join(summary['missing'])})" if summary["missing"] else ""))
     if args.gradient_fidelity:
-        results["gradient_fidelity"] = run_gradient_fidelity(args, out, preloaded)
+        results["gradient_fidelity"] = run_gradient_fidelity(args, out, preloaded, trained)
     if args.normalizers:
         diag = run_normalizer_diagnostics(loaded, device, args.batch_size)
         results["normalizers"] = diag

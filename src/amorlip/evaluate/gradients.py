@@ -19,8 +19,8 @@ measures it on frozen features (`amorlip.evaluate.features`), at the level of th
   all pairs) and the exact one, `rel_error` = |mean - exact| / |exact|, `norm_ratio` = |mean| / |exact|, and
   `rel_variance` = the mean squared deviation of a single visit from the mean, over |exact|^2 (the noise;
   unbiased over the visits). The mean of k visits keeps var / k of that noise, so `bias`, `bias_cosine` and
-  `bias_norm_ratio` are the same with it removed (`fidelity`): the bias proper, whatever the visits. Each objective is compared with the exact gradient of its own full-data loss
-  (InfoNCE; for SogCLR / FastCLIP the global contrastive loss, whose partitions hold the negatives only) and, as
+  `bias_norm_ratio` are the same with it removed (`fidelity`): the bias proper, whatever the visits. Each
+  objective is compared with the exact gradient of its own full-data loss (InfoNCE; for SogCLR / FastCLIP the global contrastive loss, whose partitions hold the negatives only) and, as
   `infonce_*`, with InfoNCE's; both at the scale its loss runs at (`reference_scale`: SogCLR's constant
   temperature, else the model's s).
 * The run's own trained state (`TrainedState`, `amorlip eval RUN --gradient-fidelity --gf-trained-state`): the
@@ -146,8 +146,8 @@ def fidelity(total: torch.Tensor, sq: torch.Tensor, visits: torch.Tensor, exact:
     """Bias and noise of the minibatch gradients against `exact` (N, 2d) over the pairs visited at least once.
 
     The mean over k visits still carries noise: E|mean_i - exact_i|^2 = |bias_i|^2 + var_i / k_i. So besides the
-    raw `rel_error`, `cosine` and `norm_ratio` of the mean, `bias` = sqrt(max(0, sum_i (|mean_i - exact_i|^2 -
-    s_i^2 / k_i))) / |exact| removes that noise with each pair's unbiased visit variance s_i^2 (k_i >= 2), and
+    raw `rel_error`, `cosine` and `norm_ratio` of the mean, `bias` = sqrt(sum_i (|mean_i - exact_i|^2 -
+    s_i^2 / k_i)) / |exact| removes that noise with each pair's unbiased visit variance s_i^2 (k_i >= 2), and
     `bias_cosine` (clamped to [-1, 1]) / `bias_norm_ratio` do the same for |mean|^2 (the noise adds to it, not to
     mean . exact); they tell the bias apart from the noise that few visits leave in the mean. They are computed over
     the pairs visited at least twice. Where nothing of the squared error is left once the noise is removed, the
