@@ -13,12 +13,15 @@
 # About 90 core-minutes per seed; it resumes where it stopped when rerun. KEEP=DIR (e.g. results/fmnist60k-regime
 # in the repository) keeps the finished runs' small files there after each seed and restores them first, so that
 # a study spanning several machines or sessions skips what finished before (commit DIR to share it).
-# Needs Debian's dataset-fashion-mnist. Usage: scripts/study_fmnist.sh [JOBS] [PART...]  (parts: main size accum ablation steps regime)
+# The long part trains CLIP and AmorLIP (rescaled + rho) at batch 64 for 20 epochs of the 60,000 pairs (18,750
+# steps, twice the regime part's length; evaluations every 1.4 epochs), seeds 0-2 (SEEDS=...), 2 runs at once;
+# about 45 core-minutes per run. KEEP=DIR works as for the regime part.
+# Needs Debian's dataset-fashion-mnist. Usage: scripts/study_fmnist.sh [JOBS] [PART...]  (parts: main size accum ablation steps regime long)
 # Each part is one `amorlip compare`; rerunning skips finished runs, so parts can also run side by side.
 # TABLES_ONLY=1 writes the tables and plots of the runs finished so far, training nothing.
 set -euo pipefail
 JOBS=${1:-2}; shift || true
-PARTS=${*:-main size accum ablation steps regime}
+PARTS=${*:-main size accum ablation steps regime long}
 AMORLIP=${AMORLIP:-amorlip}
 OUT=${OUT:-runs/study-fmnist}
 DATA=(--data.source fashion-mnist --data.val-size 500 --data.eval-size 1000 --data.workers 0
@@ -26,9 +29,10 @@ DATA=(--data.source fashion-mnist --data.val-size 500 --data.eval-size 1000 --da
 LENGTH=(--train.batch-size 64 --train.steps 240 --train.eval-every 80 --train.log-every 10)
 ALL='tiny-clip,tiny-clip[temperature.scheme=rescaled],tiny-siglip,tiny-sogclr,tiny-fastclip,tiny-amorlip,tiny-neuclip'
 REGIME='fmnist60k-clip,fmnist60k-amorlip,fmnist60k-amorlip-rho,fmnist60k-fastclip'
+LONG='fmnist60k-clip,fmnist60k-amorlip-rho'
 ABLATION='tiny-amorlip,tiny-amorlip[amor.t_online=8],tiny-amorlip[amor.alpha=0.999],tiny-amorlip[amor.beta_decay_epochs=8],tiny-amorlip[amor.divide_by=target],tiny-amorlip[amor.reinit=warm],tiny-amorlip[amor.dim_factor=2]'
 for part in $PARTS; do  # every part is checked before any runs
-  case $part in main|size|accum|ablation|steps|regime) ;; *) echo "study_fmnist.sh: error: unknown part $part (main, size, accum, ablation, steps, regime)" >&2; exit 2 ;; esac
+  case $part in main|size|accum|ablation|steps|regime|long) ;; *) echo "study_fmnist.sh: error: unknown part $part (main, size, accum, ablation, steps, regime, long)" >&2; exit 2 ;; esac
 done
 reuse_main() {  # reuse_main PART ENTRY...: copy main's runs of these entries (the stale-config check reuses the equal ones)
   local part=$1 entry run; shift
@@ -87,5 +91,15 @@ for part in $PARTS; do
         done
       fi
       regime --seeds "$seeds" --tables-only ;;
+    long)  # twice the regime part's length at batch 64: does AmorLIP catch up with CLIP given more steps?
+      long() { $AMORLIP compare --objectives "${OBJECTIVES:-$LONG}" --reference fmnist60k-clip --jobs "$JOBS" \
+                 --train.steps 18750 --train.eval-every 1312 --out "$OUT/long" "$@"; }
+      seeds=${SEEDS:-0,1,2}
+      if [ -n "${KEEP:-}" ]; then keep "$KEEP" "$OUT/long"; fi
+      if [ -z "${TABLES_ONLY:-}" ]; then
+        long --seeds "$seeds"
+        if [ -n "${KEEP:-}" ]; then keep "$OUT/long" "$KEEP"; fi
+      fi
+      long --seeds "$seeds" --tables-only ;;
   esac
 done
