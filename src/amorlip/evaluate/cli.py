@@ -8,7 +8,7 @@ import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -16,6 +16,9 @@ from amorlip import checkpoint as ckpt
 from amorlip.config import Config, ConfigError, config_from_dict
 from amorlip.data.sources import DEFAULT_SOURCE, HELD_OUT, SOURCES
 from amorlip.distributed import pick_device
+
+if TYPE_CHECKING:  # imported where used: the gradients module is only needed by --gradient-fidelity
+    from amorlip.evaluate.gradients import TrainedState
 
 
 @dataclass
@@ -185,7 +188,7 @@ def gradient_fidelity_options(args: argparse.Namespace) -> tuple[list[str], list
     return names, sizes
 
 
-def trained_state(preloaded: tuple, names: list[str], pairs: int | None):
+def trained_state(preloaded: tuple, names: list[str], pairs: int | None) -> TrainedState:
     """--gf-trained-state: the checkpoint's objective state (`gradients.TrainedState`; steps per epoch and length
     are filled in once the data's size is known), checked: a training checkpoint, whose objective is measured,
     with every training pair."""
@@ -205,18 +208,16 @@ def trained_state(preloaded: tuple, names: list[str], pairs: int | None):
     return TrainedState(config.objective, state["objective"], step, int(state.get("epoch", 0)), 1, step)
 
 
-def run_gradient_fidelity(args: argparse.Namespace, out: Path, preloaded: tuple | None = None,
-                          trained: Any = None) -> list[dict[str, Any]]:
+def run_gradient_fidelity(args: argparse.Namespace, out: Path, preloaded: tuple,
+                          trained: TrainedState | None) -> list[dict[str, Any]]:
     """--gradient-fidelity: `amorlip.evaluate.gradients` on the run's frozen features; prints a table and writes
-    gradient_fidelity.png beside `out`. `preloaded`: the checkpoint as `read_checkpoint` read it."""
+    gradient_fidelity.png beside `out`. `preloaded`: the checkpoint as `read_checkpoint` read it; `trained`: what
+    `trained_state` made of it for --gf-trained-state (checked before any evaluation), else None."""
     import sys
 
     from amorlip.evaluate.gradients import gradient_fidelity, plot_fidelity, fidelity_table
 
     names, sizes = gradient_fidelity_options(args)
-    preloaded = preloaded or read_checkpoint(args.checkpoint)
-    if trained is None and args.gf_trained_state:
-        trained = trained_state(preloaded, names, args.gf_pairs)
     feats = load_run_features(args.checkpoint, args.gf_pairs, 0, args.device, progress=sys.stderr.isatty(),
                               preloaded=preloaded)
     print(f"gradient fidelity on {feats.describe()}")

@@ -20,9 +20,9 @@ measures it on frozen features (`amorlip.evaluate.features`), at the level of th
   `rel_variance` = the mean squared deviation of a single visit from the mean, over |exact|^2 (the noise;
   unbiased over the visits). The mean of k visits keeps var / k of that noise, so `bias`, `bias_cosine` and
   `bias_norm_ratio` are the same with it removed (`fidelity`): the bias proper, whatever the visits. Each
-  objective is compared with the exact gradient of its own full-data loss (InfoNCE; for SogCLR / FastCLIP the global contrastive loss, whose partitions hold the negatives only) and, as
-  `infonce_*`, with InfoNCE's; both at the scale its loss runs at (`reference_scale`: SogCLR's constant
-  temperature, else the model's s).
+  objective is compared with the exact gradient of its own full-data loss (InfoNCE; for SogCLR / FastCLIP the
+  global contrastive loss, whose partitions hold the negatives only) and, as `infonce_*`, with InfoNCE's; both
+  at the scale its loss runs at (`reference_scale`: SogCLR's constant temperature, else the model's s).
 * The run's own trained state (`TrainedState`, `amorlip eval RUN --gradient-fidelity --gf-trained-state`): the
   run's objective starts from the state its checkpoint saved (AmorLIP's lambda nets and their Adam, SogCLR /
   FastCLIP's u, NeuCLIP's prototypes), at the checkpoint's step, with the run's steps per epoch and length, and is
