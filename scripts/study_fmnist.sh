@@ -54,6 +54,19 @@ keep() {  # keep FROM TO: copy the small files of every finished run (config.yam
   done
   return 0
 }
+kept_study() {  # kept_study PART ALL BATCH...: restore KEEP's runs into OUT/PART (the runs finished in earlier
+  # sessions are then skipped); run the function PART with --seeds BATCH for each batch, copying the finished runs
+  # to KEEP after each; then the tables of the seeds ALL
+  local part=$1 all=$2 batch; shift 2
+  if [ -n "${KEEP:-}" ]; then keep "$KEEP" "$OUT/$part"; fi
+  if [ -z "${TABLES_ONLY:-}" ]; then
+    for batch in "$@"; do
+      "$part" --seeds "$batch"
+      if [ -n "${KEEP:-}" ]; then keep "$OUT/$part" "$KEEP"; fi
+    done
+  fi
+  "$part" --seeds "$all" --tables-only
+}
 for part in $PARTS; do
   case $part in
     main)   # (a) and (b): all objectives, three batch sizes, equal samples seen
@@ -83,23 +96,11 @@ for part in $PARTS; do
       regime() { $AMORLIP compare --objectives "${OBJECTIVES:-$REGIME}" --reference fmnist60k-clip --jobs "$JOBS" \
                    --sweep train.batch_size=16,64 --budget samples --out "$OUT/regime" "$@"; }
       seeds=${SEEDS:-0,1,2,3,4}
-      if [ -n "${KEEP:-}" ]; then keep "$KEEP" "$OUT/regime"; fi  # the runs finished in earlier sessions are skipped
-      if [ -z "${TABLES_ONLY:-}" ]; then
-        for seed in ${seeds//,/ }; do
-          regime --seeds "$seed"
-          if [ -n "${KEEP:-}" ]; then keep "$OUT/regime" "$KEEP"; fi
-        done
-      fi
-      regime --seeds "$seeds" --tables-only ;;
+      kept_study regime "$seeds" ${seeds//,/ } ;;
     long)  # twice the regime part's length at batch 64: does AmorLIP catch up with CLIP given more steps?
       long() { $AMORLIP compare --objectives "${OBJECTIVES:-$LONG}" --reference fmnist60k-clip --jobs "$JOBS" \
                  --train.steps 18750 --train.eval-every 1312 --out "$OUT/long" "$@"; }
       seeds=${SEEDS:-0,1,2}
-      if [ -n "${KEEP:-}" ]; then keep "$KEEP" "$OUT/long"; fi
-      if [ -z "${TABLES_ONLY:-}" ]; then
-        long --seeds "$seeds"
-        if [ -n "${KEEP:-}" ]; then keep "$OUT/long" "$KEEP"; fi
-      fi
-      long --seeds "$seeds" --tables-only ;;
+      kept_study long "$seeds" "$seeds" ;;
   esac
 done

@@ -58,9 +58,7 @@ def test_cpu_study_script_rejects_an_unknown_part(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_regime_study_keeps_finished_runs_for_the_next_session(tmp_path):
-    """KEEP=DIR: after each seed the finished runs' small files (no checkpoints, no unfinished runs) are copied
-    to DIR; a later study on a fresh machine restores them before its first compare, which then skips them."""
+def _compare_stub(tmp_path):
     stub = tmp_path / "amorlip-stub"
     stub.write_text(textwrap.dedent("""\
         #!/usr/bin/env bash
@@ -74,13 +72,26 @@ def test_regime_study_keeps_finished_runs_for_the_next_session(tmp_path):
         echo partial > "$out/runs/cut-s$seeds/metrics.jsonl"
         """))
     stub.chmod(0o755)
-    keep, log = tmp_path / "results", tmp_path / "calls.log"
+    return stub
+
+
+def _kept_study(tmp_path, part):
+    """A function running `study_fmnist.sh 1 PART` with KEEP=tmp/results, SEEDS=0,1 and the compare stub into
+    OUT; returns it, KEEP and the stub's call log."""
+    stub, keep, log = _compare_stub(tmp_path), tmp_path / "results", tmp_path / "calls.log"
 
     def study(out):
         env = {**os.environ, "AMORLIP": str(stub), "OUT": str(out), "KEEP": str(keep), "SEEDS": "0,1", "LOG": str(log)}
-        done = subprocess.run(["bash", str(ROOT / "scripts" / "study_fmnist.sh"), "1", "regime"], env=env,
+        done = subprocess.run(["bash", str(ROOT / "scripts" / "study_fmnist.sh"), "1", part], env=env,
                               capture_output=True, text=True, timeout=50)
         assert done.returncode == 0, done.stdout + done.stderr
+    return study, keep, log
+
+
+def test_regime_study_keeps_finished_runs_for_the_next_session(tmp_path):
+    """KEEP=DIR: after each seed the finished runs' small files (no checkpoints, no unfinished runs) are copied
+    to DIR; a later study on a fresh machine restores them before its first compare, which then skips them."""
+    study, keep, log = _kept_study(tmp_path, "regime")
 
     study(tmp_path / "first")
     assert sorted(str(p.relative_to(keep)) for p in keep.rglob("*") if p.is_file()) == [
@@ -89,6 +100,19 @@ def test_regime_study_keeps_finished_runs_for_the_next_session(tmp_path):
     calls = log.read_text().splitlines()
     assert calls[3] == "call seeds=0 tables=0 present=clip-s0 clip-s1 ", calls
     assert (tmp_path / "second" / "regime" / "runs" / "clip-s1" / "summary.json").read_text() == "1\n"
+
+
+def test_long_study_runs_all_seeds_in_one_compare_and_keeps_them(tmp_path):
+    """The long part: one compare over every seed (2 runs at once across seeds), then the tables; KEEP as for
+    the regime part, so a second study on a fresh machine starts with the finished runs restored."""
+    study, keep, log = _kept_study(tmp_path, "long")
+    study(tmp_path / "first")
+    assert sorted(str(p.relative_to(keep)) for p in keep.rglob("*") if p.is_file()) == [
+        f"runs/clip-s0,1/{f}" for f in ("config.yaml", "metrics.jsonl", "summary.json")]
+    study(tmp_path / "second")
+    assert log.read_text().splitlines() == [
+        "call seeds=0,1 tables=0 present=", "call seeds=0,1 tables=1 present=clip-s0,1 cut-s0,1 ",
+        "call seeds=0,1 tables=0 present=clip-s0,1 ", "call seeds=0,1 tables=1 present=clip-s0,1 cut-s0,1 "]
 
 
 def test_within_epoch_r2_bins_evaluations_by_the_epoch_fraction(tmp_path, capsys):
